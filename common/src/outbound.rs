@@ -1,0 +1,48 @@
+//! Outbound redirection: `cgroup/connect4` rewrites a TCP connect of an enrolled pod to the
+//! pod-local outbound listener and remembers the original destination; `sock_ops` re-keys
+//! that record by the client's local address once the connection is established, which is
+//! the peer address the proxy sees on the accepted socket.
+
+use crate::addr::SockAddr;
+
+/// Netns cookie (`u64`) → [`Redirect`]: the enrolled pod namespaces.
+pub const ENROLLED_NETNS_MAP: &str = "ENROLLED_NETNS";
+/// Socket cookie (`u64`) → original destination [`SockAddr`], written at connect time.
+pub const ORIG_DST_BY_COOKIE_MAP: &str = "ORIG_DST_BY_COOKIE";
+/// [`ConnKey`] → original destination [`SockAddr`], written once the connection is established.
+pub const ORIG_DST_MAP: &str = "ORIG_DST";
+
+/// Entries of the two LRU maps; old entries are evicted when a proxy never claims them.
+pub const ORIG_DST_ENTRIES: u32 = 65_536;
+/// Pods one node can enroll.
+pub const MAX_ENROLLED: u32 = 4_096;
+
+/// What to do with connects from an enrolled netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// Port of the outbound listener on 127.0.0.1 in the pod netns (host byte order).
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A client socket inside one pod: the netns cookie disambiguates `127.0.0.1:port`, which
+/// repeats across pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// The client's local address (the proxy's peer address on the accepted socket).
+    pub local: SockAddr,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: repr(C), Copy, explicit padding fields, every bit pattern valid.
+    unsafe impl aya::Pod for Redirect {}
+    // SAFETY: repr(C), Copy, 8 + 20 + 4 bytes at align 8 with explicit padding, every bit
+    // pattern valid.
+    unsafe impl aya::Pod for ConnKey {}
+}
