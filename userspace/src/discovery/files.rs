@@ -1,0 +1,348 @@
+//! The `files` source: a directory of Kubernetes-style YAML (any number of files, each
+//! with any number of documents), re-read on every change.
+//!
+//! A file that fails to parse is reported with its path and the reason, and the objects it
+//! held before stay in force until it parses again: a bad edit never drops a pod or a
+//! policy. Files whose bytes did not change are not parsed again.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{Namespace, Pod, Service, Snapshot, objects::ObjectError};
+use crate::policy::{self, PolicyError, PolicyObject};
+
+/// How often the directory is re-read even without a change notification (a safety net
+/// for file systems where inotify misses events).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Notifications arriving within this window are handled by one reload.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read { file: PathBuf, source: io::Error },
+    #[error("{}: invalid YAML: {source}", file.display())]
+    Yaml {
+        file: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{}: document {document}: {reason}", file.display())]
+    Header {
+        file: PathBuf,
+        document: usize,
+        reason: &'static str,
+    },
+    #[error("{}: document {document}: {source}", file.display())]
+    Object {
+        file: PathBuf,
+        document: usize,
+        source: ObjectError,
+    },
+    #[error("{}: document {document}: {source}", file.display())]
+    Policy {
+        file: PathBuf,
+        document: usize,
+        source: PolicyError,
+    },
+    #[error("cannot list {}: {source}", dir.display())]
+    ListDir { dir: PathBuf, source: io::Error },
+}
+
+/// The objects of one file.
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+    services: Vec<Service>,
+    policies: Vec<PolicyObject>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+fn parse_file(file: &Path, text: &str) -> Result<FileObjects, FileError> {
+    let mut objects = FileObjects::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document_no = index + 1;
+        let value = serde_yaml::Value::deserialize(document).map_err(|source| FileError::Yaml {
+            file: file.to_owned(),
+            source,
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let header_error = |reason| FileError::Header {
+            file: file.to_owned(),
+            document: document_no,
+            reason,
+        };
+        let header: Header = serde_yaml::from_value(value.clone())
+            .map_err(|_| header_error("not an object with apiVersion and kind"))?;
+        let kind = header.kind.ok_or_else(|| header_error("missing kind"))?;
+        let api_version = header
+            .api_version
+            .ok_or_else(|| header_error("missing apiVersion"))?;
+        let object_error = |source| FileError::Object {
+            file: file.to_owned(),
+            document: document_no,
+            source,
+        };
+        match kind.as_str() {
+            "Namespace" => objects
+                .namespaces
+                .push(Namespace::from_yaml(value).map_err(object_error)?),
+            "Pod" => objects
+                .pods
+                .push(Pod::from_yaml(value).map_err(object_error)?),
+            "Service" => objects
+                .services
+                .push(Service::from_yaml(value).map_err(object_error)?),
+            _ if policy::is_policy_kind(&api_version, &kind) => {
+                objects
+                    .policies
+                    .push(PolicyObject::from_yaml(&kind, value).map_err(|source| {
+                        FileError::Policy {
+                            file: file.to_owned(),
+                            document: document_no,
+                            source,
+                        }
+                    })?)
+            }
+            _ => {
+                debug!(file = %file.display(), %kind, "ignoring object of a kind ambit does not use")
+            }
+        }
+    }
+    Ok(objects)
+}
+
+/// True for the files the source reads: `*.yaml`, `*.yml` and `*.json`, not hidden
+/// (editors write hidden temporary files next to the real ones).
+fn is_config_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str());
+    !hidden && matches!(ext, Some("yaml" | "yml" | "json")) && path.is_file()
+}
+
+/// The last good contents of a directory, file by file.
+#[derive(Default)]
+pub struct DirState {
+    /// Raw bytes and parsed objects per file; the objects are from the last time the file
+    /// parsed, which may be older than the bytes.
+    files: BTreeMap<PathBuf, (Vec<u8>, FileObjects)>,
+}
+
+impl DirState {
+    /// Reads `dir` once and fails on the first bad file: for one-shot commands (`explain`)
+    /// where there is no previous state to fall back on.
+    pub fn load_strict(dir: &Path) -> Result<Snapshot, FileError> {
+        let mut state = Self::default();
+        match state.reload(dir).into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(state.snapshot()),
+        }
+    }
+
+    /// Re-reads `dir`. Files that disappeared are forgotten; files that fail keep their
+    /// previous objects. Returns the errors met, one per bad file.
+    pub fn reload(&mut self, dir: &Path) -> Vec<FileError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(source) => {
+                return vec![FileError::ListDir {
+                    dir: dir.to_owned(),
+                    source,
+                }];
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_config_file(p))
+            .collect();
+        paths.sort();
+        self.files.retain(|path, _| paths.contains(path));
+
+        let mut errors = Vec::new();
+        for path in paths {
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(source) => {
+                    errors.push(FileError::Read { file: path, source });
+                    continue;
+                }
+            };
+            if self.files.get(&path).is_some_and(|(old, _)| *old == bytes) {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            match parse_file(&path, &text) {
+                Ok(objects) => {
+                    self.files.insert(path, (bytes, objects));
+                }
+                Err(error) => {
+                    // Remember the bad bytes so the error is reported once per edit, but
+                    // keep the objects of the last good version.
+                    let objects = self.files.remove(&path).map(|(_, o)| o).unwrap_or_default();
+                    self.files.insert(path, (bytes, objects));
+                    errors.push(error);
+                }
+            }
+        }
+        errors
+    }
+
+    /// The union of all files. When two files define the same object, the one in the file
+    /// that sorts last wins.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (_, objects) in self.files.values() {
+            for ns in &objects.namespaces {
+                snapshot.namespaces.insert(ns.name.clone(), ns.clone());
+            }
+            for pod in &objects.pods {
+                snapshot.pods.insert(pod.key(), pod.clone());
+            }
+            for svc in &objects.services {
+                let key = format!("{}/{}", svc.namespace, svc.name);
+                snapshot.services.insert(key, svc.clone());
+            }
+            snapshot.policies.extend(objects.policies.iter().cloned());
+        }
+        snapshot
+    }
+}
+
+/// Follows `dir` and publishes a new [`Snapshot`] on `tx` whenever the objects change.
+/// Runs until `tx` has no receivers.
+pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>) {
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    // Keep the watcher alive for the whole loop; without it we fall back to rescanning.
+    let _watcher = match start_watcher(&dir, events_tx) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            warn!(dir = %dir.display(), %error, "cannot watch config dir; rescanning every second");
+            None
+        }
+    };
+    let mut state = DirState::default();
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {}
+            Some(()) = events_rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while events_rx.try_recv().is_ok() {}
+            }
+        }
+        for error in state.reload(&dir) {
+            warn!("config rejected, keeping the previous version: {error}");
+        }
+        let snapshot = state.snapshot();
+        let changed = tx.send_if_modified(|current| {
+            if *current == snapshot {
+                return false;
+            }
+            *current = snapshot;
+            true
+        });
+        if changed {
+            info!(dir = %dir.display(), "config changed");
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+fn start_watcher(
+    dir: &Path,
+    events: mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = events.send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo, labels: {ambit.io/mesh: enabled}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: foo}\nstatus: {podIP: 10.1.0.2}\n";
+
+    #[test]
+    fn multi_document_file_yields_every_object() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let snapshot = DirState::load_strict(dir.path()).unwrap();
+        assert!(snapshot.namespaces["foo"].mesh_enabled());
+        assert!(snapshot.is_enrolled(&snapshot.pods["foo/a"]));
+    }
+
+    #[test]
+    fn malformed_file_is_reported_and_previous_objects_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut state = DirState::default();
+        assert!(state.reload(dir.path()).is_empty());
+
+        std::fs::write(&file, "kind: Pod\nmetadata: [unclosed").unwrap();
+        let errors = state.reload(dir.path());
+        assert_eq!(errors.len(), 1);
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("a.yaml") && message.contains("invalid YAML"),
+            "{message}"
+        );
+        assert!(state.snapshot().pods.contains_key("foo/a"));
+    }
+
+    #[test]
+    fn document_without_kind_names_file_and_document() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "---\napiVersion: v1\nmetadata: {name: x}\n",
+        )
+        .unwrap();
+        let message = DirState::load_strict(dir.path()).unwrap_err().to_string();
+        assert!(
+            message.ends_with("b.yaml: document 1: missing kind"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn removed_file_drops_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut state = DirState::default();
+        state.reload(dir.path());
+        std::fs::remove_file(&file).unwrap();
+        state.reload(dir.path());
+        assert!(state.snapshot().pods.is_empty());
+    }
+}

@@ -1,0 +1,311 @@
+//! The Kubernetes objects the agent reads (Namespace, Pod, Service), converted from their
+//! YAML form into the fields ambit uses. Unknown fields are ignored here, as real objects
+//! carry many; the policy kinds are strict and live in `crate::policy`.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// Namespace label that enrolls its pods.
+pub const MESH_LABEL: &str = "ambit.io/mesh";
+/// Pod annotation naming the pod's network namespace (files source).
+pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// `metadata` of any object.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Labels,
+    /// RFC 3339, as Kubernetes writes it; compared as a string, which orders correctly.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The namespace, `default` when unset.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    pub fn mesh_enabled(&self) -> bool {
+        self.labels.get(MESH_LABEL).map(String::as_str) == Some("enabled")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub labels: Labels,
+    pub service_account: String,
+    pub ip: Option<IpAddr>,
+    /// From [`NETNS_ANNOTATION`].
+    pub netns: Option<PathBuf>,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// True when the pod opted out with `ambit.io/mesh=disabled`.
+    pub fn opted_out(&self) -> bool {
+        self.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default)]
+    pub target_port: Option<TargetPort>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+/// `targetPort`: a number or the name of a container port.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    #[serde(default)]
+    service_account_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus {
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PodDoc {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<PodSpec>,
+    #[serde(default)]
+    status: Option<PodStatus>,
+}
+
+#[derive(Deserialize)]
+struct NamespaceDoc {
+    metadata: ObjectMeta,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    selector: Labels,
+}
+
+#[derive(Deserialize)]
+struct ServiceDoc {
+    metadata: ObjectMeta,
+    spec: ServiceSpec,
+}
+
+/// Errors converting one document.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("{kind}: {source}")]
+    Shape {
+        kind: &'static str,
+        source: serde_yaml::Error,
+    },
+    #[error("{kind} {object}: {field} {value:?} is not an IP address")]
+    InvalidIp {
+        kind: &'static str,
+        object: String,
+        field: &'static str,
+        value: String,
+    },
+}
+
+fn shape<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    doc: serde_yaml::Value,
+) -> Result<T, ObjectError> {
+    serde_yaml::from_value(doc).map_err(|source| ObjectError::Shape { kind, source })
+}
+
+fn parse_ip(
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    field: &'static str,
+    value: String,
+) -> Result<IpAddr, ObjectError> {
+    value.parse().map_err(|_| ObjectError::InvalidIp {
+        kind,
+        object: format!("{namespace}/{name}"),
+        field,
+        value,
+    })
+}
+
+impl Namespace {
+    pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
+        let NamespaceDoc { metadata } = shape("Namespace", doc)?;
+        Ok(Self {
+            name: metadata.name,
+            labels: metadata.labels,
+        })
+    }
+}
+
+impl Pod {
+    pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
+        let PodDoc {
+            metadata,
+            spec,
+            status,
+        } = shape("Pod", doc)?;
+        let namespace = metadata.namespace().to_owned();
+        let ip = match status.and_then(|s| s.pod_ip) {
+            Some(value) => Some(parse_ip(
+                "Pod",
+                &namespace,
+                &metadata.name,
+                "status.podIP",
+                value,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            namespace,
+            ip,
+            netns: metadata
+                .annotations
+                .get(NETNS_ANNOTATION)
+                .map(PathBuf::from),
+            name: metadata.name,
+            labels: metadata.labels,
+            service_account: spec
+                .and_then(|s| s.service_account_name)
+                .unwrap_or_else(|| "default".to_owned()),
+        })
+    }
+}
+
+impl Service {
+    pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
+        let ServiceDoc { metadata, spec } = shape("Service", doc)?;
+        let namespace = metadata.namespace().to_owned();
+        let cluster_ip = match spec.cluster_ip.as_deref() {
+            None | Some("None") | Some("") => None,
+            Some(value) => Some(parse_ip(
+                "Service",
+                &namespace,
+                &metadata.name,
+                "spec.clusterIP",
+                value.to_owned(),
+            )?),
+        };
+        Ok(Self {
+            name: metadata.name,
+            namespace,
+            cluster_ip,
+            ports: spec.ports,
+            selector: spec.selector,
+        })
+    }
+
+    /// True when the service selects `pod`: same namespace, every selector label present.
+    pub fn selects(&self, pod: &Pod) -> bool {
+        !self.selector.is_empty()
+            && self.namespace == pod.namespace
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(s: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn pod_defaults_namespace_and_service_account() {
+        let pod = Pod::from_yaml(yaml(
+            "metadata: {name: p, annotations: {ambit.io/netns: /var/run/netns/x}}\nstatus: {podIP: 10.0.0.2}",
+        ))
+        .unwrap();
+        assert_eq!(pod.namespace, "default");
+        assert_eq!(pod.service_account, "default");
+        assert_eq!(pod.ip, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/x")));
+    }
+
+    #[test]
+    fn pod_with_bad_ip_names_the_problem() {
+        let err = Pod::from_yaml(yaml("metadata: {name: p}\nstatus: {podIP: 10.0.0.300}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            r#"Pod default/p: status.podIP "10.0.0.300" is not an IP address"#
+        );
+    }
+
+    #[test]
+    fn service_selects_pods_of_its_namespace_only() {
+        let svc = Service::from_yaml(yaml(
+            "metadata: {name: s, namespace: foo}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: 8000}]}",
+        ))
+        .unwrap();
+        let mut pod = Pod::from_yaml(yaml(
+            "metadata: {name: p, namespace: foo, labels: {app: web}}",
+        ))
+        .unwrap();
+        assert!(svc.selects(&pod));
+        pod.namespace = "bar".into();
+        assert!(!svc.selects(&pod));
+        assert_eq!(svc.ports[0].target_port, Some(TargetPort::Number(8000)));
+    }
+}
