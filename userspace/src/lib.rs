@@ -1,5 +1,15 @@
 //! The ambit node agent as a library: discovery, redirection, identity, policy and the
 //! proxy, wired together by `ambit run` in `main.rs`.
+#![deny(unsafe_code)]
 
+pub mod admin;
+pub mod agent;
 pub mod discovery;
+pub mod netns;
 pub mod policy;
+pub mod proxy;
+pub mod redirect;
+pub mod routing;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod workloads;

@@ -1,0 +1,163 @@
+//! `ambit run`: wires discovery, the kernel programs, the workload manager and the admin
+//! API together and runs until SIGINT or SIGTERM.
+//!
+//! Stopping the agent leaves the kernel programs and maps pinned: enrolled pods then fail
+//! closed until an agent starts again and re-adopts them.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::{
+    admin::{self, AdminState},
+    discovery::{Snapshot, files},
+    proxy::{Shared, connections::ConnectionLog},
+    redirect::Redirector,
+    workloads::WorkloadManager,
+};
+
+/// How often pods that failed to enroll are retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of Kubernetes-style YAML (Namespace, Pod, Service, policies), followed
+    /// for changes.
+    #[arg(long, env = "AMBIT_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// cgroup (v2) whose processes are redirected; default: the cgroup2 root.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Where kernel maps and links are pinned (on bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/ambit")]
+    pub bpf_pin_dir: PathBuf,
+    /// Admin API address; must be loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Readiness endpoint address (`/healthz/ready`).
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    pub readiness_addr: SocketAddr,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
+    };
+    let mut redirector = Redirector::load(&cgroup, &args.bpf_pin_dir)?;
+    if let Some(logger) = redirector.take_logger() {
+        tokio::spawn(forward_kernel_logs(logger));
+    }
+    let connections = Arc::new(ConnectionLog::default());
+    let shared = Shared {
+        orig_dst: redirector.orig_dst(),
+        connections: Arc::clone(&connections),
+    };
+    let mut manager = WorkloadManager::new(redirector, shared, args.trust_domain);
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let admin_listener = admin::bind(args.admin_addr).await?;
+    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
+    let admin_state = AdminState {
+        workloads: manager.table(),
+        connections,
+        ready: Arc::clone(&ready),
+    };
+    tokio::spawn(admin::serve_admin(admin_listener, admin_state));
+    tokio::spawn(admin::serve_readiness(
+        readiness_listener,
+        Arc::clone(&ready),
+    ));
+    info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
+
+    let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
+    // The first pass reads the directory before anything is reconciled, so a restarted
+    // agent never releases pods only because it has not read them yet.
+    let mut initial = files::DirState::default();
+    for error in initial.reload(&args.config_dir) {
+        error!("config rejected: {error}");
+    }
+    snapshot_tx.send_replace(initial.snapshot());
+    tokio::spawn(files::watch_dir(args.config_dir.clone(), snapshot_tx));
+
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        manager.reconcile(&snapshot).await;
+        ready.store(true, Ordering::Release);
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+                _ = retry.tick() => {
+                    if manager.has_failures() {
+                        break;
+                    }
+                }
+                () = &mut shutdown => {
+                    info!("shutting down; enrolled pods fail closed until the agent returns");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The first cgroup2 mount in /proc/mounts.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Prints the kernel programs' aya-log lines through the agent's logger.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut fd = match crate::sys::register_kernel_logger(logger) {
+        Ok(fd) => fd,
+        Err(error) => return tracing::warn!(%error, "kernel program logs unavailable"),
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

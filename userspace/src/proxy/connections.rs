@@ -1,0 +1,182 @@
+//! The proxy's own record of the connections it handles: live ones, a bounded history of
+//! closed ones, and per-workload counters. Served by the admin API (`/connections`,
+//! `/workloads`).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+/// Closed connections kept for inspection.
+const HISTORY: usize = 1024;
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// The hop a connection took through the proxy.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// Outbound, forwarded in plaintext to the original destination.
+    Plaintext,
+    /// Inbound through the plaintext listener (15006), forwarded to the application.
+    PlaintextInbound,
+    /// Inbound on the HBONE listener (15008).
+    Hbone,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub direction: Direction,
+    pub path: Path,
+    /// `namespace/name` of the pod whose listener accepted it.
+    pub workload: String,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    /// Milliseconds since the Unix epoch.
+    pub opened_ms: u64,
+    pub closed_ms: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub error: Option<String>,
+}
+
+/// Counters of one workload, shared between its listeners and the admin API.
+#[derive(Debug, Default, Serialize)]
+pub struct WorkloadStats {
+    pub connections_outbound: AtomicU64,
+    pub connections_inbound: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct ConnectionLog {
+    next_id: AtomicU64,
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    live: BTreeMap<u64, ConnectionRecord>,
+    closed: VecDeque<ConnectionRecord>,
+}
+
+#[derive(Serialize)]
+pub struct ConnectionsReport {
+    pub live: Vec<ConnectionRecord>,
+    pub closed: Vec<ConnectionRecord>,
+}
+
+impl ConnectionLog {
+    /// Records a new connection; the guard closes the record when finished or dropped.
+    pub fn open(
+        self: &Arc<Self>,
+        direction: Direction,
+        path: Path,
+        workload: &str,
+        source: SocketAddr,
+        destination: SocketAddr,
+        stats: Arc<WorkloadStats>,
+    ) -> ConnectionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let counter = match direction {
+            Direction::Outbound => &stats.connections_outbound,
+            Direction::Inbound => &stats.connections_inbound,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let record = ConnectionRecord {
+            id,
+            direction,
+            path,
+            workload: workload.to_owned(),
+            source,
+            destination,
+            opened_ms: now_ms(),
+            closed_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            error: None,
+        };
+        self.lock().live.insert(id, record);
+        ConnectionGuard {
+            log: Arc::clone(self),
+            id,
+            stats,
+            finished: false,
+        }
+    }
+
+    pub fn report(&self) -> ConnectionsReport {
+        let inner = self.lock();
+        ConnectionsReport {
+            live: inner.live.values().cloned().collect(),
+            closed: inner.closed.iter().cloned().collect(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self, id: u64, sent: u64, received: u64, error: Option<String>) {
+        let mut inner = self.lock();
+        if let Some(mut record) = inner.live.remove(&id) {
+            record.closed_ms = Some(now_ms());
+            record.bytes_sent = sent;
+            record.bytes_received = received;
+            record.error = error;
+            if inner.closed.len() == HISTORY {
+                inner.closed.pop_front();
+            }
+            inner.closed.push_back(record);
+        }
+    }
+}
+
+/// Closes its record exactly once: with figures through [`ConnectionGuard::finish`], or as
+/// aborted when dropped without it.
+pub struct ConnectionGuard {
+    log: Arc<ConnectionLog>,
+    id: u64,
+    stats: Arc<WorkloadStats>,
+    finished: bool,
+}
+
+impl ConnectionGuard {
+    /// `sent` is from the client towards the destination, `received` the other way.
+    pub fn finish(&mut self, sent: u64, received: u64, error: Option<String>) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(received, Ordering::Relaxed);
+        self.log.close(self.id, sent, received, error);
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.finish(0, 0, Some("aborted".to_owned()));
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

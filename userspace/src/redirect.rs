@@ -1,0 +1,428 @@
+//! Loading, pinning and driving the kernel programs (`ebpf/`).
+//!
+//! Programs attach once per node (`connect4` and `sock_ops` at a cgroup, by default the
+//! cgroup2 root) plus one `sk_lookup` per enrolled pod netns. Maps and links are pinned
+//! under the pin directory (`/sys/fs/bpf/ambit` by default): a restarted agent finds the
+//! links still attached and re-adopts them, so enrolled pods stay redirected (and fail
+//! closed) while it is down. This module owns map layout knowledge on the user side; the
+//! rest of the agent calls [`Redirector::enroll`], [`Redirector::release`] and
+//! [`Redirector::take_orig_dst`].
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use ambit_common::{
+    addr::SockAddr,
+    inbound::{INBOUND_LISTENERS_MAP, INBOUND_PODS_MAP, PodSlots, pod_key},
+    outbound::{ConnKey, ENROLLED_NETNS_MAP, MAX_ENROLLED, ORIG_DST_MAP, Redirect},
+    ports,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, SockMap},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use tracing::{info, warn};
+
+/// The kernel object built by `build.rs`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
+
+const CONNECT4_PROGRAM: &str = "ambit_connect4";
+const SOCKOPS_PROGRAM: &str = "ambit_sockops_established";
+const SK_LOOKUP_PROGRAM: &str = "ambit_sk_lookup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("cannot mount bpffs at {}: {source}", path.display())]
+    MountBpffs { path: PathBuf, source: nix::Error },
+    #[error("cannot create pin directory {}: {source}", path.display())]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot load the kernel programs: {0} (the agent needs CAP_BPF and CAP_NET_ADMIN)")]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: ProgramError,
+    },
+    #[error("program {program}: {source}")]
+    Link {
+        program: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("pinning link {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("no free listener slot: at most {MAX_ENROLLED} pods per node")]
+    SlotsExhausted,
+    #[error("IPv6 pod address {0} is not supported yet")]
+    Ipv6(IpAddr),
+}
+
+/// What the kernel needs to know to redirect one pod.
+pub struct PodRedirect<'a> {
+    pub netns_cookie: u64,
+    pub ip: IpAddr,
+    /// The pod's network namespace, for attaching `sk_lookup`.
+    pub netns: &'a File,
+    pub hbone_listener: BorrowedFd<'a>,
+    pub plaintext_listener: BorrowedFd<'a>,
+}
+
+/// Loaded programs and the handles of their maps. One per agent.
+pub struct Redirector {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    enrolled: HashMap<MapData, u64, Redirect>,
+    inbound_pods: HashMap<MapData, SockAddr, PodSlots>,
+    listeners: SockMap<MapData>,
+    orig_dst: OrigDstTable,
+    /// Pod IP → slot pair. Slots are handed out lowest first and reused after release.
+    slots: BTreeMap<IpAddr, PodSlots>,
+    /// Kept alive for the lifetime of the agent: dropping it closes the log ring buffer.
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Redirector {
+    /// Loads the programs, re-adopting pinned maps and links from `pin_dir`, and attaches the
+    /// outbound programs to `cgroup` unless a previous agent left them attached.
+    pub fn load(cgroup: &Path, pin_dir: &Path) -> Result<Self, RedirectError> {
+        ensure_bpffs(pin_dir)?;
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| RedirectError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(KERNEL_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(error) => {
+                warn!(%error, "kernel program logs unavailable");
+                None
+            }
+        };
+        let cgroup_file = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, CONNECT4_PROGRAM)?;
+        connect4.load().map_err(program_error(CONNECT4_PROGRAM))?;
+        attach_once(&links_dir, CONNECT4_PROGRAM, || {
+            let id = connect4
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(program_error(CONNECT4_PROGRAM))?;
+            fd_link(connect4.take_link(id), CONNECT4_PROGRAM)
+        })?;
+        let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
+        sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
+        attach_once(&links_dir, SOCKOPS_PROGRAM, || {
+            let id = sockops
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(program_error(SOCKOPS_PROGRAM))?;
+            fd_link(sockops.take_link(id), SOCKOPS_PROGRAM)
+        })?;
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
+        sk_lookup.load().map_err(program_error(SK_LOOKUP_PROGRAM))?;
+
+        let enrolled = take_map(&mut ebpf, ENROLLED_NETNS_MAP)?;
+        let inbound_pods = take_map(&mut ebpf, INBOUND_PODS_MAP)?;
+        let listeners = take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?;
+        let orig_dst = OrigDstTable(Arc::new(Mutex::new(take_map(&mut ebpf, ORIG_DST_MAP)?)));
+        info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "kernel programs ready");
+        Ok(Self {
+            ebpf,
+            links_dir,
+            enrolled,
+            inbound_pods,
+            listeners,
+            orig_dst,
+            slots: BTreeMap::new(),
+            _logger: logger,
+        })
+    }
+
+    /// The aya-log ring buffer, polled by the agent to print kernel log lines.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self._logger.take()
+    }
+
+    /// Starts redirecting `pod`: its connects go to its outbound listener and TCP for its IP
+    /// to its inbound listeners. Idempotent: enrolling again replaces the listeners.
+    pub fn enroll(&mut self, pod: &PodRedirect<'_>) -> Result<(), RedirectError> {
+        let slots = self.slot_for(pod.ip)?;
+        let key = pod_key(ip_key(pod.ip)?);
+        self.listeners
+            .set(slots.hbone, &pod.hbone_listener, 0)
+            .map_err(map_error(INBOUND_LISTENERS_MAP))?;
+        self.listeners
+            .set(slots.plaintext, &pod.plaintext_listener, 0)
+            .map_err(map_error(INBOUND_LISTENERS_MAP))?;
+        self.inbound_pods
+            .insert(key, slots, 0)
+            .map_err(map_error(INBOUND_PODS_MAP))?;
+        let link_name = sk_lookup_link_name(pod.netns_cookie);
+        let program: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
+        attach_once(&self.links_dir, &link_name, || {
+            let id = program
+                .attach(pod.netns.as_fd())
+                .map_err(program_error(SK_LOOKUP_PROGRAM))?;
+            fd_link(program.take_link(id), SK_LOOKUP_PROGRAM)
+        })?;
+        let redirect = Redirect {
+            port: ports::OUTBOUND,
+            _pad: [0; 6],
+        };
+        self.enrolled
+            .insert(pod.netns_cookie, redirect, 0)
+            .map_err(map_error(ENROLLED_NETNS_MAP))
+    }
+
+    /// Stops redirecting the pod: its traffic flows as if ambit were not there.
+    pub fn release(&mut self, netns_cookie: u64, ip: IpAddr) -> Result<(), RedirectError> {
+        self.release_netns(netns_cookie)?;
+        self.release_ip(ip)
+    }
+
+    /// Stops redirecting connects from the namespace and detaches its `sk_lookup`.
+    pub fn release_netns(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
+        ignore_missing(self.enrolled.remove(&netns_cookie))
+            .map_err(map_error(ENROLLED_NETNS_MAP))?;
+        let path = self.links_dir.join(sk_lookup_link_name(netns_cookie));
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            // Unpinning and dropping the last reference detaches the program.
+            drop(link.unpin().map_err(|source| RedirectError::Pin {
+                path: path.clone(),
+                source: source.into(),
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Stops steering TCP for `ip` to the proxy.
+    pub fn release_ip(&mut self, ip: IpAddr) -> Result<(), RedirectError> {
+        let key = pod_key(ip_key(ip)?);
+        ignore_missing(self.inbound_pods.remove(&key)).map_err(map_error(INBOUND_PODS_MAP))?;
+        if let Some(slots) = self.slots.remove(&ip) {
+            for slot in [slots.hbone, slots.plaintext] {
+                ignore_missing(self.listeners.clear_index(&slot))
+                    .map_err(map_error(INBOUND_LISTENERS_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Netns cookies of every pod currently enrolled in the kernel maps, including those a
+    /// previous agent enrolled.
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Pod IPs currently steered inbound, including those a previous agent enrolled.
+    pub fn inbound_ips(&self) -> Vec<IpAddr> {
+        self.inbound_pods
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SocketAddr::from(k).ip())
+            .collect()
+    }
+
+    /// Removes pinned `sk_lookup` links of namespaces that are not in `keep`.
+    pub fn prune_links(&self, keep: &[u64]) {
+        let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(cookie) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(SK_LOOKUP_PREFIX))
+                .and_then(|c| c.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&cookie)
+                && let Ok(link) = PinnedLink::from_pin(entry.path())
+            {
+                let _ = link.unpin();
+            }
+        }
+    }
+
+    /// The table the outbound listeners read original destinations from.
+    pub fn orig_dst(&self) -> OrigDstTable {
+        self.orig_dst.clone()
+    }
+
+    fn slot_for(&mut self, ip: IpAddr) -> Result<PodSlots, RedirectError> {
+        if let Some(slots) = self.slots.get(&ip) {
+            return Ok(*slots);
+        }
+        let used: Vec<u32> = self.slots.values().map(|s| s.hbone / 2).collect();
+        let index = (0..MAX_ENROLLED)
+            .find(|i| !used.contains(i))
+            .ok_or(RedirectError::SlotsExhausted)?;
+        let slots = PodSlots {
+            hbone: 2 * index,
+            plaintext: 2 * index + 1,
+        };
+        self.slots.insert(ip, slots);
+        Ok(slots)
+    }
+}
+
+/// Original destinations of redirected outbound connections, as filed by `sock_ops`.
+#[derive(Clone)]
+pub struct OrigDstTable(Arc<Mutex<HashMap<MapData, ConnKey, SockAddr>>>);
+
+impl OrigDstTable {
+    /// The original destination of an outbound connection accepted in the netns with
+    /// `netns_cookie` from `peer` (the client's local address), consuming the record. The
+    /// lock is held for one lookup and one delete.
+    pub fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            local: SockAddr::from(peer),
+            _pad: 0,
+        };
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(orig.into())
+    }
+}
+
+const SK_LOOKUP_PREFIX: &str = "sk_lookup-";
+
+fn sk_lookup_link_name(netns_cookie: u64) -> String {
+    format!("{SK_LOOKUP_PREFIX}{netns_cookie}")
+}
+
+fn ip_key(ip: IpAddr) -> Result<SockAddr, RedirectError> {
+    match ip {
+        IpAddr::V4(_) => Ok(SockAddr::from(SocketAddr::new(ip, 0))),
+        IpAddr::V6(_) => Err(RedirectError::Ipv6(ip)),
+    }
+}
+
+/// Attaches with `attach` and pins the link as `name`, unless a link pinned under that
+/// name exists already (left by a previous agent), in which case it stays as it is.
+fn attach_once(
+    links_dir: &Path,
+    name: &str,
+    attach: impl FnOnce() -> Result<FdLink, RedirectError>,
+) -> Result<(), RedirectError> {
+    let path = links_dir.join(name);
+    if PinnedLink::from_pin(&path).is_ok() {
+        info!(link = name, "re-adopted pinned link");
+        return Ok(());
+    }
+    attach()?.pin(&path).map_err(|source| RedirectError::Pin {
+        path,
+        source: source.into(),
+    })?;
+    Ok(())
+}
+
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if !is_bpffs(bpffs) {
+        std::fs::create_dir_all(bpffs).map_err(|source| RedirectError::PinDir {
+            path: bpffs.to_owned(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| RedirectError::MountBpffs {
+            path: bpffs.to_owned(),
+            source,
+        })?;
+        info!("mounted bpffs at /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| RedirectError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(RedirectError::Missing {
+            kind: "program",
+            name,
+        })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(RedirectError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// Turns a program's link into an [`FdLink`], the kind that can be pinned.
+fn fd_link<L>(link: Result<L, ProgramError>, program: &'static str) -> Result<FdLink, RedirectError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let link = link.map_err(program_error(program))?;
+    FdLink::try_from(link).map_err(|source| RedirectError::Link {
+        program,
+        source: source.into(),
+    })
+}
+
+fn program_error(program: &'static str) -> impl Fn(ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { program, source }
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> RedirectError {
+    move |source| RedirectError::Map { map, source }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

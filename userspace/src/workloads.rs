@@ -1,0 +1,293 @@
+//! Enrollment: turns the desired state (a [`Snapshot`]) into pods whose traffic goes
+//! through the proxy, and back.
+//!
+//! Enrolling a pod opens its listeners inside its namespace, installs the return path for
+//! transparent connections (`routing`), then registers it with the kernel programs;
+//! releasing undoes it in reverse. A pod that fails (its namespace is gone, say) is
+//! reported with the reason in `/workloads` and retried on the next pass.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use ambit_common::ports;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    discovery::{Pod, Snapshot},
+    netns::{NetnsError, PodNetns},
+    proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
+    redirect::{PodRedirect, RedirectError, Redirector},
+    routing::{self, RoutingError},
+    sys,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod has no ambit.io/netns annotation")]
+    MissingNetns,
+    #[error("pod has no status.podIP")]
+    MissingIp,
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error("cannot read the namespace cookie of {}: {source}", netns.display())]
+    Cookie {
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error("cannot open {}: {source}", netns.display())]
+    OpenNetns {
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+}
+
+/// Whether the kernel sends a pod's traffic through the proxy.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "reason")]
+pub enum Redirection {
+    Redirected,
+    /// Its namespace is not labelled `ambit.io/mesh=enabled`.
+    NotEnrolled,
+    /// The pod is labelled `ambit.io/mesh=disabled`.
+    OptedOut,
+    /// Enrolled, but setting it up failed; retried.
+    Failed(String),
+}
+
+/// One pod as the admin API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadStatus {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Option<IpAddr>,
+    pub identity: String,
+    pub enrolled: bool,
+    pub redirection: Redirection,
+    pub stats: Arc<WorkloadStats>,
+}
+
+/// The admin view of every known pod, by `namespace/name`.
+pub type WorkloadTable = Arc<RwLock<BTreeMap<String, WorkloadStatus>>>;
+
+/// A pod the proxy serves.
+struct EnrolledPod {
+    /// The pod as it was when enrolled; a change of IP or namespace re-enrolls it.
+    pod: Pod,
+    proxy: Arc<PodProxy>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+pub struct WorkloadManager {
+    redirector: Redirector,
+    shared: Shared,
+    trust_domain: String,
+    enrolled: BTreeMap<String, EnrolledPod>,
+    table: WorkloadTable,
+}
+
+impl WorkloadManager {
+    pub fn new(redirector: Redirector, shared: Shared, trust_domain: String) -> Self {
+        Self {
+            redirector,
+            shared,
+            trust_domain,
+            enrolled: BTreeMap::new(),
+            table: WorkloadTable::default(),
+        }
+    }
+
+    pub fn table(&self) -> WorkloadTable {
+        Arc::clone(&self.table)
+    }
+
+    /// True when some enrolled pod failed to set up and should be retried.
+    pub fn has_failures(&self) -> bool {
+        self.read_table()
+            .values()
+            .any(|w| matches!(w.redirection, Redirection::Failed(_)))
+    }
+
+    /// Brings the node to `snapshot`: enrolls, re-enrolls and releases pods, and clears
+    /// kernel state that a previous agent left for pods that are no longer enrolled.
+    pub async fn reconcile(&mut self, snapshot: &Snapshot) {
+        let stale: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(key, e)| {
+                snapshot
+                    .pods
+                    .get(*key)
+                    .is_none_or(|pod| !snapshot.is_enrolled(pod) || *pod != e.pod)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(enrolled) = self.enrolled.remove(&key) {
+                self.release(enrolled).await;
+            }
+        }
+
+        let mut table = BTreeMap::new();
+        for (key, pod) in &snapshot.pods {
+            let redirection = if pod.opted_out() {
+                Redirection::OptedOut
+            } else if !snapshot.is_enrolled(pod) {
+                Redirection::NotEnrolled
+            } else if self.enrolled.contains_key(key) {
+                Redirection::Redirected
+            } else {
+                match self.enroll(pod).await {
+                    Ok(enrolled) => {
+                        info!(workload = %key, ip = ?pod.ip, "enrolled");
+                        self.enrolled.insert(key.clone(), enrolled);
+                        Redirection::Redirected
+                    }
+                    Err(error) => {
+                        warn!(workload = %key, %error, "cannot enroll");
+                        Redirection::Failed(error.to_string())
+                    }
+                }
+            };
+            let stats = self
+                .enrolled
+                .get(key)
+                .map(|e| Arc::clone(&e.proxy.stats))
+                .unwrap_or_default();
+            table.insert(
+                key.clone(),
+                WorkloadStatus {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    ip: pod.ip,
+                    identity: format!(
+                        "spiffe://{}/ns/{}/sa/{}",
+                        self.trust_domain, pod.namespace, pod.service_account
+                    ),
+                    enrolled: snapshot.is_enrolled(pod),
+                    redirection,
+                    stats,
+                },
+            );
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+        self.release_leftovers();
+    }
+
+    async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
+        let path = pod.netns.clone().ok_or(EnrollError::MissingNetns)?;
+        let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
+        let netns = PodNetns::enter(&path)?;
+        let on_loopback = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let outbound_listener = socket::listen(&netns, on_loopback(ports::OUTBOUND)).await?;
+        let plaintext_listener =
+            socket::listen(&netns, on_loopback(ports::INBOUND_PLAINTEXT)).await?;
+        let hbone_listener = socket::listen(&netns, on_loopback(ports::INBOUND_HBONE)).await?;
+        let netns_cookie =
+            sys::netns_cookie(&outbound_listener).map_err(|source| EnrollError::Cookie {
+                netns: path.clone(),
+                source,
+            })?;
+        routing::install(&netns).await?;
+        let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {
+            netns: path.clone(),
+            source,
+        })?;
+        self.redirector.enroll(&PodRedirect {
+            netns_cookie,
+            ip,
+            netns: &netns_file,
+            hbone_listener: hbone_listener.as_fd(),
+            plaintext_listener: plaintext_listener.as_fd(),
+        })?;
+
+        let proxy = Arc::new(PodProxy {
+            workload: pod.key(),
+            ip,
+            netns,
+            netns_cookie,
+            stats: Arc::default(),
+        });
+        let listeners = vec![
+            tokio::spawn(outbound::serve(
+                outbound_listener,
+                Arc::clone(&proxy),
+                self.shared.clone(),
+            )),
+            tokio::spawn(inbound::serve(
+                plaintext_listener,
+                Arc::clone(&proxy),
+                self.shared.clone(),
+            )),
+            tokio::spawn(hbone::serve(
+                hbone_listener,
+                Arc::clone(&proxy),
+                self.shared.clone(),
+            )),
+        ];
+        Ok(EnrolledPod {
+            pod: pod.clone(),
+            proxy,
+            listeners,
+        })
+    }
+
+    async fn release(&mut self, enrolled: EnrolledPod) {
+        let EnrolledPod {
+            pod,
+            proxy,
+            listeners,
+        } = enrolled;
+        if let Err(error) = self.redirector.release(proxy.netns_cookie, proxy.ip) {
+            warn!(workload = %pod.key(), %error, "cannot release from the kernel programs");
+        }
+        // Dropping the listeners ends their accept loops; connections already open finish
+        // on their own.
+        for task in listeners {
+            task.abort();
+        }
+        if let Err(error) = routing::remove(&proxy.netns).await {
+            warn!(workload = %pod.key(), %error, "cannot remove the return path");
+        }
+        info!(workload = %pod.key(), "released");
+    }
+
+    /// Removes kernel entries of pods that are not enrolled now: left by a previous agent
+    /// for pods that were released while it was down.
+    fn release_leftovers(&mut self) {
+        let cookies: Vec<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.proxy.netns_cookie)
+            .collect();
+        let ips: Vec<IpAddr> = self.enrolled.values().map(|e| e.proxy.ip).collect();
+        for cookie in self.redirector.enrolled_cookies() {
+            if !cookies.contains(&cookie) {
+                let _ = self.redirector.release_netns(cookie);
+            }
+        }
+        for ip in self.redirector.inbound_ips() {
+            if !ips.contains(&ip) {
+                let _ = self.redirector.release_ip(ip);
+            }
+        }
+        self.redirector.prune_links(&cookies);
+    }
+
+    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, WorkloadStatus>> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
