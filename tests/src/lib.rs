@@ -1,1 +1,16 @@
+//! The netns test bed: a node (a network namespace holding a bridge) with pods (network
+//! namespaces joined to the bridge by veth pairs), the Kubernetes YAML that describes them
+//! to the agent, and the agent itself. Used by the end-to-end tests and `cargo xtask demo`.
+//!
+//! Every name (namespaces, cgroup, bpffs pins) carries an id unique to the process and the
+//! node, so tests run in parallel. Links are created inside the node's namespace, so their
+//! names never collide. Traffic only ever goes to addresses inside namespaces the node
+//! created. Everything is torn down on drop, including on panic.
 
+mod agent;
+mod node;
+mod run;
+
+pub use agent::Agent;
+pub use node::{Node, Pod};
+pub use run::{Binaries, CurlResult, command_line};

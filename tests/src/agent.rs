@@ -1,0 +1,128 @@
+//! The agent under test: the real `ambit run` binary, one per node, with its own cgroup,
+//! pin directory and admin ports.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{node::Node, run::check};
+
+pub struct Agent {
+    child: Child,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+    /// The agent's stderr.
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub(crate) fn start(node: &Node) -> anyhow::Result<Self> {
+        let (admin, readiness) = (free_port()?, free_port()?);
+        let log = node.config_dir.with_extension("agent.log");
+        let child = Command::new(&node.binaries.ambit)
+            .arg("run")
+            .arg("--config-dir")
+            .arg(&node.config_dir)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(&node.pin_dir)
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--readiness-addr", &readiness.to_string()])
+            .env("RUST_LOG", "info,ambit=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(File::options().create(true).append(true).open(&log)?)
+            .spawn()
+            .context("cannot start the agent")?;
+        let mut agent = Self {
+            child,
+            admin,
+            readiness,
+            log,
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Sends SIGTERM to the agent (by its PID) and waits for it to exit.
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
+        check(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("the agent did not exit within 10 s of SIGTERM")
+    }
+
+    /// True while the agent process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// GET `path` on the admin API, as JSON.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
+        let output = check(Command::new("curl").args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "3",
+            &format!("http://{}{path}", self.admin),
+        ]))?;
+        serde_json::from_slice(&output.stdout).with_context(|| format!("admin {path} is not JSON"))
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("http://{}/healthz/ready", self.readiness);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the agent exited ({status}) while starting:\n{}",
+                    self.log_text()
+                );
+            }
+            let ready = Command::new("curl")
+                .args(["-sf", "--max-time", "1", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if ready.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent was not ready within 20 s:\n{}", self.log_text())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
+}

@@ -1,0 +1,348 @@
+//! A node: its network namespace and bridge, its pods, its cgroup and the YAML that
+//! describes them.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    agent::Agent,
+    run::{Binaries, CurlResult, check, ip},
+};
+
+/// The bridge's address; pods get the following addresses of the /24.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 44, 0, 1);
+const PREFIX: u8 = 24;
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// A pod: a network namespace on the node's bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// `ip netns` name.
+    pub netns: String,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
+pub struct Node {
+    /// Unique per process and node; part of every global name.
+    pub id: String,
+    pub binaries: Binaries,
+    /// `ip netns` name of the node namespace (holds the bridge).
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub config_dir: PathBuf,
+    namespaces: BTreeMap<String, bool>,
+    pods: Vec<Pod>,
+    processes: Vec<Child>,
+    agent: Option<Agent>,
+}
+
+impl Node {
+    /// Creates the node namespace with its bridge, a cgroup for the pods' processes, and an
+    /// empty config directory.
+    pub fn new(binaries: Binaries) -> anyhow::Result<Self> {
+        let id = format!(
+            "{:x}{}",
+            std::process::id() & 0xffff,
+            NEXT_NODE.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup_root = cgroup2_root()?;
+        let node = Self {
+            netns: format!("ambit-{id}-node"),
+            cgroup: cgroup_root.join(format!("ambit-test-{id}")),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/ambit-test-{id}")),
+            config_dir: std::env::temp_dir().join(format!("ambit-test-{id}")),
+            id,
+            binaries,
+            namespaces: BTreeMap::new(),
+            pods: Vec::new(),
+            processes: Vec::new(),
+            agent: None,
+        };
+        // From here on, Drop cleans up whatever was created.
+        ip(&["netns", "add", &node.netns])?;
+        let n = node.netns.clone();
+        ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        ip(&["-n", &n, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/{PREFIX}"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &n, "link", "set", "br0", "up"])?;
+        std::fs::create_dir_all(&node.cgroup)
+            .with_context(|| format!("cannot create cgroup {}", node.cgroup.display()))?;
+        std::fs::create_dir_all(&node.config_dir)?;
+        node.write_config()?;
+        Ok(node)
+    }
+
+    /// Declares a Kubernetes namespace, labelled `ambit.io/mesh=enabled` when `enrolled`.
+    pub fn namespace(&mut self, name: &str, enrolled: bool) -> anyhow::Result<()> {
+        self.namespaces.insert(name.to_owned(), enrolled);
+        self.write_config()
+    }
+
+    /// Creates a pod: a network namespace with `lo` up and `eth0` on the bridge.
+    pub fn pod(&mut self, namespace: &str, name: &str) -> anyhow::Result<Pod> {
+        self.pod_with(namespace, name, "default", &[])
+    }
+
+    pub fn pod_with(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Pod> {
+        let index = self.pods.len();
+        let host_octet = u8::try_from(index + 2).context("too many pods on one node")?;
+        let [a, b, c, _] = NODE_IP.octets();
+        let pod = Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(a, b, c, host_octet),
+            service_account: service_account.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            netns: format!("ambit-{}-p{index}", self.id),
+        };
+        let (node, netns, veth) = (&self.netns, &pod.netns, format!("veth{index}"));
+        ip(&["netns", "add", netns])?;
+        self.pods.push(pod.clone());
+        ip(&[
+            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            netns,
+        ])?;
+        ip(&["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{}/{PREFIX}", pod.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
+        self.write_config()?;
+        Ok(pod)
+    }
+
+    /// Changes a pod's labels (e.g. `ambit.io/mesh=disabled`) in the YAML.
+    pub fn label_pod(&mut self, pod: &Pod, key: &str, value: &str) -> anyhow::Result<()> {
+        let found = self
+            .pods
+            .iter_mut()
+            .find(|p| p.netns == pod.netns)
+            .context("no such pod")?;
+        found.labels.insert(key.to_owned(), value.to_owned());
+        self.write_config()
+    }
+
+    /// The node's own address on the bridge.
+    pub fn ip(&self) -> Ipv4Addr {
+        NODE_IP
+    }
+
+    /// A command that runs inside `pod`: in its network namespace and in the node's cgroup,
+    /// where a kubelet would have put it.
+    pub fn command(&self, pod: &Pod, program: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        // Join the cgroup first: `nsenter` keeps the cgroup, `ip netns exec` would hide /sys.
+        cmd.args([
+            "-c",
+            r#"echo $$ > "$1" && n="$2" && shift 2 && exec nsenter --net="$n" -- "$@""#,
+            "sh",
+        ])
+        .arg(self.cgroup.join("cgroup.procs"))
+        .arg(pod.netns_path())
+        .arg(program);
+        cmd
+    }
+
+    /// A command in the node namespace (not in any pod).
+    pub fn node_command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+
+    /// Starts `ambit-httpbin` on `port` in `pod`; stopped when the node is dropped.
+    pub fn serve_http(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let mut cmd = self.command(pod, &self.binaries.httpbin.to_string_lossy());
+        let child = cmd
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start ambit-httpbin")?;
+        self.processes.push(child);
+        self.wait_listening(pod, port)
+    }
+
+    /// `curl` from `pod` (or from the node namespace when `None`) to `url`.
+    pub fn curl(&self, from: Option<&Pod>, url: &str) -> anyhow::Result<CurlResult> {
+        let mut cmd = match from {
+            Some(pod) => self.command(pod, "curl"),
+            None => self.node_command("curl"),
+        };
+        cmd.args(["-sS", "--max-time", "3", "-w", "\n%{http_code}", url]);
+        let output = cmd.output().context("cannot run curl")?;
+        Ok(CurlResult::from_output(&output))
+    }
+
+    /// Starts the agent for this node and waits until it is ready.
+    pub fn start_agent(&mut self) -> anyhow::Result<&Agent> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let agent = Agent::start(self)?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// Stops the agent (SIGTERM) and waits for it to exit.
+    pub fn stop_agent(&mut self) -> anyhow::Result<()> {
+        match self.agent.take() {
+            Some(mut agent) => agent.stop(),
+            None => bail!("the agent is not running"),
+        }
+    }
+
+    pub fn agent(&self) -> anyhow::Result<&Agent> {
+        self.agent.as_ref().context("the agent is not running")
+    }
+
+    /// Rewrites one file of the config directory atomically (write, then rename), as a
+    /// config management tool would.
+    pub fn write_file(&self, name: &str, contents: &str) -> anyhow::Result<()> {
+        let tmp = self.config_dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents)?;
+        std::fs::rename(&tmp, self.config_dir.join(name))?;
+        Ok(())
+    }
+
+    /// Writes `namespaces.yaml` and `pods.yaml` from the node's model.
+    fn write_config(&self) -> anyhow::Result<()> {
+        let mut namespaces = String::new();
+        for (name, enrolled) in &self.namespaces {
+            let labels = if *enrolled {
+                "{ambit.io/mesh: enabled}"
+            } else {
+                "{}"
+            };
+            write!(
+                namespaces,
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {labels}}}\n"
+            )?;
+        }
+        self.write_file("namespaces.yaml", &namespaces)?;
+        let mut pods = String::new();
+        for pod in &self.pods {
+            let labels: Vec<String> = pod
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            write!(
+                pods,
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}}}\nstatus: {{podIP: {}}}\n",
+                pod.name,
+                pod.namespace,
+                labels.join(", "),
+                pod.netns_path().display(),
+                pod.service_account,
+                pod.ip
+            )?;
+        }
+        self.write_file("pods.yaml", &pods)
+    }
+
+    fn wait_listening(&self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let filter = format!("sport = :{port}");
+        for _ in 0..100 {
+            let out = check(
+                Command::new("ip")
+                    .args(["netns", "exec", &pod.netns, "ss", "-Htln"])
+                    .arg(&filter),
+            )?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nothing listens on port {port} in {} after 5 s", pod.name)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.stop();
+        }
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.netns]);
+        // Unpinning releases the kernel programs and maps of this node's agent.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+        // A failing test keeps the agent's log for the reader; its path is in the message.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(self.config_dir.with_extension("agent.log"));
+        }
+    }
+}
+
+/// The first cgroup2 mount (`/sys/fs/cgroup` or, on hybrid hosts, `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })
+        .context("no cgroup2 file system is mounted")
+}
