@@ -1,1 +1,51 @@
-fn main() {}
+//! `cargo xtask`: the developer and operator commands of ambit. One module per
+//! subcommand; every command that builds runs `setup` first, which only acts on what is
+//! missing.
+
+mod build;
+mod debug;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs (Debian packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the agent (kernel programs included).
+    Build(build::Options),
+    /// Run every test: unit, kernel and network-namespace end-to-end (as root).
+    Test(test::Options),
+    /// Build, create a small node with pods, run the agent and show who reaches whom.
+    Demo,
+    /// Inspect a running agent through its admin API.
+    #[command(subcommand)]
+    Debug(debug::Command),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Build(opts) => build::build(&opts),
+        Command::Test(opts) => test::test(&opts),
+        Command::Demo => demo::demo(),
+        Command::Debug(cmd) => debug::debug(&cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

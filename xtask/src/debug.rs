@@ -1,0 +1,159 @@
+//! `cargo xtask debug …`: reads a running agent's admin API and prints it for people.
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Known pods: IP, identity, enrollment, redirection state and counters.
+    Workloads(Admin),
+    /// Live and recently closed connections through the proxy.
+    Connections(Admin),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Admin {
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: String,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn debug(cmd: &Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Workloads(admin) => {
+            let workloads = get(admin, "/workloads")?;
+            print(admin, &workloads, workloads_table)
+        }
+        Command::Connections(admin) => {
+            let report = get(admin, "/connections")?;
+            print(admin, &report, connections_table)
+        }
+    }
+}
+
+fn print(
+    admin: &Admin,
+    value: &Value,
+    table: fn(&Value) -> Vec<Vec<String>>,
+) -> anyhow::Result<()> {
+    if admin.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(&table(value)));
+    }
+    Ok(())
+}
+
+pub fn get(admin: &Admin, path: &str) -> anyhow::Result<Value> {
+    let url = format!("http://{}{path}", admin.admin);
+    ureq::get(&url)
+        .call()
+        .with_context(|| {
+            format!("cannot reach the agent's admin API at {url} (is `ambit run` running?)")
+        })?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("{url} did not answer JSON"))
+}
+
+fn workloads_table(workloads: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "NAMESPACE",
+        "NAME",
+        "IP",
+        "IDENTITY",
+        "ENROLLED",
+        "REDIRECTION",
+        "OUT",
+        "IN",
+    ])];
+    for w in workloads.as_array().into_iter().flatten() {
+        let state = &w["redirection"];
+        let redirection = match state["reason"].as_str() {
+            Some(reason) => format!("{}: {reason}", text(&state["state"])),
+            None => text(&state["state"]),
+        };
+        rows.push(vec![
+            text(&w["namespace"]),
+            text(&w["name"]),
+            text(&w["ip"]),
+            text(&w["identity"]),
+            text(&w["enrolled"]),
+            redirection,
+            text(&w["stats"]["connections_outbound"]),
+            text(&w["stats"]["connections_inbound"]),
+        ]);
+    }
+    rows
+}
+
+fn connections_table(report: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "STATE",
+        "WORKLOAD",
+        "DIRECTION",
+        "PATH",
+        "SOURCE",
+        "DESTINATION",
+        "SENT",
+        "RECEIVED",
+        "ERROR",
+    ])];
+    for (state, key) in [("live", "live"), ("closed", "closed")] {
+        for c in report[key].as_array().into_iter().flatten() {
+            rows.push(vec![
+                state.to_owned(),
+                text(&c["workload"]),
+                text(&c["direction"]),
+                text(&c["path"]),
+                text(&c["source"]),
+                text(&c["destination"]),
+                text(&c["bytes_sent"]),
+                text(&c["bytes_received"]),
+                text(&c["error"]),
+            ]);
+        }
+    }
+    rows
+}
+
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A JSON value as a table cell: strings bare, null as `-`.
+pub fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn render(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

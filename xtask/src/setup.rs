@@ -1,0 +1,129 @@
+//! `cargo xtask setup`: installs, only where missing, what building ambit needs:
+//! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), `rust-src` for
+//! the nightly toolchain, and bpf-linker built against LLVM 22. Checks that the nightly's
+//! LLVM major matches bpf-linker's, since a mismatch fails late with `Invalid record`.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::build::{cargo, run};
+
+/// The LLVM major that bpf-linker is built against and the nightly must use.
+const LLVM_MAJOR: &str = "22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages: LLVM for bpf-linker, and the real clients and tools the tests run.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "curl",
+    "iproute2",
+    "openssl",
+    "util-linux",
+];
+
+pub fn setup() -> anyhow::Result<()> {
+    install_packages()?;
+    check_nightly()?;
+    install_rust_src()?;
+    install_bpf_linker()
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo apt-get install -y {}` or `sudo cargo xtask setup`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn check_nightly() -> anyhow::Result<()> {
+    let output = Command::new("rustc").args(["+nightly", "-vV"]).output();
+    let text = match output {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => bail!(
+            "no nightly Rust toolchain: the kernel programs need one with LLVM {LLVM_MAJOR}; install it with `rustup toolchain install nightly` and check `rustc +nightly -vV`"
+        ),
+    };
+    let llvm = text
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` does not report an LLVM version")?;
+    if llvm.split('.').next() != Some(LLVM_MAJOR) {
+        bail!(
+            "the nightly toolchain uses LLVM {llvm}, but bpf-linker is built for LLVM {LLVM_MAJOR}; install a nightly on LLVM {LLVM_MAJOR} (`rustup toolchain install nightly-<date>`, then `rustup override set`) or the bpf link fails with `Invalid record`"
+        );
+    }
+    Ok(())
+}
+
+fn install_rust_src() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("cannot run rustup")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 3 minutes)"
+    );
+    let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+    let path = format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(cargo()
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
+        .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix)
+        .env("LLVM_PREFIX", &prefix)
+        .env("PATH", path))
+}
