@@ -2,4 +2,5 @@
 //! proxy, wired together by `ambit run` in `main.rs`.
 
 pub mod discovery;
+pub mod identity;
 pub mod policy;
