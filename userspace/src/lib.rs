@@ -4,3 +4,4 @@
 pub mod discovery;
 pub mod identity;
 pub mod policy;
+pub mod tls;
