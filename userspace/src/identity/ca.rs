@@ -419,4 +419,4 @@ pub(crate) fn to_pem(der: &CertificateDer<'_>) -> String {
 
 #[cfg(test)]
 #[path = "ca_tests.rs"]
-mod tests;
+pub(crate) mod tests;

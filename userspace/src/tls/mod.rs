@@ -40,7 +40,7 @@ pub enum TlsError {
     Root(rustls::Error),
     #[error("failed to build the TLS configuration: {0}")]
     Config(String),
-    #[error("TLS handshake failed: {0}")]
+    #[error("TLS handshake failed: {}", describe_handshake(.0))]
     Handshake(std::io::Error),
     #[error("peer certificate {0}")]
     PeerIdentity(String),
@@ -51,6 +51,21 @@ pub enum TlsError {
         peer: SpiffeId,
         allowed: Vec<SpiffeId>,
     },
+}
+
+/// The handshake error as a person wants it: our verifiers' own message when one of them
+/// refused the peer (rustls would only show its `Debug` form).
+fn describe_handshake(err: &std::io::Error) -> String {
+    let ours = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                other.0.downcast_ref::<TlsError>().map(ToString::to_string)
+            }
+            _ => None,
+        });
+    ours.unwrap_or_else(|| err.to_string())
 }
 
 fn display_list(ids: &[SpiffeId]) -> String {
