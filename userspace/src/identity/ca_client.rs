@@ -22,7 +22,6 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait CaClient: Send + Sync + 'static {
     fn sign<'a>(
         &'a self,
-        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>>;
@@ -65,7 +64,6 @@ impl LocalCaClient {
 impl CaClient for LocalCaClient {
     fn sign<'a>(
         &'a self,
-        _id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
@@ -121,7 +119,6 @@ impl GrpcCaClient {
 impl CaClient for GrpcCaClient {
     fn sign<'a>(
         &'a self,
-        _id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {

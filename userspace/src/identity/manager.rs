@@ -141,20 +141,25 @@ impl Shared {
 impl SecretManager {
     /// Starts the worker on the current tokio runtime. It stops when the last handle drops.
     pub fn spawn(ca: Arc<dyn CaClient>, config: ManagerConfig) -> Self {
+        let (manager, worker) = Self::new(config);
+        worker.spawn(ca);
+        manager
+    }
+
+    /// The handle and a worker not started yet, for a CA client that needs the handle
+    /// first (the embedded CA's authorizer reads [`SecretManager::enrolled`]). Enrollments
+    /// made before the worker starts wait for it.
+    pub fn new(config: ManagerConfig) -> (Self, PendingWorker) {
         let shared = Arc::new(Shared {
             slots: Mutex::new(HashMap::new()),
         });
         let (commands, rx) = mpsc::unbounded_channel();
-        let worker = Worker {
+        let pending = PendingWorker {
             shared: shared.clone(),
-            ca,
             config,
             commands: rx,
-            schedule: HashMap::new(),
-            inflight: JoinSet::new(),
         };
-        tokio::spawn(worker.run());
-        Self { shared, commands }
+        (Self { shared, commands }, pending)
     }
 
     /// A pod with identity `id` enrolled on this node. The first one starts a request.
@@ -228,6 +233,27 @@ impl SecretManager {
     /// Per identity: certificate, validity, next refresh and state.
     pub fn certs_report(&self) -> CertsReport {
         report::build(&self.shared.lock())
+    }
+}
+
+/// A worker waiting for its CA client; see [`SecretManager::new`].
+pub struct PendingWorker {
+    shared: Arc<Shared>,
+    config: ManagerConfig,
+    commands: mpsc::UnboundedReceiver<Command>,
+}
+
+impl PendingWorker {
+    pub fn spawn(self, ca: Arc<dyn CaClient>) {
+        let worker = Worker {
+            shared: self.shared,
+            ca,
+            config: self.config,
+            commands: self.commands,
+            schedule: HashMap::new(),
+            inflight: JoinSet::new(),
+        };
+        tokio::spawn(worker.run());
     }
 }
 
@@ -378,7 +404,7 @@ async fn issue(
     ttl: Duration,
 ) -> Result<WorkloadCert, RefreshError> {
     let pending = PendingKey::generate(id)?;
-    let chain = ca.sign(id, &pending.csr_pem, ttl).await?;
+    let chain = ca.sign(&pending.csr_pem, ttl).await?;
     Ok(WorkloadCert::new(id, pending, chain)?)
 }
 

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod ca_client;
 pub mod ca_service;
 pub mod cert;
+pub mod cli;
 pub mod manager;
 pub mod spiffe;
 

@@ -2,15 +2,19 @@
 //! Parsing is the only way to build one, so every [`SpiffeId`] in the agent is well formed.
 //! Owns the syntax only; who may hold an identity is decided in `authz`.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use serde::{Serialize, Serializer};
 
 /// An Istio-style workload identity. Invariant (enforced by [`SpiffeId::new`] and
 /// [`FromStr`]): every part is a non-empty run of `[A-Za-z0-9._-]`, so the URI form has
 /// exactly the five path segments and round-trips through `Display` and `parse`.
+/// Shared behind an `Arc`: identities are cloned into every resolver, error and report.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+pub struct SpiffeId(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
@@ -55,30 +59,30 @@ impl SpiffeId {
                 });
             }
         }
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The form Istio's `AuthorizationPolicy` principals use: `td/ns/x/sa/y`.
     pub fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }

@@ -31,11 +31,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("no certificate for {id}: {source}")]
-    Certificate {
-        id: SpiffeId,
-        source: manager::ManagerError,
-    },
+    #[error("no certificate: {0}")]
+    Certificate(manager::ManagerError),
     #[error("mesh root is not a usable trust anchor: {0}")]
     Root(rustls::Error),
     #[error("failed to build the TLS configuration: {0}")]
@@ -150,11 +147,6 @@ impl MeshAcceptor {
         })
     }
 
-    /// The rustls configuration, for callers that drive the handshake themselves.
-    pub fn config(&self) -> Arc<ServerConfig> {
-        self.config.clone()
-    }
-
     /// Runs the handshake and names the verified client.
     pub async fn accept<IO>(
         &self,
@@ -212,10 +204,6 @@ impl MeshConnector {
         })
     }
 
-    pub fn config(&self) -> Arc<ClientConfig> {
-        self.config.clone()
-    }
-
     /// Runs the handshake to the server at `server` and names the verified server. The
     /// address only fills the TLS server name (an IP sends no SNI); identity is checked
     /// against the allowed list, never against the address.
@@ -240,13 +228,9 @@ async fn resolver_and_trust(
     manager: &manager::SecretManager,
     id: &SpiffeId,
 ) -> Result<(CertResolver, TrustBundle), TlsError> {
-    let err = |source| TlsError::Certificate {
-        id: id.clone(),
-        source,
-    };
-    let first = manager.fetch(id).await.map_err(err)?;
+    let first = manager.fetch(id).await.map_err(TlsError::Certificate)?;
     let trust = TrustBundle::new([first.root().clone()], id.trust_domain())?;
-    let resolver = CertResolver::new(manager.subscribe(id).map_err(err)?);
+    let resolver = CertResolver::new(manager.subscribe(id).map_err(TlsError::Certificate)?);
     Ok((resolver, trust))
 }
 

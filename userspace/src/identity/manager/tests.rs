@@ -59,7 +59,6 @@ struct Switchable {
 impl CaClient for Switchable {
     fn sign<'a>(
         &'a self,
-        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
@@ -71,7 +70,7 @@ impl CaClient for Switchable {
                 })
             });
         }
-        self.inner.sign(id, csr_pem, ttl)
+        self.inner.sign(csr_pem, ttl)
     }
 }
 
