@@ -413,7 +413,7 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     fs::rename(&tmp, path).map_err(err)
 }
 
-pub(crate) fn to_pem(der: &CertificateDer<'_>) -> String {
+fn to_pem(der: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
 }
 

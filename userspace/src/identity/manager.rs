@@ -11,7 +11,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -86,14 +89,13 @@ pub struct SecretManager {
 /// State the handle and the worker both read. The lock is never held across an await.
 struct Shared {
     slots: Mutex<HashMap<SpiffeId, Slot>>,
+    /// Source of [`Slot::generation`]; never reused, even after a slot is removed.
+    generations: AtomicU64,
 }
 
 struct Slot {
     /// Enrolled pods with this identity; the slot is removed when it drops to zero.
     pods: usize,
-    /// Bumped on every (re-)enrollment, so the worker can drop answers meant for a slot
-    /// that was released and created again meanwhile.
-    generation: u64,
     /// The current certificate; receivers are the TLS resolvers and `fetch` callers.
     cert: watch::Sender<Option<Arc<WorkloadCert>>>,
     status: Status,
@@ -152,6 +154,7 @@ impl SecretManager {
     pub fn new(config: ManagerConfig) -> (Self, PendingWorker) {
         let shared = Arc::new(Shared {
             slots: Mutex::new(HashMap::new()),
+            generations: AtomicU64::new(0),
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let pending = PendingWorker {
@@ -169,12 +172,11 @@ impl SecretManager {
             slot.pods += 1;
             return;
         }
-        let generation = slots.values().map(|s| s.generation).max().unwrap_or(0) + 1;
+        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed);
         slots.insert(
             id.clone(),
             Slot {
                 pods: 1,
-                generation,
                 cert: watch::Sender::new(None),
                 status: Status::Requesting,
             },
@@ -259,6 +261,8 @@ impl PendingWorker {
 
 /// The worker's own bookkeeping per identity.
 struct Entry {
+    /// Set on every (re-)enrollment, so answers meant for a slot that was released and
+    /// created again meanwhile are dropped.
     generation: u64,
     /// When to ask the CA next; `None` while a request is in flight.
     next_request: Option<Instant>,

@@ -105,10 +105,11 @@ fn chain_entry(pem: &str) -> Option<ChainEntry> {
 /// A tokio instant as wall-clock time (tokio's clock may be paused in tests).
 fn wall(at: Instant) -> SystemTime {
     let now = Instant::now();
+    let wall = SystemTime::now();
     if at >= now {
-        SystemTime::now() + (at - now)
+        wall + (at - now)
     } else {
-        SystemTime::now() - (now - at)
+        wall.checked_sub(now - at).unwrap_or(wall)
     }
 }
 
