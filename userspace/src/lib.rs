@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent;
 pub mod discovery;
+pub mod identity;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
@@ -12,4 +13,5 @@ pub mod redirect;
 pub mod routing;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tls;
 pub mod workloads;

@@ -1,0 +1,282 @@
+//! Who may ask the CA for which identity. [`Authorizer`] maps a bearer token to a
+//! [`Caller`] and decides entitlement; Kubernetes service-account authentication will be
+//! another implementation. This module owns tokens and grants, not the CSR rules (`ca`).
+//!
+//! Two implementations:
+//! - [`NodeAuthorizer`] (embedded CA, `ambit run`): one token, read from a file the agent
+//!   owns, belonging to this node. The node is entitled to exactly the identities that have
+//!   an enrolled pod on it, as the identity manager counts them ([`Enrolled`]), so the CA
+//!   signs nothing the node has not enrolled.
+//! - [`GrantsAuthorizer`] (`ambit ca` without Kubernetes): a grants file with one line per
+//!   caller, `<token> <caller-name> <identity>...`, where an identity is a SPIFFE ID or
+//!   `spiffe://<td>/ns/<ns>/sa/*` for every account of a namespace. `#` starts a comment.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::{manager::Enrolled, spiffe::SpiffeId};
+
+/// An authenticated caller of the CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// A node name, or whatever name the grants file gives the token.
+    pub name: String,
+}
+
+pub trait Authorizer: Send + Sync + 'static {
+    /// The caller `token` belongs to, if it belongs to anyone.
+    fn authenticate(&self, token: &str) -> Option<Caller>;
+    /// Whether `caller` may hold `identity`.
+    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("failed to read token file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to create token file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token file {0} is empty")]
+    EmptyToken(PathBuf),
+    #[error("failed to generate a token")]
+    Random,
+    #[error("{path}:{line}: {reason}")]
+    Grants {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// The embedded CA's authorizer: this node's token, this node's enrolled identities.
+pub struct NodeAuthorizer {
+    node: String,
+    token: String,
+    enrolled: Enrolled,
+}
+
+impl NodeAuthorizer {
+    pub fn new(node: &str, token: String, enrolled: Enrolled) -> Self {
+        Self {
+            node: node.to_owned(),
+            token,
+            enrolled,
+        }
+    }
+
+    pub fn caller(&self) -> Caller {
+        Caller {
+            name: self.node.clone(),
+        }
+    }
+}
+
+impl Authorizer for NodeAuthorizer {
+    fn authenticate(&self, token: &str) -> Option<Caller> {
+        constant_time_eq(token, &self.token).then(|| self.caller())
+    }
+
+    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
+        caller.name == self.node && self.enrolled.contains(identity)
+    }
+}
+
+/// Static grants for a standalone `ambit ca`.
+pub struct GrantsAuthorizer {
+    grants: Vec<Grant>,
+}
+
+struct Grant {
+    token: String,
+    caller: String,
+    identities: Vec<Pattern>,
+}
+
+enum Pattern {
+    Exact(SpiffeId),
+    /// Every service account of one namespace.
+    Namespace {
+        trust_domain: String,
+        namespace: String,
+    },
+}
+
+impl Pattern {
+    fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(exact) => exact == id,
+            Self::Namespace {
+                trust_domain,
+                namespace,
+            } => id.trust_domain() == trust_domain && id.namespace() == namespace,
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        if let Some(prefix) = s.strip_suffix("/sa/*") {
+            // Validate the prefix by completing it with a placeholder account.
+            let id: SpiffeId = format!("{prefix}/sa/x")
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            return Ok(Self::Namespace {
+                trust_domain: id.trust_domain().to_owned(),
+                namespace: id.namespace().to_owned(),
+            });
+        }
+        s.parse().map(Self::Exact).map_err(|e| format!("{e}"))
+    }
+}
+
+impl GrantsAuthorizer {
+    pub fn from_file(path: &Path) -> Result<Self, AuthzError> {
+        let text = fs::read_to_string(path).map_err(|source| AuthzError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut grants = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default();
+            let mut words = line.split_whitespace();
+            let Some(token) = words.next() else { continue };
+            let err = |reason: String| AuthzError::Grants {
+                path: path.to_owned(),
+                line: n + 1,
+                reason,
+            };
+            let caller = words
+                .next()
+                .ok_or_else(|| err("expected <token> <caller-name> <identity>...".into()))?;
+            let identities = words
+                .map(Pattern::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            if identities.is_empty() {
+                return Err(err(format!("caller {caller} is granted no identity")));
+            }
+            grants.push(Grant {
+                token: token.to_owned(),
+                caller: caller.to_owned(),
+                identities,
+            });
+        }
+        Ok(Self { grants })
+    }
+}
+
+impl Authorizer for GrantsAuthorizer {
+    fn authenticate(&self, token: &str) -> Option<Caller> {
+        self.grants
+            .iter()
+            .find(|g| constant_time_eq(token, &g.token))
+            .map(|g| Caller {
+                name: g.caller.clone(),
+            })
+    }
+
+    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
+        self.grants
+            .iter()
+            .filter(|g| g.caller == caller.name)
+            .any(|g| g.identities.iter().any(|p| p.matches(identity)))
+    }
+}
+
+/// Reads a token file (surrounding whitespace ignored).
+pub fn read_token(path: &Path) -> Result<String, AuthzError> {
+    let token = fs::read_to_string(path).map_err(|source| AuthzError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthzError::EmptyToken(path.to_owned()));
+    }
+    Ok(token.to_owned())
+}
+
+/// Reads the agent's token, creating a random one (mode 0600) on first start.
+pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
+    if path.exists() {
+        return read_token(path);
+    }
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| AuthzError::Random)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let err = |source| AuthzError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(token.as_bytes()).map_err(err)?;
+    Ok(token)
+}
+
+/// Token comparison whose time does not depend on where the strings differ.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_file_entitles_exact_and_namespace_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants");
+        fs::write(
+            &path,
+            "# token caller identities\n\
+             t1 node-a spiffe://cluster.local/ns/default/sa/default spiffe://cluster.local/ns/shop/sa/*\n\
+             t2 node-b spiffe://cluster.local/ns/other/sa/x\n",
+        )
+        .unwrap();
+        let authz = GrantsAuthorizer::from_file(&path).unwrap();
+        let a = authz.authenticate("t1").unwrap();
+        assert_eq!(a.name, "node-a");
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/default/sa/default")));
+        assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/shop/sa/cart")));
+        assert!(!authz.entitled(&a, &id("spiffe://cluster.local/ns/other/sa/x")));
+        assert!(authz.authenticate("t3").is_none());
+    }
+
+    #[test]
+    fn grants_file_error_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants");
+        fs::write(&path, "t1 node-a spiffe://cluster.local/ns/a\n").unwrap();
+        let err = GrantsAuthorizer::from_file(&path).err().unwrap();
+        assert!(err.to_string().contains("grants:1:"), "{err}");
+    }
+}

@@ -1,0 +1,422 @@
+//! The mesh certificate authority: loads or creates its signing key and turns CSRs into
+//! workload certificates. It owns the root (or plugged-in intermediate) and the rules an
+//! issued certificate follows; it does not decide who may ask for which identity (the
+//! caller passes that in) and does no network I/O (see `ca_service`).
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::{CertificateDer, pem::PemObject};
+use time::OffsetDateTime;
+
+use super::spiffe::{SpiffeError, SpiffeId};
+
+/// Default and maximum workload certificate lifetime.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Lifetime of a root the CA creates itself.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Lifetime of the CA service's own TLS certificate; it is made anew at each start.
+const SERVING_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// File names under `<state-dir>/ca/` for the self-created root.
+const ROOT_KEY_FILE: &str = "root-key.pem";
+const ROOT_CERT_FILE: &str = "root-cert.pem";
+
+/// A plugged-in signing certificate: a root, or an intermediate plus the chain above it.
+#[derive(Clone, Debug)]
+pub struct PluggedCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificates above `cert`, ending with the root. Required when `cert` is an
+    /// intermediate, so issued chains reach the root.
+    pub chain: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "CA state is half there: {present} exists but {missing} does not; restore it or remove both to create a new root"
+    )]
+    HalfStore { present: PathBuf, missing: PathBuf },
+    #[error("{path}: {what}")]
+    BadPem { path: PathBuf, what: String },
+    #[error("{path}: the private key does not belong to the CA certificate")]
+    KeyMismatch { path: PathBuf },
+    #[error("{path}: not a CA certificate (basicConstraints CA:TRUE missing)")]
+    NotCa { path: PathBuf },
+    #[error(
+        "{path} is an intermediate (issuer differs from subject): give the chain up to the root"
+    )]
+    MissingChain { path: PathBuf },
+    #[error("failed to generate {what}: {source}")]
+    Generate {
+        what: &'static str,
+        source: rcgen::Error,
+    },
+    #[error("CSR is not valid PEM or DER: {0}")]
+    MalformedCsr(rcgen::Error),
+    #[error("CSR signature does not verify against its public key")]
+    BadCsrSignature,
+    #[error("CSR must carry exactly one SAN, the workload's SPIFFE URI; it has {}: {}", .0.len(), .0.join(", "))]
+    SanCount(Vec<String>),
+    #[error("CSR SAN must be the workload's SPIFFE URI, found {0}")]
+    SanNotUri(String),
+    #[error("CSR SAN is not a workload identity: {0}")]
+    SanNotSpiffe(SpiffeError),
+    #[error("CSR asks for {requested}, outside this CA's trust domain {ours}")]
+    ForeignTrustDomain { requested: SpiffeId, ours: String },
+    #[error("caller is not entitled to identity {0}")]
+    NotEntitled(SpiffeId),
+    #[error("failed to sign certificate for {id}: {source}")]
+    Sign { id: String, source: rcgen::Error },
+}
+
+/// The CA. Holds the signing key in memory; `chain` is what follows every issued leaf.
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    /// PEM of the signing certificate and every certificate above it, root last.
+    chain: Vec<String>,
+    root: CertificateDer<'static>,
+    /// Issued certificates never outlive the signing certificate.
+    signer_not_after: OffsetDateTime,
+    max_ttl: Duration,
+    rng: SystemRandom,
+}
+
+impl Ca {
+    /// Loads the root kept in `<state_dir>/ca/`, or creates one there on first start, so a
+    /// restarted agent keeps the trust its peers have.
+    pub fn load_or_create(
+        state_dir: &Path,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let dir = state_dir.join("ca");
+        let key_path = dir.join(ROOT_KEY_FILE);
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        match (key_path.exists(), cert_path.exists()) {
+            (true, true) => {
+                let plugged = PluggedCa {
+                    cert: cert_path,
+                    key: key_path,
+                    chain: None,
+                };
+                Self::from_pem_files(&plugged, trust_domain, max_ttl)
+            }
+            (false, false) => {
+                let (key_pem, cert_pem) = create_root(trust_domain)?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|source| CaError::Write {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                write_private(&key_path, key_pem.as_bytes(), 0o600)?;
+                write_private(&cert_path, cert_pem.as_bytes(), 0o644)?;
+                tracing::info!(dir = %dir.display(), "created a new mesh root");
+                Self::from_pem(&key_pem, &cert_pem, &[], &cert_path, trust_domain, max_ttl)
+            }
+            (key, _) => {
+                let (present, missing) = if key {
+                    (key_path, cert_path)
+                } else {
+                    (cert_path, key_path)
+                };
+                Err(CaError::HalfStore { present, missing })
+            }
+        }
+    }
+
+    /// Uses an operator's root or intermediate.
+    pub fn from_pem_files(
+        files: &PluggedCa,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let key_pem = read_string(&files.key)?;
+        let cert_pem = read_string(&files.cert)?;
+        let chain = match &files.chain {
+            Some(path) => pem_certs(path, &read_string(path)?)?,
+            None => Vec::new(),
+        };
+        Self::from_pem(
+            &key_pem,
+            &cert_pem,
+            &chain,
+            &files.cert,
+            trust_domain,
+            max_ttl,
+        )
+    }
+
+    fn from_pem(
+        key_pem: &str,
+        cert_pem: &str,
+        above: &[CertificateDer<'static>],
+        cert_path: &Path,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let bad = |what: String| CaError::BadPem {
+            path: cert_path.to_owned(),
+            what,
+        };
+        let signer = pem_certs(cert_path, cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("no certificate".into()))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("private key: {e}")))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&signer).map_err(|e| bad(e.to_string()))?;
+        if !parsed.is_ca() {
+            return Err(CaError::NotCa {
+                path: cert_path.to_owned(),
+            });
+        }
+        if parsed.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&key)
+        {
+            return Err(CaError::KeyMismatch {
+                path: cert_path.to_owned(),
+            });
+        }
+        if above.is_empty() && parsed.subject().as_raw() != parsed.issuer().as_raw() {
+            return Err(CaError::MissingChain {
+                path: cert_path.to_owned(),
+            });
+        }
+        let signer_not_after = parsed.validity().not_after.to_datetime();
+        let issuer =
+            Issuer::from_ca_cert_der(&signer, key).map_err(|e| bad(format!("as issuer: {e}")))?;
+        let mut chain = vec![signer.clone()];
+        chain.extend(above.iter().cloned());
+        let root = chain.last().cloned().unwrap_or(signer);
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            issuer,
+            chain: chain.iter().map(|c| to_pem(c)).collect(),
+            root,
+            signer_not_after,
+            max_ttl,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The mesh root every issued chain ends with.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// Signs `csr_pem` into a workload certificate and returns the chain as PEM, leaf
+    /// first and root last (Istio's order). `ttl` is honoured up to the CA's maximum;
+    /// `entitled` says whether the caller may hold the identity the CSR names.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        ttl: Option<Duration>,
+        entitled: impl FnOnce(&SpiffeId) -> bool,
+    ) -> Result<Vec<String>, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => CaError::BadCsrSignature,
+            other => CaError::MalformedCsr(other),
+        })?;
+        let id = self.requested_identity(&csr.params.subject_alt_names)?;
+        if !entitled(&id) {
+            return Err(CaError::NotEntitled(id));
+        }
+        let ttl = ttl
+            .filter(|t| !t.is_zero())
+            .unwrap_or(self.max_ttl)
+            .min(self.max_ttl);
+        let mut params = self.leaf_params(ttl)?;
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(
+            |source| CaError::Sign {
+                id: id.to_string(),
+                source,
+            },
+        )?)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|source| CaError::Sign {
+                id: id.to_string(),
+                source,
+            })?;
+        let mut chain = vec![leaf.pem()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(chain)
+    }
+
+    /// A TLS server certificate for the CA service itself, valid for `names` (DNS names or
+    /// IP addresses). Returns the chain PEM and the private key PEM; both stay in memory.
+    pub fn serving_identity(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let what = "the CA service certificate";
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|source| CaError::Generate { what, source })?;
+        let mut params = self.leaf_params(SERVING_TTL)?;
+        params.subject_alt_names = CertificateParams::new(names.to_vec())
+            .map_err(|source| CaError::Generate { what, source })?
+            .subject_alt_names;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| CaError::Generate { what, source })?;
+        let mut chain = cert.pem();
+        for pem in &self.chain {
+            chain.push_str(pem);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// Parameters shared by everything this CA issues: fresh random serial, not CA,
+    /// valid from now for `ttl` but never past the signing certificate.
+    fn leaf_params(&self, ttl: Duration) -> Result<CertificateParams, CaError> {
+        let mut serial = [0u8; 16];
+        self.rng.fill(&mut serial).map_err(|_| CaError::Generate {
+            what: "a serial number",
+            source: rcgen::Error::RingUnspecified,
+        })?;
+        // A positive INTEGER that is never zero.
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now;
+        params.not_after = (now + ttl).min(self.signer_not_after);
+        Ok(params)
+    }
+
+    /// The identity a CSR names, if its SANs are exactly one SPIFFE URI in our trust domain.
+    fn requested_identity(&self, sans: &[SanType]) -> Result<SpiffeId, CaError> {
+        let uri = match sans {
+            [SanType::URI(uri)] => uri.as_str(),
+            [other] => return Err(CaError::SanNotUri(describe_san(other))),
+            _ => return Err(CaError::SanCount(sans.iter().map(describe_san).collect())),
+        };
+        let id: SpiffeId = uri.parse().map_err(CaError::SanNotSpiffe)?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                requested: id,
+                ours: self.trust_domain.clone(),
+            });
+        }
+        Ok(id)
+    }
+}
+
+/// A self-signed ECDSA P-256 root for `trust_domain`, as (key PEM, cert PEM).
+fn create_root(trust_domain: &str) -> Result<(String, String), CaError> {
+    let what = "the mesh root";
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| CaError::Generate { what, source })?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "ambit mesh root");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + ROOT_TTL;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|source| CaError::Generate { what, source })?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+fn describe_san(san: &SanType) -> String {
+    match san {
+        SanType::URI(u) => format!("URI:{}", u.as_str()),
+        SanType::DnsName(d) => format!("DNS:{}", d.as_str()),
+        SanType::IpAddress(ip) => format!("IP:{ip}"),
+        SanType::Rfc822Name(e) => format!("email:{}", e.as_str()),
+        _ => "otherName".to_owned(),
+    }
+}
+
+fn read_string(path: &Path) -> Result<String, CaError> {
+    fs::read_to_string(path).map_err(|source| CaError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn pem_certs(path: &Path, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::BadPem {
+            path: path.to_owned(),
+            what: format!("certificate: {e}"),
+        })
+}
+
+/// Writes `bytes` to `path` through a temporary file with `mode`, so a crash never
+/// leaves a truncated key and the key is never readable by others, not even briefly.
+fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = path.with_extension("tmp");
+    let err = |source| CaError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+fn to_pem(der: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
+}
+
+#[cfg(test)]
+#[path = "ca_tests.rs"]
+pub(crate) mod tests;

@@ -1,0 +1,144 @@
+//! How the identity manager reaches a CA: the [`CaClient`] trait, the in-process client
+//! the embedded CA uses, and the gRPC client for a CA elsewhere (Istio's certificate
+//! API). Owns request transport only; what to request and when is `manager`'s.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use super::{
+    authz::{Authorizer, Caller},
+    ca::{Ca, CaError},
+    ca_service::proto,
+    spiffe::SpiffeId,
+};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Signs CSRs for the manager. The returned chain is PEM, leaf first, root last.
+pub trait CaClient: Send + Sync + 'static {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("in-process CA refused: {0}")]
+    Local(#[from] CaError),
+    #[error("CA at {endpoint} refused ({code:?}): {message}")]
+    Refused {
+        endpoint: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("CA endpoint {endpoint} is not usable: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("CA token {0:?} is not valid in a gRPC header")]
+    Token(String),
+}
+
+/// The embedded CA, called without a network hop. Entitlement is still checked, with the
+/// same authorizer the gRPC service uses, as this node's caller.
+pub struct LocalCaClient {
+    ca: Arc<Ca>,
+    authorizer: Arc<dyn Authorizer>,
+    caller: Caller,
+}
+
+impl LocalCaClient {
+    pub fn new(ca: Arc<Ca>, authorizer: Arc<dyn Authorizer>, caller: Caller) -> Self {
+        Self {
+            ca,
+            authorizer,
+            caller,
+        }
+    }
+}
+
+impl CaClient for LocalCaClient {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
+        Box::pin(async move {
+            let entitled = |id: &SpiffeId| self.authorizer.entitled(&self.caller, id);
+            Ok(self.ca.sign(csr_pem, Some(ttl), entitled)?)
+        })
+    }
+}
+
+/// A CA reached over gRPC with TLS, authenticated by a bearer token.
+pub struct GrpcCaClient {
+    endpoint: String,
+    channel: Channel,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl GrpcCaClient {
+    /// `endpoint` is `https://host:port`; the CA's serving certificate must chain to
+    /// `root_pem` and name `server_name`. Connects lazily, so a CA that is down at start
+    /// is retried by the manager's backoff rather than failing the agent.
+    pub fn new(
+        endpoint: &str,
+        server_name: &str,
+        root_pem: &str,
+        token: &str,
+    ) -> Result<Self, CaClientError> {
+        let bad = |reason: String| CaClientError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root_pem))
+            .domain_name(server_name);
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let authorization = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CaClientError::Token(token.to_owned()))?;
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            channel,
+            authorization,
+        })
+    }
+}
+
+impl CaClient for GrpcCaClient {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
+        Box::pin(async move {
+            let mut request = tonic::Request::new(proto::IstioCertificateRequest {
+                csr: csr_pem.to_owned(),
+                validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                metadata: None,
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", self.authorization.clone());
+            let response = proto::client::create_certificate(self.channel.clone(), request)
+                .await
+                .map_err(|status| CaClientError::Refused {
+                    endpoint: self.endpoint.clone(),
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                })?;
+            Ok(response.into_inner().cert_chain)
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! How `ambit run` and `ambit ca` start identity: their clap arguments and one function
+//! each ([`start`], [`run_ca`]), so `main.rs` only flattens the arguments and calls them.
+//! Owns wiring and defaults, nothing else.
+//!
+//! `ambit run` (standalone mode, the default) embeds the CA: its root lives in
+//! `<state-dir>/ca/`, the manager calls it in process, and it is entitled to the identities
+//! enrolled on this node. With `--ca-listen` the embedded CA is also served over gRPC for
+//! other node proxies, authenticated by the agent's token (`--ca-token-file`, created on
+//! first start). With `--ca-address` the agent uses a CA elsewhere instead, e.g. `ambit ca`.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::{
+    authz::{self, AuthzError, GrantsAuthorizer, NodeAuthorizer},
+    ca::{Ca, CaError, PluggedCa},
+    ca_client::{CaClientError, GrpcCaClient, LocalCaClient},
+    ca_service::{self, CaServiceError},
+    manager::{ManagerConfig, SecretManager},
+};
+
+/// The CA's key material and rules, shared by `ambit ca` and the embedded CA.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaKeyArgs {
+    /// Trust domain of workload identities (`spiffe://<trust-domain>/ns/..`).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Plugged-in signing certificate (root or intermediate, PEM); default: a root the CA
+    /// creates in `<state-dir>/ca/` on first start.
+    #[arg(long = "ca-cert", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key of `--ca-cert` (PEM).
+    #[arg(long = "ca-key", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Certificates above an intermediate `--ca-cert`, ending with the root (PEM).
+    #[arg(long = "ca-chain", requires = "ca_cert")]
+    pub ca_chain: Option<PathBuf>,
+    /// Longest lifetime the CA issues (`90s`, `30m`, `24h` or seconds).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub max_cert_ttl: Duration,
+}
+
+/// `ambit ca`: the CA as its own service.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaArgs {
+    #[command(flatten)]
+    pub keys: CaKeyArgs,
+    /// Where a self-created root is kept.
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit")]
+    pub state_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Names (DNS or IP) the service's TLS certificate is valid for.
+    #[arg(long = "server-name", default_values = ["ambit-ca", "localhost"])]
+    pub server_names: Vec<String>,
+    /// Who may ask for what: lines of `<token> <caller> <identity>...` (see `authz`).
+    #[arg(long)]
+    pub grants_file: PathBuf,
+}
+
+/// Identity options of `ambit run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct IdentityArgs {
+    #[command(flatten)]
+    pub keys: CaKeyArgs,
+    /// Use the CA at this address (`https://host:port`) instead of the embedded one.
+    #[arg(long, env = "AMBIT_CA_ADDRESS", requires = "ca_root_cert")]
+    pub ca_address: Option<String>,
+    /// Root the remote CA's serving certificate chains to (PEM).
+    #[arg(long)]
+    pub ca_root_cert: Option<PathBuf>,
+    /// Name the remote CA's certificate must carry.
+    #[arg(long, default_value = "ambit-ca")]
+    pub ca_server_name: String,
+    /// The agent's bearer token; default `<state-dir>/ca/agent-token`, created on first
+    /// start when the CA is embedded.
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// Also serve the embedded CA over gRPC on this address.
+    #[arg(long)]
+    pub ca_listen: Option<SocketAddr>,
+    /// Lifetime asked for workload certificates (capped by the CA).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Token(#[from] AuthzError),
+    #[error(transparent)]
+    Client(#[from] CaClientError),
+    #[error(transparent)]
+    Service(#[from] CaServiceError),
+    #[error("failed to bind the CA service to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("failed to read the CA root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `ambit run` gets back: the manager the data path uses, and the embedded CA
+/// service when one is served.
+pub struct Identity {
+    pub manager: SecretManager,
+    /// Address the embedded CA service listens on (`--ca-listen`, port resolved).
+    pub ca_addr: Option<SocketAddr>,
+    pub ca_service: Option<JoinHandle<Result<(), CaServiceError>>>,
+}
+
+/// Starts identity for `ambit run` on node `node`: the embedded CA (unless
+/// `--ca-address`) and the manager. `shutdown` stops the embedded CA service.
+pub async fn start(
+    args: &IdentityArgs,
+    state_dir: &Path,
+    node: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Identity, StartError> {
+    let config = ManagerConfig {
+        ttl: args.cert_ttl,
+        ..ManagerConfig::default()
+    };
+    let token_file = args
+        .ca_token_file
+        .clone()
+        .unwrap_or_else(|| state_dir.join("ca/agent-token"));
+    if let (Some(address), Some(root)) = (&args.ca_address, &args.ca_root_cert) {
+        let root_pem = std::fs::read_to_string(root).map_err(|source| StartError::Root {
+            path: root.clone(),
+            source,
+        })?;
+        let token = authz::read_token(&token_file)?;
+        let client = GrpcCaClient::new(address, &args.ca_server_name, &root_pem, &token)?;
+        return Ok(Identity {
+            manager: SecretManager::spawn(Arc::new(client), config),
+            ca_addr: None,
+            ca_service: None,
+        });
+    }
+
+    let ca = Arc::new(load_ca(&args.keys, state_dir)?);
+    let token = authz::ensure_token(&token_file)?;
+    let (manager, worker) = SecretManager::new(config);
+    let authorizer = Arc::new(NodeAuthorizer::new(node, token, manager.enrolled()));
+    worker.spawn(Arc::new(LocalCaClient::new(
+        ca.clone(),
+        authorizer.clone(),
+        authorizer.caller(),
+    )));
+    let (ca_addr, ca_service) = match args.ca_listen {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let names = vec!["localhost".to_owned(), bound.ip().to_string()];
+            let task = tokio::spawn(async move {
+                ca_service::serve(ca, authorizer, listener, &names, shutdown).await
+            });
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
+    Ok(Identity {
+        manager,
+        ca_addr,
+        ca_service,
+    })
+}
+
+/// Runs `ambit ca` until `shutdown`.
+pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let ca = Arc::new(load_ca(&args.keys, &args.state_dir)?);
+    let authorizer = Arc::new(GrantsAuthorizer::from_file(&args.grants_file)?);
+    let listener = bind(args.listen).await?;
+    tracing::info!(addr = %args.listen, trust_domain = ca.trust_domain(), "CA serving");
+    ca_service::serve(ca, authorizer, listener, &args.server_names, shutdown).await?;
+    Ok(())
+}
+
+fn load_ca(keys: &CaKeyArgs, state_dir: &Path) -> Result<Ca, CaError> {
+    match (&keys.ca_cert, &keys.ca_key) {
+        (Some(cert), Some(key)) => Ca::from_pem_files(
+            &PluggedCa {
+                cert: cert.clone(),
+                key: key.clone(),
+                chain: keys.ca_chain.clone(),
+            },
+            &keys.trust_domain,
+            keys.max_cert_ttl,
+        ),
+        _ => Ca::load_or_create(state_dir, &keys.trust_domain, keys.max_cert_ttl),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// `90s`, `30m`, `24h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+#[path = "cli_tests.rs"]
+mod tests;

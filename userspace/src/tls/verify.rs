@@ -1,0 +1,211 @@
+//! The two certificate verifiers and the proof they vouch for. Both check the chain as
+//! webpki does and then the SPIFFE URI SAN themselves: webpki's name check only knows DNS
+//! names and IP addresses, which workload certificates do not carry.
+
+use std::sync::Arc;
+
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{
+        CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+    },
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::{TlsError, TrustBundle, uri_san};
+use crate::identity::SpiffeId;
+
+/// Proof that the peer of a completed handshake holds `id`: its chain reached the mesh
+/// root and its certificate names `id` in our trust domain. Only this module builds one,
+/// and only from a connection configured by [`super::MeshAcceptor`] or
+/// [`super::MeshConnector`], whose verifiers did those checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerVerified {
+    id: SpiffeId,
+}
+
+impl PeerVerified {
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    pub(super) fn from_handshake(conn: &rustls::CommonState) -> Result<Self, TlsError> {
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| TlsError::PeerIdentity("missing after the handshake".into()))?;
+        Ok(Self {
+            id: spiffe_id(leaf)?,
+        })
+    }
+}
+
+/// The identity a certificate names in its one URI SAN.
+fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::PeerIdentity(format!("does not parse: {e}")))?;
+    let uri = uri_san(&parsed)
+        .ok_or_else(|| TlsError::PeerIdentity("has not exactly one URI SAN".into()))?;
+    uri.parse()
+        .map_err(|e| TlsError::PeerIdentity(format!("URI SAN: {e}")))
+}
+
+/// Wraps our error so rustls reports it (and sends `bad_certificate`).
+fn reject(err: TlsError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
+}
+
+fn in_domain(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, rustls::Error> {
+    let id = spiffe_id(cert).map_err(reject)?;
+    if id.trust_domain() != trust_domain {
+        return Err(reject(TlsError::ForeignTrustDomain {
+            peer: id,
+            ours: trust_domain.to_owned(),
+        }));
+    }
+    Ok(id)
+}
+
+/// Server side: a client certificate is mandatory, must chain to the mesh root and name a
+/// workload in our trust domain.
+#[derive(Debug)]
+pub(super) struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl MeshClientVerifier {
+    pub(super) fn new(
+        trust: &TrustBundle,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider)
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Self {
+            inner,
+            trust_domain: trust.trust_domain.clone(),
+        })
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        in_domain(end_entity, &self.trust_domain)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client side: the server's chain must reach the mesh root and its identity must be one
+/// of those allowed to run the destination.
+#[derive(Debug)]
+pub(super) struct SecureNamingVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    trust_domain: String,
+    allowed: Vec<SpiffeId>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SecureNamingVerifier {
+    pub(super) fn new(
+        trust: &TrustBundle,
+        allowed: Vec<SpiffeId>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            roots: trust.roots.clone(),
+            trust_domain: trust.trust_domain.clone(),
+            allowed,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SecureNamingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id = in_domain(end_entity, &self.trust_domain)?;
+        if !self.allowed.contains(&id) {
+            return Err(reject(TlsError::NotAllowed {
+                peer: id,
+                allowed: self.allowed.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
