@@ -15,7 +15,7 @@ use super::{
         ConditionValues, JwtHeader, JwtKeys, JwtRule, MtlsMode, Operation, PeerAuthentication,
         PolicyMeta, RequestAuthentication, Rule, Selector, Source, StringMatch,
     },
-    walk::{FieldError, Fields, Node, Res},
+    walk::{Fields, Node, Res},
 };
 
 /// The annotation that turns a policy into a dry run.
@@ -91,24 +91,27 @@ impl PolicyObject {
             "AuthorizationPolicy" => "AuthorizationPolicy",
             _ => "policy",
         };
-        let error = |object: String| {
-            move |e: FieldError| PolicyError {
-                kind: kind_name,
-                object,
-                path: e.path,
-                problem: Box::new(e.problem),
+        // Name the object in every message, even when metadata itself is the problem.
+        let label = match doc["metadata"]["name"].as_str() {
+            Some(name) => {
+                let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("default");
+                format!("{namespace}/{name}")
             }
+            None => "<unnamed>".to_owned(),
         };
-        let fields = root
+        let parsed = root
             .fields(&["apiVersion", "kind", "metadata", "spec", "status"])
-            .map_err(error("<unnamed>".into()))?;
-        let meta = parse_meta(&fields).map_err(error("<unnamed>".into()))?;
-        parse_body(kind, &fields)
-            .map(|spec| PolicyObject {
-                meta: meta.clone(),
-                spec,
-            })
-            .map_err(error(meta.to_string()))
+            .and_then(|fields| {
+                let meta = parse_meta(&fields)?;
+                let spec = parse_body(kind, &fields)?;
+                Ok(PolicyObject { meta, spec })
+            });
+        parsed.map_err(|e| PolicyError {
+            kind: kind_name,
+            object: label,
+            path: e.path,
+            problem: Box::new(e.problem),
+        })
     }
 }
 
@@ -637,13 +640,11 @@ fn string_match(node: &Node<'_>) -> Res<StringMatch> {
 }
 
 fn path_match(node: &Node<'_>) -> Res<StringMatch> {
-    let matched = string_match(node)?;
-    if let StringMatch::Exact(p) | StringMatch::Prefix(p) | StringMatch::Suffix(p) = &matched
-        && (p.contains("{*}") || p.contains("{**}"))
-    {
-        return node.fail(Problem::PathTemplate(p.clone()));
+    let value = node.string()?;
+    if value.contains("{*}") || value.contains("{**}") {
+        return node.fail(Problem::PathTemplate(value.to_owned()));
     }
-    Ok(matched)
+    string_match(node)
 }
 
 fn cidr(node: &Node<'_>) -> Res<IpNet> {
