@@ -16,6 +16,9 @@ fn web() -> Workload {
     workload("foo", &[("app", "web")])
 }
 
+/// (case name, request, expectation) against the rule of the table row.
+type Case = (&'static str, Req, Expect);
+
 const P: Option<&str> = Some("foo/p");
 const YES: Expect = allow(P, Some(0));
 const NO: Expect = deny(P, None);
@@ -23,7 +26,7 @@ const NO: Expect = deny(P, None);
 #[test]
 fn source_fields_and_their_not_forms() {
     let w = web();
-    let tables: &[(&str, Vec<(&str, Req, Expect)>)] = &[
+    let tables: &[(&str, Vec<Case>)] = &[
         (
             "from: [{source: {principals: [cluster.local/ns/bar/sa/a]}}]",
             vec![
@@ -149,7 +152,7 @@ fn source_fields_and_their_not_forms() {
 fn operation_fields_and_their_not_forms() {
     let w = web();
     let get = |path: &str| Req::plaintext().http("GET", path);
-    let tables: &[(&str, Vec<(&str, Req, Expect)>)] = &[
+    let tables: &[(&str, Vec<Case>)] = &[
         (
             "to: [{operation: {hosts: [\"*.example.com\"]}}]",
             vec![

@@ -9,7 +9,10 @@ fn pa(name: &str, ns: &str, extra_meta: &str, spec: &str) -> String {
     )
 }
 
-fn resolved(yaml: &str, w: &Workload, port: u16) -> (MtlsMode, Option<String>) {
+/// A mode and the `namespace/name` of the policy that set it.
+type Resolved = (MtlsMode, Option<String>);
+
+fn resolved(yaml: &str, w: &Workload, port: u16) -> Resolved {
     let e = engine(yaml.trim_end_matches("---\n"));
     let policies = e.resolve(w);
     let (mode, policy) = policies.mtls().port(port);
@@ -36,7 +39,7 @@ fn peer_authentication_resolution_table() {
     let ns_unset = pa("ns", "foo", "", "{mtls: {mode: UNSET}}");
     let mesh_unset = pa("mesh", "istio-system", "", "{}");
     let s = |m: MtlsMode, p: &str| (m, Some(p.to_owned()));
-    let table: Vec<(&str, String, u16, (MtlsMode, Option<String>))> = vec![
+    let table: Vec<(&str, String, u16, Resolved)> = vec![
         (
             "nothing: PERMISSIVE",
             String::new(),
