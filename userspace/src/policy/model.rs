@@ -244,20 +244,6 @@ pub enum ConditionKey {
     ConnectionSni,
 }
 
-impl ConditionKey {
-    /// True for keys only an HTTP request carries.
-    pub fn needs_http(&self) -> bool {
-        matches!(
-            self,
-            Self::RequestHeader(_)
-                | Self::RequestPrincipal
-                | Self::RequestAudiences
-                | Self::RequestPresenter
-                | Self::RequestClaim(_)
-        )
-    }
-}
-
 /// `values` / `notValues`, typed by what the key compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConditionValues {
