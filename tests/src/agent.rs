@@ -34,6 +34,8 @@ impl Agent {
             .arg(&node.cgroup)
             .arg("--bpf-pin-dir")
             .arg(&node.pin_dir)
+            .arg("--state-dir")
+            .arg(node.state_dir())
             .args(["--admin-addr", &admin.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
             .env("RUST_LOG", "info,ambit=debug")

@@ -176,6 +176,11 @@ impl Node {
         self.write_config()
     }
 
+    /// The agent's state directory (its CA root survives agent restarts).
+    pub fn state_dir(&self) -> PathBuf {
+        self.config_dir.with_extension("state")
+    }
+
     /// The node's own address on the bridge.
     pub fn ip(&self) -> Ipv4Addr {
         NODE_IP
@@ -328,6 +333,7 @@ impl Drop for Node {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.config_dir);
+        let _ = std::fs::remove_dir_all(self.state_dir());
         // A failing test keeps the agent's log for the reader; its path is in the message.
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(self.config_dir.with_extension("agent.log"));

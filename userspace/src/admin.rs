@@ -1,7 +1,9 @@
 //! The admin API (JSON, localhost only) and the readiness endpoint.
 //!
 //! `/workloads`: every known pod with its IP, identity, enrollment and redirection state
-//! and counters. `/connections`: live connections and recently closed ones.
+//! and counters. `/connections`: live connections and recently closed ones. `/certs`: the
+//! certificate of every identity on the node. `/explain?from=NS/POD&to=NS/POD&port=N…`:
+//! the policy decision for a connection or request, as `ambit explain` gives it.
 //! Readiness (`/healthz/ready`) answers 200 once the first configuration has been applied.
 
 use std::{
@@ -12,10 +14,22 @@ use std::{
     },
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use tokio::net::TcpListener;
 
-use crate::{proxy::connections::ConnectionLog, workloads::WorkloadTable};
+use crate::{
+    identity::{CertsReport, SecretManager},
+    policy::explain::{self as policy_explain, ExplainArgs},
+    proxy::connections::ConnectionLog,
+    state::AppliedRx,
+    workloads::WorkloadTable,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -33,7 +47,8 @@ pub enum AdminError {
 pub struct AdminState {
     pub workloads: WorkloadTable,
     pub connections: Arc<ConnectionLog>,
-    pub ready: Arc<AtomicBool>,
+    pub identities: SecretManager,
+    pub applied: AppliedRx,
 }
 
 /// Binds the admin listener. Refuses anything but a loopback address: the API shows
@@ -51,6 +66,8 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState) -> std::io::R
     let app = Router::new()
         .route("/workloads", get(workloads))
         .route("/connections", get(connections))
+        .route("/certs", get(certs))
+        .route("/explain", get(explain))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -78,4 +95,17 @@ async fn connections(
     State(state): State<AdminState>,
 ) -> Json<crate::proxy::connections::ConnectionsReport> {
     Json(state.connections.report())
+}
+
+async fn certs(State(state): State<AdminState>) -> Json<CertsReport> {
+    Json(state.identities.certs_report())
+}
+
+/// The same answer as `ambit explain --output json`, for the configuration in force.
+async fn explain(State(state): State<AdminState>, Query(args): Query<ExplainArgs>) -> Response {
+    let applied = state.applied.borrow().clone();
+    match policy_explain::explain(&applied.snapshot, &applied.policies, &args) {
+        Ok(explanation) => Json(explanation).into_response(),
+        Err(error) => (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    }
 }

@@ -20,8 +20,10 @@ use tracing::{error, info};
 use crate::{
     admin::{self, AdminState},
     discovery::{Snapshot, files},
+    identity::{self, cli::IdentityArgs},
     proxy::{Shared, connections::ConnectionLog},
     redirect::Redirector,
+    state::Applied,
     workloads::WorkloadManager,
 };
 
@@ -34,9 +36,15 @@ pub struct RunArgs {
     /// for changes.
     #[arg(long, env = "AMBIT_CONFIG_DIR")]
     pub config_dir: PathBuf,
-    /// Trust domain of workload identities.
-    #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
+    /// Where the agent keeps state across restarts (the embedded CA's root, its token).
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit")]
+    pub state_dir: PathBuf,
+    /// This node's name; the embedded CA signs only identities of pods on it.
+    #[arg(long, env = "NODE_NAME", default_value = "localhost")]
+    pub node_name: String,
+    /// Namespace whose selector-less policies apply to the whole mesh.
+    #[arg(long, default_value = crate::policy::engine::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
     /// cgroup (v2) whose processes are redirected; default: the cgroup2 root.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
@@ -49,6 +57,8 @@ pub struct RunArgs {
     /// Readiness endpoint address (`/healthz/ready`).
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub readiness_addr: SocketAddr,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -61,30 +71,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(logger) = redirector.take_logger() {
         tokio::spawn(forward_kernel_logs(logger));
     }
+    let (stop_ca, ca_stopped) = watch::channel(());
+    let identity = identity::cli::start(
+        &args.identity,
+        &args.state_dir,
+        &args.node_name,
+        async move {
+            let mut ca_stopped = ca_stopped;
+            let _ = ca_stopped.changed().await;
+        },
+    )
+    .await?;
+    let trust_domain = args.identity.keys.trust_domain.clone();
     let connections = Arc::new(ConnectionLog::default());
     let shared = Shared {
         orig_dst: redirector.orig_dst(),
         connections: Arc::clone(&connections),
     };
-    let mut manager = WorkloadManager::new(redirector, shared, args.trust_domain);
+    let mut manager = WorkloadManager::new(
+        redirector,
+        shared,
+        identity.manager.clone(),
+        trust_domain.clone(),
+    );
     let ready = Arc::new(AtomicBool::new(false));
-
-    let admin_listener = admin::bind(args.admin_addr).await?;
-    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
-    let admin_state = AdminState {
-        workloads: manager.table(),
-        connections,
-        ready: Arc::clone(&ready),
-    };
-    tokio::spawn(admin::serve_admin(admin_listener, admin_state));
-    tokio::spawn(admin::serve_readiness(
-        readiness_listener,
-        Arc::clone(&ready),
-    ));
-    info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
-
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     // The first pass reads the directory before anything is reconciled, so a restarted
     // agent never releases pods only because it has not read them yet.
@@ -93,6 +103,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         error!("config rejected: {error}");
     }
     snapshot_tx.send_replace(initial.snapshot());
+    let applied =
+        |snapshot: Snapshot| Arc::new(Applied::new(snapshot, &args.root_namespace, &trust_domain));
+    let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
+
+    let admin_listener = admin::bind(args.admin_addr).await?;
+    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
+    let admin_state = AdminState {
+        workloads: manager.table(),
+        connections,
+        identities: identity.manager.clone(),
+        applied: applied_rx,
+    };
+    tokio::spawn(admin::serve_admin(admin_listener, admin_state));
+    tokio::spawn(admin::serve_readiness(
+        readiness_listener,
+        Arc::clone(&ready),
+    ));
+    info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
+
     tokio::spawn(files::watch_dir(args.config_dir.clone(), snapshot_tx));
 
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
@@ -100,6 +131,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         manager.reconcile(&snapshot).await;
+        applied_tx.send_replace(applied(snapshot));
         ready.store(true, Ordering::Release);
         loop {
             tokio::select! {
@@ -116,6 +148,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 () = &mut shutdown => {
                     info!("shutting down; enrolled pods fail closed until the agent returns");
+                    drop(stop_ca);
                     return Ok(());
                 }
             }
@@ -133,7 +166,8 @@ fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

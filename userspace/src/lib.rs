@@ -11,6 +11,7 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod routing;
+pub mod state;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;

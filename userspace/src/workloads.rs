@@ -2,8 +2,8 @@
 //! through the proxy, and back.
 //!
 //! Enrolling a pod opens its listeners inside its namespace, installs the return path for
-//! transparent connections (`routing`), then registers it with the kernel programs;
-//! releasing undoes it in reverse. A pod that fails (its namespace is gone, say) is
+//! transparent connections (`routing`), registers it with the kernel programs and asks for
+//! its identity's certificate; releasing undoes it in reverse. A pod that fails (its namespace is gone, say) is
 //! reported with the reason in `/workloads` and retried on the next pass.
 
 use std::{
@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::{
     discovery::{Pod, Snapshot},
+    identity::{SecretManager, SpiffeError, SpiffeId},
     netns::{NetnsError, PodNetns},
     proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
     redirect::{PodRedirect, RedirectError, Redirector},
@@ -53,6 +54,8 @@ pub enum EnrollError {
     },
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error(transparent)]
+    Identity(#[from] SpiffeError),
 }
 
 /// Whether the kernel sends a pod's traffic through the proxy.
@@ -85,8 +88,9 @@ pub type WorkloadTable = Arc<RwLock<BTreeMap<String, WorkloadStatus>>>;
 
 /// A pod the proxy serves.
 struct EnrolledPod {
-    /// The pod as it was when enrolled; a change of IP or namespace re-enrolls it.
+    /// The pod as it was when enrolled; any change re-enrolls it.
     pod: Pod,
+    identity: SpiffeId,
     proxy: Arc<PodProxy>,
     listeners: Vec<JoinHandle<()>>,
 }
@@ -94,16 +98,25 @@ struct EnrolledPod {
 pub struct WorkloadManager {
     redirector: Redirector,
     shared: Shared,
+    /// Certificates are requested for an identity while at least one of its pods is
+    /// enrolled.
+    identities: SecretManager,
     trust_domain: String,
     enrolled: BTreeMap<String, EnrolledPod>,
     table: WorkloadTable,
 }
 
 impl WorkloadManager {
-    pub fn new(redirector: Redirector, shared: Shared, trust_domain: String) -> Self {
+    pub fn new(
+        redirector: Redirector,
+        shared: Shared,
+        identities: SecretManager,
+        trust_domain: String,
+    ) -> Self {
         Self {
             redirector,
             shared,
+            identities,
             trust_domain,
             enrolled: BTreeMap::new(),
             table: WorkloadTable::default(),
@@ -173,10 +186,12 @@ impl WorkloadManager {
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
                     ip: pod.ip,
-                    identity: format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        self.trust_domain, pod.namespace, pod.service_account
-                    ),
+                    identity: SpiffeId::new(
+                        &self.trust_domain,
+                        &pod.namespace,
+                        &pod.service_account,
+                    )
+                    .map_or_else(|e| e.to_string(), |id| id.to_string()),
                     enrolled: snapshot.is_enrolled(pod),
                     redirection,
                     stats,
@@ -188,6 +203,7 @@ impl WorkloadManager {
     }
 
     async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
+        let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account)?;
         let path = pod.netns.clone().ok_or(EnrollError::MissingNetns)?;
         let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
         let netns = PodNetns::enter(&path)?;
@@ -238,8 +254,10 @@ impl WorkloadManager {
                 self.shared.clone(),
             )),
         ];
+        self.identities.add_workload(&identity);
         Ok(EnrolledPod {
             pod: pod.clone(),
+            identity,
             proxy,
             listeners,
         })
@@ -248,9 +266,11 @@ impl WorkloadManager {
     async fn release(&mut self, enrolled: EnrolledPod) {
         let EnrolledPod {
             pod,
+            identity,
             proxy,
             listeners,
         } = enrolled;
+        self.identities.remove_workload(&identity);
         if let Err(error) = self.redirector.release(proxy.netns_cookie, proxy.ip) {
             warn!(workload = %pod.key(), %error, "cannot release from the kernel programs");
         }

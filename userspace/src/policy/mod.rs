@@ -1,30 +1,50 @@
-//! PLACEHOLDER until the policy engine lands (issue 4): keeps policy documents opaque.
+//! Istio's security API (`PeerAuthentication`, `RequestAuthentication`,
+//! `AuthorizationPolicy`): parsed and validated from YAML ([`parse`]), indexed per
+//! namespace and resolved per workload ([`PolicyEngine`]), evaluated per connection and
+//! per request ([`authz`]), and explained for people ([`explain`]).
+//!
+//! Decisions are pure functions of the policies and a [`RequestContext`]; this module
+//! opens no sockets and reads no files (except `explain::run_cli`, the offline command).
 
-/// A policy object from the config.
+pub mod authz;
+pub mod engine;
+pub mod explain;
+pub mod jwt;
+pub mod model;
+pub mod parse;
+pub mod resolve;
+mod walk;
+
+#[cfg(test)]
+mod tests;
+
+pub use authz::{Decision, Denied, HttpRequest, Note, Permit, Reason, RequestContext, Verdict};
+pub use engine::{PolicyEngine, Workload};
+pub use model::{Action, MtlsMode, PolicyMeta, PolicyRef};
+pub use parse::PolicyError;
+pub use resolve::{MtlsResolution, WorkloadPolicies};
+
+/// A validated policy object, as the sources hand it to the engine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyObject {
-    pub kind: String,
-    pub doc: serde_yaml::Value,
+    pub meta: PolicyMeta,
+    pub spec: PolicySpec,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PolicyError(String);
+/// The three kinds, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicySpec {
+    PeerAuthentication(model::PeerAuthentication),
+    RequestAuthentication(model::RequestAuthentication),
+    AuthorizationPolicy(model::AuthorizationPolicy),
+}
 
-/// True for the kinds the policy engine parses.
+/// True for the kinds the policy engine parses. Any `security.istio.io` version is
+/// claimed here so that an unsupported version is reported instead of silently ignored.
 pub fn is_policy_kind(api_version: &str, kind: &str) -> bool {
     api_version.starts_with("security.istio.io/")
         && matches!(
             kind,
             "PeerAuthentication" | "RequestAuthentication" | "AuthorizationPolicy"
         )
-}
-
-impl PolicyObject {
-    pub fn from_yaml(kind: &str, doc: serde_yaml::Value) -> Result<Self, PolicyError> {
-        Ok(Self {
-            kind: kind.to_owned(),
-            doc,
-        })
-    }
 }

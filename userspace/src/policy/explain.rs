@@ -1,0 +1,363 @@
+//! `explain`: given a source, a destination and optional HTTP attributes, the decision
+//! and the policy and rule that made it. One function, [`explain`], serves both the
+//! offline command (`ambit explain --config-dir DIR ...`, via [`run_cli`]) and the
+//! agent's admin API (`/explain?from=foo/sleep&to=bar/httpbin&port=8000`).
+//!
+//! The query string form takes the flag names as keys (`from`, `from-ip`, `to`, `port`,
+//! `plaintext`, `method`, `path`, `host`, `jwt`) and repeats `header=K=V` once per
+//! header (URL-encoded), which is why [`ExplainArgs`] deserializes from the list of
+//! pairs rather than from a map.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
+
+use serde::Serialize;
+
+use super::{
+    Action, MtlsMode, PolicyEngine, Workload,
+    authz::{Decision, HttpRequest, Reason, RequestContext, Verdict},
+};
+use crate::discovery::{Pod, Snapshot, files::DirState};
+
+/// Exit status of `ambit explain` for a bad config, an unknown pod or a bad value.
+pub const EXIT_BAD_INPUT: i32 = 2;
+
+/// The question: who talks to whom, on which port, with what request.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, serde::Deserialize)]
+#[serde(try_from = "Vec<(String, String)>")]
+pub struct ExplainArgs {
+    /// Source pod, as NAMESPACE/POD.
+    #[arg(
+        long,
+        value_name = "NS/POD",
+        required_unless_present = "from_ip",
+        conflicts_with = "from_ip"
+    )]
+    pub from: Option<String>,
+    /// Source address of a client outside the mesh (or of a pod, found by its IP).
+    #[arg(long, value_name = "IP")]
+    pub from_ip: Option<IpAddr>,
+    /// Destination pod, as NAMESPACE/POD.
+    #[arg(long, value_name = "NS/POD")]
+    pub to: String,
+    /// Destination workload port (the pod's port, not the service's).
+    #[arg(long)]
+    pub port: u16,
+    /// The connection is plaintext even if the source is in the mesh.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// HTTP method; any HTTP option makes the question an HTTP request.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// HTTP path (default `/`).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// HTTP host (default: the destination's `ip:port`).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A request header, as NAME=VALUE; repeat for more.
+    #[arg(long = "header", value_name = "K=V", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// A JWT presented by the request (as `Authorization: Bearer`).
+    #[arg(long, value_name = "TOKEN")]
+    pub jwt: Option<String>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not NAME=VALUE")),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    #[error("{key}: {value:?} is not {expected}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("unknown parameter {0:?}")]
+    UnknownParameter(String),
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("give exactly one of from and from-ip")]
+    AmbiguousSource,
+    #[error("{0:?} is not NAMESPACE/POD")]
+    BadPodName(String),
+    #[error("no pod {0} in the config")]
+    UnknownPod(String),
+}
+
+impl TryFrom<Vec<(String, String)>> for ExplainArgs {
+    type Error = ExplainError;
+
+    fn try_from(pairs: Vec<(String, String)>) -> Result<Self, ExplainError> {
+        let mut args = ExplainArgs::default();
+        let mut to = None;
+        let mut port = None;
+        for (key, value) in pairs {
+            let bad = |key, expected| ExplainError::BadValue {
+                key,
+                value: value.clone(),
+                expected,
+            };
+            match key.as_str() {
+                "from" => args.from = Some(value),
+                "from-ip" | "from_ip" => {
+                    args.from_ip = Some(value.parse().map_err(|_| bad("from-ip", "an IP address"))?)
+                }
+                "to" => to = Some(value),
+                "port" => port = Some(value.parse().map_err(|_| bad("port", "a port number"))?),
+                "plaintext" => {
+                    args.plaintext = match value.as_str() {
+                        "" | "true" => true,
+                        "false" => false,
+                        _ => return Err(bad("plaintext", "true or false")),
+                    }
+                }
+                "method" => args.method = Some(value),
+                "path" => args.path = Some(value),
+                "host" => args.host = Some(value),
+                "header" => args
+                    .headers
+                    .push(parse_header(&value).map_err(|_| bad("header", "NAME=VALUE"))?),
+                "jwt" => args.jwt = Some(value),
+                _ => return Err(ExplainError::UnknownParameter(key)),
+            }
+        }
+        args.to = to.ok_or(ExplainError::Missing("to"))?;
+        args.port = port.ok_or(ExplainError::Missing("port"))?;
+        if args.from.is_some() == args.from_ip.is_some() {
+            return Err(ExplainError::AmbiguousSource);
+        }
+        Ok(args)
+    }
+}
+
+/// The answer. Serializes to exactly
+/// `{"decision","mtls","policy","action","rule","reason"}` (null where not applicable);
+/// AUDIT and dry-run notes are appended to `reason` there and listed in the text form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Explanation {
+    pub allowed: bool,
+    /// The destination port's PeerAuthentication mode; `None` when the destination is
+    /// not in the mesh.
+    pub mtls: Option<MtlsMode>,
+    /// `namespace/name` of the deciding policy.
+    pub policy: Option<String>,
+    pub action: Option<Action>,
+    pub rule: Option<usize>,
+    pub reason: String,
+    pub notes: Vec<String>,
+}
+
+impl Explanation {
+    fn from_decision(mtls: MtlsMode, decision: &Decision) -> Self {
+        let (allowed, verdict): (bool, &Verdict) = match decision {
+            Ok(permit) => (true, permit.verdict()),
+            Err(denied) => (false, denied.verdict()),
+        };
+        Self {
+            allowed,
+            mtls: Some(mtls),
+            policy: verdict.policy.as_ref().map(ToString::to_string),
+            action: verdict.action,
+            rule: verdict.rule,
+            reason: verdict.reason.to_string(),
+            notes: verdict.notes.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn decision(&self) -> &'static str {
+        if self.allowed { "ALLOW" } else { "DENY" }
+    }
+}
+
+impl Serialize for Explanation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            decision: &'static str,
+            mtls: Option<MtlsMode>,
+            policy: Option<&'a str>,
+            action: Option<Action>,
+            rule: Option<usize>,
+            reason: String,
+        }
+        let mut reason = self.reason.clone();
+        for note in &self.notes {
+            reason.push_str("; ");
+            reason.push_str(note);
+        }
+        Json {
+            decision: self.decision(),
+            mtls: self.mtls,
+            policy: self.policy.as_deref(),
+            action: self.action,
+            rule: self.rule,
+            reason,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_none = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        writeln!(f, "decision: {}", self.decision())?;
+        writeln!(f, "mtls:     {}", or_none(self.mtls.map(|m| m.to_string())))?;
+        writeln!(f, "policy:   {}", or_none(self.policy.clone()))?;
+        writeln!(
+            f,
+            "action:   {}",
+            or_none(self.action.map(|a| a.to_string()))
+        )?;
+        writeln!(f, "rule:     {}", or_none(self.rule.map(|r| r.to_string())))?;
+        write!(f, "reason:   {}", self.reason)?;
+        for note in &self.notes {
+            write!(f, "\nnote:     {note}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Answers `args` against the pods of `snapshot` and the policies of `engine`.
+pub fn explain(
+    snapshot: &Snapshot,
+    engine: &PolicyEngine,
+    args: &ExplainArgs,
+) -> Result<Explanation, ExplainError> {
+    let destination = find_pod(snapshot, &args.to)?;
+    let source = match (&args.from, args.from_ip) {
+        (Some(name), None) => Some(find_pod(snapshot, name)?),
+        (None, Some(ip)) => snapshot.pods.values().find(|p| p.ip == Some(ip)),
+        _ => return Err(ExplainError::AmbiguousSource),
+    };
+    if !snapshot.is_enrolled(destination) {
+        return Ok(Explanation {
+            allowed: true,
+            mtls: None,
+            policy: None,
+            action: None,
+            rule: None,
+            reason: format!(
+                "{} is not enrolled in the mesh: ambit enforces no policy for it",
+                destination.key()
+            ),
+            notes: Vec::new(),
+        });
+    }
+    let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let source_ip = source
+        .and_then(|p| p.ip)
+        .or(args.from_ip)
+        .unwrap_or(unspecified);
+    // Only an enrolled source gets an identity; anything else arrives as plaintext.
+    let source_workload = source
+        .filter(|p| !args.plaintext && snapshot.is_enrolled(p))
+        .map(Workload::from_pod);
+    let principal = source_workload
+        .as_ref()
+        .map(|w| w.principal(engine.trust_domain()));
+
+    let workload = Workload::from_pod(destination);
+    let policies = engine.resolve(&workload);
+    let (mode, mtls_policy) = policies.mtls().port(args.port);
+    if principal.is_none() && mode == MtlsMode::Strict {
+        return Ok(Explanation {
+            allowed: false,
+            mtls: Some(mode),
+            policy: mtls_policy.map(ToString::to_string),
+            action: None,
+            rule: None,
+            reason: Reason::PlaintextToStrict { port: args.port }.to_string(),
+            notes: Vec::new(),
+        });
+    }
+
+    let destination_ip = destination.ip.unwrap_or(unspecified);
+    let default_host = format!("{destination_ip}:{}", args.port);
+    let headers: Vec<(&str, &str)> = args
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let is_http = args.method.is_some()
+        || args.path.is_some()
+        || args.host.is_some()
+        || !headers.is_empty()
+        || args.jwt.is_some();
+    let path = args.path.as_deref().unwrap_or("/");
+    let token = args
+        .jwt
+        .as_deref()
+        .or_else(|| policies.find_token(&headers, path));
+    let jwt = match policies.authenticate(token) {
+        Ok(jwt) => jwt,
+        Err(denied) => return Ok(Explanation::from_decision(mode, &Err(denied))),
+    };
+    let ctx = RequestContext {
+        source_principal: principal.as_deref(),
+        source_namespace: source_workload.as_ref().map(|w| w.namespace.as_str()),
+        source_ip,
+        remote_ip: source_ip,
+        destination_ip,
+        destination_port: args.port,
+        sni: None,
+        http: is_http.then(|| HttpRequest {
+            method: args.method.as_deref().unwrap_or("GET"),
+            path,
+            host: args.host.as_deref().unwrap_or(&default_host),
+            headers: &headers,
+            jwt: jwt.as_ref(),
+        }),
+    };
+    Ok(Explanation::from_decision(mode, &policies.authorize(&ctx)))
+}
+
+fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, ExplainError> {
+    match name.split_once('/') {
+        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => snapshot
+            .pods
+            .get(name)
+            .ok_or_else(|| ExplainError::UnknownPod(name.to_owned())),
+        _ => Err(ExplainError::BadPodName(name.to_owned())),
+    }
+}
+
+/// `ambit explain`: loads `config_dir`, answers, prints (text or JSON) and returns the
+/// exit status: 0 ALLOW, 1 DENY, 2 bad input (message on stderr).
+pub fn run_cli(config_dir: &Path, root_namespace: &str, args: &ExplainArgs, json: bool) -> i32 {
+    let snapshot = match DirState::load_strict(config_dir) {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            eprintln!("ambit explain: bad config: {error}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let engine = PolicyEngine::new(&snapshot.policies, root_namespace);
+    let explanation = match explain(&snapshot, &engine, args) {
+        Ok(explanation) => explanation,
+        Err(error) => {
+            eprintln!("ambit explain: {error}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    if json {
+        match serde_json::to_string(&explanation) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("ambit explain: cannot encode the answer: {error}");
+                return EXIT_BAD_INPUT;
+            }
+        }
+    } else {
+        println!("{explanation}");
+    }
+    if explanation.allowed { 0 } else { 1 }
+}

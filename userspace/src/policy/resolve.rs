@@ -1,0 +1,163 @@
+//! Which policies apply to one workload, by Istio's scope rules: mesh (root namespace,
+//! no selector), namespace (no selector) and workload (selector matching its labels).
+//!
+//! - PeerAuthentication: the narrowest scope that sets a mode wins; within a scope the
+//!   oldest policy (creation time, then name) is the only one considered; UNSET
+//!   inherits from the wider scope; nothing set means PERMISSIVE. `portLevelMtls` of the
+//!   workload policy overrides per port.
+//! - RequestAuthentication and AuthorizationPolicy: every matching policy applies.
+//!
+//! The result, [`WorkloadPolicies`], is what per-request checks run against; building it
+//! is the only step that looks at policies of other workloads.
+
+use std::sync::Arc;
+
+use super::{
+    authz::{AuthzSet, Decision, Denied, RequestContext, Verdict},
+    jwt::{self, JwtIdentity, RequestAuthn},
+    model::{
+        AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef, RequestAuthentication,
+    },
+};
+
+/// The policies of one kind that may apply to a workload, split by scope. Each slice is
+/// ordered oldest first.
+pub(super) struct Candidates<'a, T> {
+    /// Root-namespace policies without selector; empty when the workload lives in the
+    /// root namespace (they are then its namespace policies).
+    pub mesh: &'a [Arc<Named<T>>],
+    /// Policies without selector in the workload's namespace.
+    pub namespace: &'a [Arc<Named<T>>],
+    /// Policies of the workload's namespace whose selector matches it.
+    pub workload: Vec<&'a Arc<Named<T>>>,
+}
+
+impl<T> Candidates<'_, T> {
+    fn all(&self) -> impl Iterator<Item = &Arc<Named<T>>> {
+        self.mesh
+            .iter()
+            .chain(self.namespace)
+            .chain(self.workload.iter().copied())
+    }
+}
+
+/// Everything the data path needs to check traffic to one workload.
+#[derive(Debug)]
+pub struct WorkloadPolicies {
+    mtls: MtlsResolution,
+    request_authn: Vec<RequestAuthn>,
+    authz: AuthzSet,
+}
+
+/// The PeerAuthentication outcome for one workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MtlsResolution {
+    /// The mode of ports without a port-level setting, and the policy that set it
+    /// (`None`: nothing set a mode, so the PERMISSIVE default applies).
+    default: (MtlsMode, Option<PolicyRef>),
+    /// Port-level overrides of the workload policy.
+    ports: Vec<(u16, MtlsMode, PolicyRef)>,
+}
+
+impl MtlsResolution {
+    /// The mode of workload port `port` and the policy that decided it.
+    pub fn port(&self, port: u16) -> (MtlsMode, Option<&PolicyRef>) {
+        match self.ports.iter().find(|(p, _, _)| *p == port) {
+            Some((_, mode, policy)) => (*mode, Some(policy)),
+            None => (self.default.0, self.default.1.as_ref()),
+        }
+    }
+}
+
+pub(super) fn resolve(
+    peer: Candidates<'_, PeerAuthentication>,
+    request: Candidates<'_, RequestAuthentication>,
+    authz: Candidates<'_, AuthorizationPolicy>,
+) -> WorkloadPolicies {
+    let mut set = AuthzSet::default();
+    for policy in authz.all() {
+        let target = if policy.meta.dry_run {
+            &mut set.dry_run
+        } else {
+            &mut set.enforced
+        };
+        target.push(policy.clone());
+    }
+    WorkloadPolicies {
+        mtls: resolve_mtls(&peer),
+        request_authn: request.all().cloned().collect(),
+        authz: set,
+    }
+}
+
+fn resolve_mtls(peer: &Candidates<'_, PeerAuthentication>) -> MtlsResolution {
+    // Candidates are ordered oldest first, so `first` is Istio's "oldest wins".
+    let workload = peer.workload.first().copied();
+    let levels = [workload, peer.namespace.first(), peer.mesh.first()];
+    let default = levels
+        .iter()
+        .flatten()
+        .find_map(|p| p.spec.mode.map(|mode| (mode, Some(p.meta.clone()))))
+        .unwrap_or((MtlsMode::Permissive, None));
+    let ports = workload
+        .map(|p| {
+            p.spec
+                .port_level
+                .iter()
+                .filter_map(|(port, mode)| mode.map(|m| (*port, m, p.meta.clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    MtlsResolution { default, ports }
+}
+
+impl WorkloadPolicies {
+    /// The PeerAuthentication mode of workload port `port`.
+    pub fn mtls(&self) -> &MtlsResolution {
+        &self.mtls
+    }
+
+    /// Verifies the request's JWT, if any. `Ok(None)`: no token, or no
+    /// RequestAuthentication applies (then a token is ignored, as in Istio). A token
+    /// that fails verification is denied (HTTP 401).
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Option<JwtIdentity>, Denied> {
+        let Some(token) = token else { return Ok(None) };
+        if self.request_authn.is_empty() {
+            return Ok(None);
+        }
+        jwt::authenticate(&self.request_authn, token)
+            .map(Some)
+            .map_err(|(policy, error)| {
+                Denied(Verdict {
+                    policy,
+                    action: None,
+                    rule: None,
+                    reason: super::Reason::JwtRejected(error),
+                    notes: Vec::new(),
+                })
+            })
+    }
+
+    /// The token the workload's RequestAuthentication rules would read from a request.
+    pub fn find_token<'a>(&self, headers: &[(&'a str, &'a str)], path: &'a str) -> Option<&'a str> {
+        jwt::find_token(&self.request_authn, headers, path)
+    }
+
+    /// Authorizes one connection or request (see [`super::authz`]).
+    pub fn authorize(&self, ctx: &RequestContext<'_>) -> Decision {
+        self.authz.evaluate(ctx)
+    }
+
+    /// Every policy that applies, for debugging (`namespace/name` of each).
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyRef> {
+        let mtls = self
+            .mtls
+            .default
+            .1
+            .iter()
+            .chain(self.mtls.ports.iter().map(|(_, _, p)| p));
+        mtls.chain(self.request_authn.iter().map(|p| &p.meta))
+            .chain(self.authz.enforced.iter().map(|p| &p.meta))
+            .chain(self.authz.dry_run.iter().map(|p| &p.meta))
+    }
+}
