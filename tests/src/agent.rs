@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{node::Node, run::check};
+use crate::{
+    node::Node,
+    run::{CurlResult, check},
+};
 
 pub struct Agent {
     child: Child,
@@ -74,16 +77,22 @@ impl Agent {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// GET `path` on the admin API, as JSON.
+    /// GET `path` on the admin API, as JSON; any status but 200 is an error carrying the
+    /// body.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
         let output = check(Command::new("curl").args([
             "-sS",
-            "--fail",
             "--max-time",
             "3",
+            "-w",
+            "\n%{http_code}",
             &format!("http://{}{path}", self.admin),
         ]))?;
-        serde_json::from_slice(&output.stdout).with_context(|| format!("admin {path} is not JSON"))
+        let response = CurlResult::from_output(&output);
+        if response.code != 200 {
+            bail!("admin {path}: {}: {}", response.code, response.body.trim());
+        }
+        serde_json::from_str(&response.body).with_context(|| format!("admin {path} is not JSON"))
     }
 
     /// The agent's log so far.

@@ -8,6 +8,7 @@
 //! created. Everything is torn down on drop, including on panic.
 
 mod agent;
+pub mod mesh;
 mod node;
 mod run;
 

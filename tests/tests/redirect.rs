@@ -1,12 +1,13 @@
 //! End to end: in-pod redirection with the real kernel programs, the real agent and real
 //! clients, on a node built from network namespaces. Run as root (`cargo xtask test`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ambit_tests::{Binaries, Node, Pod};
+use ambit_tests::{
+    Binaries,
+    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, within},
+};
 use serde_json::Value;
-
-const HTTP_PORT: u16 = 8000;
 
 fn binaries() -> Binaries {
     let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
@@ -14,102 +15,13 @@ fn binaries() -> Binaries {
         .expect("ambit binaries are built")
 }
 
-/// A node with `foo` and `bar` enrolled and `legacy` not, each with a client pod `sleep`
-/// and a server pod `httpbin` listening on 8000.
-struct Mesh {
-    node: Node,
-    sleep: [Pod; 3],
-    httpbin: [Pod; 3],
-}
-
-const FOO: usize = 0;
-const BAR: usize = 1;
-const LEGACY: usize = 2;
-
-impl Mesh {
-    fn new() -> Self {
-        let mut node = Node::new(binaries()).expect("node");
-        let mut sleep = Vec::new();
-        let mut httpbin = Vec::new();
-        for (ns, enrolled) in [("foo", true), ("bar", true), ("legacy", false)] {
-            node.namespace(ns, enrolled).expect("namespace");
-            sleep.push(
-                node.pod_with(ns, "sleep", "sleep", &[("app", "sleep")])
-                    .expect("pod"),
-            );
-            let server = node
-                .pod_with(ns, "httpbin", "httpbin", &[("app", "httpbin")])
-                .expect("pod");
-            node.serve_http(&server, HTTP_PORT).expect("httpbin");
-            httpbin.push(server);
-        }
-        node.start_agent().expect("agent");
-        Self {
-            node,
-            sleep: sleep.try_into().expect("three"),
-            httpbin: httpbin.try_into().expect("three"),
-        }
-    }
-
-    fn url(&self, to: usize, path: &str) -> String {
-        format!("http://{}:{HTTP_PORT}{path}", self.httpbin[to].ip)
-    }
-
-    fn connections(&self) -> Vec<Value> {
-        let report = self
-            .node
-            .agent()
-            .expect("agent")
-            .admin_get("/connections")
-            .expect("admin");
-        ["live", "closed"]
-            .iter()
-            .flat_map(|k| report[*k].as_array().cloned().unwrap_or_default())
-            .collect()
-    }
-
-    /// Connections the proxy recorded for `workload` (`ns/name`) in `direction`.
-    fn recorded(&self, workload: &str, direction: &str) -> Vec<Value> {
-        self.connections()
-            .into_iter()
-            .filter(|c| c["workload"] == workload && c["direction"] == direction)
-            .collect()
-    }
-
-    fn workload(&self, key: &str) -> Value {
-        let workloads = self
-            .node
-            .agent()
-            .expect("agent")
-            .admin_get("/workloads")
-            .expect("admin");
-        let (namespace, name) = key.split_once('/').expect("namespace/name");
-        workloads
-            .as_array()
-            .and_then(|list| {
-                list.iter()
-                    .find(|w| w["namespace"] == namespace && w["name"] == name)
-                    .cloned()
-            })
-            .unwrap_or(Value::Null)
-    }
-}
-
-/// Polls `check` every 20 ms until it holds or `limit` passes; returns the time it took.
-fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() <= limit {
-        if check() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+fn mesh() -> Mesh {
+    Mesh::new(binaries()).expect("mesh")
 }
 
 #[test]
 fn enrolled_client_goes_through_the_proxy_and_server_sees_its_ip() {
-    let mesh = Mesh::new();
+    let mesh = mesh();
     let client = &mesh.sleep[FOO];
     let result = mesh.node.curl(Some(client), &mesh.url(BAR, "/ip")).unwrap();
     assert_eq!(result.code, 200, "{result:?}");
@@ -120,7 +32,7 @@ fn enrolled_client_goes_through_the_proxy_and_server_sees_its_ip() {
         "server must see the client pod's IP"
     );
 
-    let outbound = mesh.recorded("foo/sleep", "outbound");
+    let outbound = mesh.recorded("foo/sleep", "outbound").unwrap();
     assert_eq!(outbound.len(), 1, "{outbound:#?}");
     assert_eq!(
         outbound[0]["destination"],
@@ -130,7 +42,7 @@ fn enrolled_client_goes_through_the_proxy_and_server_sees_its_ip() {
         outbound[0]["bytes_received"].as_u64() > Some(0),
         "{outbound:#?}"
     );
-    let inbound = mesh.recorded("bar/httpbin", "inbound");
+    let inbound = mesh.recorded("bar/httpbin", "inbound").unwrap();
     assert_eq!(inbound.len(), 1, "{inbound:#?}");
     assert!(
         inbound[0]["source"]
@@ -142,18 +54,22 @@ fn enrolled_client_goes_through_the_proxy_and_server_sees_its_ip() {
 
 #[test]
 fn unenrolled_client_to_enrolled_server_is_captured_inbound_with_its_ip() {
-    let mesh = Mesh::new();
+    let mesh = mesh();
     let client = &mesh.sleep[LEGACY];
     let result = mesh.node.curl(Some(client), &mesh.url(FOO, "/ip")).unwrap();
     assert_eq!(result.code, 200, "{result:?}");
     assert!(result.body.contains(&client.ip.to_string()), "{result:?}");
-    assert!(mesh.recorded("legacy/sleep", "outbound").is_empty());
-    assert_eq!(mesh.recorded("foo/httpbin", "inbound").len(), 1);
+    assert!(
+        mesh.recorded("legacy/sleep", "outbound")
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(mesh.recorded("foo/httpbin", "inbound").unwrap().len(), 1);
 }
 
 #[test]
 fn unenrolled_and_opted_out_pods_connect_directly() {
-    let mut mesh = Mesh::new();
+    let mut mesh = mesh();
     let legacy = mesh.sleep[LEGACY].clone();
     let result = mesh
         .node
@@ -166,9 +82,13 @@ fn unenrolled_and_opted_out_pods_connect_directly() {
         .label_pod(&opted_out, "ambit.io/mesh", "disabled")
         .unwrap();
     let released = within(Duration::from_secs(2), || {
-        mesh.workload("foo/sleep")["redirection"]["state"] == "opted-out"
+        mesh.workload("foo/sleep").unwrap()["redirection"]["state"] == "opted-out"
     });
-    assert!(released.is_some(), "{:#}", mesh.workload("foo/sleep"));
+    assert!(
+        released.is_some(),
+        "{:#}",
+        mesh.workload("foo/sleep").unwrap()
+    );
     let result = mesh
         .node
         .curl(Some(&opted_out), &mesh.url(LEGACY, "/ip"))
@@ -176,14 +96,22 @@ fn unenrolled_and_opted_out_pods_connect_directly() {
     assert_eq!(result.code, 200, "{result:?}");
     assert!(result.body.contains(&opted_out.ip.to_string()));
 
-    assert!(mesh.recorded("legacy/sleep", "outbound").is_empty());
-    assert!(mesh.recorded("foo/sleep", "outbound").is_empty());
-    assert!(mesh.recorded("legacy/httpbin", "inbound").is_empty());
+    assert!(
+        mesh.recorded("legacy/sleep", "outbound")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(mesh.recorded("foo/sleep", "outbound").unwrap().is_empty());
+    assert!(
+        mesh.recorded("legacy/httpbin", "inbound")
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
 fn stopped_agent_fails_closed_and_restart_recovers_without_recreating_pods() {
-    let mut mesh = Mesh::new();
+    let mut mesh = mesh();
     let (foo, legacy) = (mesh.sleep[FOO].clone(), mesh.sleep[LEGACY].clone());
     assert_eq!(
         mesh.node
@@ -223,14 +151,14 @@ fn stopped_agent_fails_closed_and_restart_recovers_without_recreating_pods() {
     let result = mesh.node.curl(Some(&foo), &mesh.url(BAR, "/ip")).unwrap();
     assert_eq!(result.code, 200, "{result:?}");
     assert!(result.body.contains(&foo.ip.to_string()));
-    assert_eq!(mesh.recorded("foo/sleep", "outbound").len(), 1);
+    assert_eq!(mesh.recorded("foo/sleep", "outbound").unwrap().len(), 1);
     let log = mesh.node.agent().unwrap().log_text();
     assert!(log.contains("re-adopted pinned link"), "{log}");
 }
 
 #[test]
 fn node_to_enrolled_pod_on_any_port_lands_in_the_plaintext_listener() {
-    let mesh = Mesh::new();
+    let mesh = mesh();
     let target = &mesh.httpbin[FOO];
     // Nothing listens on 9999 in the pod: the proxy accepts, finds no application, resets.
     let result = mesh
@@ -238,7 +166,7 @@ fn node_to_enrolled_pod_on_any_port_lands_in_the_plaintext_listener() {
         .curl(None, &format!("http://{}:9999/", target.ip))
         .unwrap();
     assert_eq!(result.code, 0, "{result:?}");
-    let inbound = mesh.recorded("foo/httpbin", "inbound");
+    let inbound = mesh.recorded("foo/httpbin", "inbound").unwrap();
     assert_eq!(inbound.len(), 1, "{inbound:#?}");
     assert_eq!(inbound[0]["path"], "plaintext-inbound");
     assert_eq!(inbound[0]["destination"], format!("{}:9999", target.ip));
@@ -252,13 +180,17 @@ fn node_to_enrolled_pod_on_any_port_lands_in_the_plaintext_listener() {
 
 #[test]
 fn relabelling_a_namespace_enrolls_and_releases_its_pods_within_a_second() {
-    let mut mesh = Mesh::new();
+    let mut mesh = mesh();
     let client = mesh.sleep[LEGACY].clone();
     mesh.node.namespace("legacy", true).unwrap();
     let enrolled = within(Duration::from_secs(1), || {
-        mesh.workload("legacy/sleep")["redirection"]["state"] == "redirected"
+        mesh.workload("legacy/sleep").unwrap()["redirection"]["state"] == "redirected"
     });
-    assert!(enrolled.is_some(), "{:#}", mesh.workload("legacy/sleep"));
+    assert!(
+        enrolled.is_some(),
+        "{:#}",
+        mesh.workload("legacy/sleep").unwrap()
+    );
     assert_eq!(
         mesh.node
             .curl(Some(&client), &mesh.url(FOO, "/ip"))
@@ -266,13 +198,17 @@ fn relabelling_a_namespace_enrolls_and_releases_its_pods_within_a_second() {
             .code,
         200
     );
-    assert_eq!(mesh.recorded("legacy/sleep", "outbound").len(), 1);
+    assert_eq!(mesh.recorded("legacy/sleep", "outbound").unwrap().len(), 1);
 
     mesh.node.namespace("legacy", false).unwrap();
     let released = within(Duration::from_secs(1), || {
-        mesh.workload("legacy/sleep")["redirection"]["state"] == "not-enrolled"
+        mesh.workload("legacy/sleep").unwrap()["redirection"]["state"] == "not-enrolled"
     });
-    assert!(released.is_some(), "{:#}", mesh.workload("legacy/sleep"));
+    assert!(
+        released.is_some(),
+        "{:#}",
+        mesh.workload("legacy/sleep").unwrap()
+    );
     assert_eq!(
         mesh.node
             .curl(Some(&client), &mesh.url(FOO, "/ip"))
@@ -281,7 +217,7 @@ fn relabelling_a_namespace_enrolls_and_releases_its_pods_within_a_second() {
         200
     );
     assert_eq!(
-        mesh.recorded("legacy/sleep", "outbound").len(),
+        mesh.recorded("legacy/sleep", "outbound").unwrap().len(),
         1,
         "released pod still captured"
     );
@@ -289,7 +225,7 @@ fn relabelling_a_namespace_enrolls_and_releases_its_pods_within_a_second() {
 
 #[test]
 fn malformed_yaml_is_reported_and_the_previous_state_kept() {
-    let mut mesh = Mesh::new();
+    let mut mesh = mesh();
     mesh.node
         .write_file(
             "namespaces.yaml",
@@ -307,7 +243,7 @@ fn malformed_yaml_is_reported_and_the_previous_state_kept() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        mesh.workload("foo/sleep")["redirection"]["state"],
+        mesh.workload("foo/sleep").unwrap()["redirection"]["state"],
         "redirected"
     );
     let client = mesh.sleep[FOO].clone();
@@ -318,24 +254,24 @@ fn malformed_yaml_is_reported_and_the_previous_state_kept() {
             .code,
         200
     );
-    assert_eq!(mesh.recorded("foo/sleep", "outbound").len(), 1);
+    assert_eq!(mesh.recorded("foo/sleep", "outbound").unwrap().len(), 1);
     // Still running, and still following the directory: a good edit applies.
     mesh.node.namespace("foo", false).unwrap();
     let released = within(Duration::from_secs(1), || {
-        mesh.workload("foo/sleep")["redirection"]["state"] == "not-enrolled"
+        mesh.workload("foo/sleep").unwrap()["redirection"]["state"] == "not-enrolled"
     });
     assert!(released.is_some());
 }
 
 #[test]
 fn workloads_report_ip_identity_and_redirection() {
-    let mesh = Mesh::new();
-    let foo = mesh.workload("foo/sleep");
+    let mesh = mesh();
+    let foo = mesh.workload("foo/sleep").unwrap();
     assert_eq!(foo["ip"], mesh.sleep[FOO].ip.to_string());
     assert_eq!(foo["identity"], "spiffe://cluster.local/ns/foo/sa/sleep");
     assert_eq!(foo["enrolled"], true);
     assert_eq!(foo["redirection"]["state"], "redirected");
-    let legacy = mesh.workload("legacy/httpbin");
+    let legacy = mesh.workload("legacy/httpbin").unwrap();
     assert_eq!(legacy["enrolled"], false);
     assert_eq!(legacy["redirection"]["state"], "not-enrolled");
 }

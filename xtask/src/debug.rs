@@ -9,6 +9,17 @@ pub enum Command {
     Workloads(Admin),
     /// Live and recently closed connections through the proxy.
     Connections(Admin),
+    /// Per identity: serial, validity, next refresh, state, chain and root fingerprint.
+    Certs(Admin),
+    /// The policy decision for a connection or request, from the running agent's config.
+    Explain {
+        #[command(flatten)]
+        admin: Admin,
+        /// The question as `ambit explain` takes it, e.g.
+        /// `--from foo/sleep --to bar/httpbin --port 8000 --method GET --path /ip`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        question: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -31,7 +42,44 @@ pub fn debug(cmd: &Command) -> anyhow::Result<()> {
             let report = get(admin, "/connections")?;
             print(admin, &report, connections_table)
         }
+        Command::Certs(admin) => {
+            let report = get(admin, "/certs")?;
+            print(admin, &report, certs_table)
+        }
+        Command::Explain { admin, question } => {
+            let answer = get(admin, &format!("/explain?{}", explain_query(question)?))?;
+            print(admin, &answer, explain_table)
+        }
     }
+}
+
+/// Turns `--from foo/sleep --plaintext --header k=v` into `from=foo%2Fsleep&plaintext=&header=k%3Dv`.
+fn explain_query(question: &[String]) -> anyhow::Result<String> {
+    let mut pairs = Vec::new();
+    let mut words = question.iter().peekable();
+    while let Some(word) = words.next() {
+        let key = word
+            .strip_prefix("--")
+            .with_context(|| format!("{word:?} is not a flag of `ambit explain`"))?;
+        let value = match words.peek() {
+            Some(next) if !next.starts_with("--") => words.next().cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        pairs.push(format!("{}={}", encode(key), encode(&value)));
+    }
+    Ok(pairs.join("&"))
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn print(
@@ -49,11 +97,19 @@ fn print(
 
 pub fn get(admin: &Admin, path: &str) -> anyhow::Result<Value> {
     let url = format!("http://{}{path}", admin.admin);
-    ureq::get(&url)
+    let mut response = ureq::get(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
         .call()
         .with_context(|| {
             format!("cannot reach the agent's admin API at {url} (is `ambit run` running?)")
-        })?
+        })?;
+    if !response.status().is_success() {
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        anyhow::bail!("{url}: {}: {}", response.status(), body.trim());
+    }
+    response
         .body_mut()
         .read_json()
         .with_context(|| format!("{url} did not answer JSON"))
@@ -118,6 +174,47 @@ fn connections_table(report: &Value) -> Vec<Vec<String>> {
         }
     }
     rows
+}
+
+fn certs_table(report: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "IDENTITY",
+        "PODS",
+        "STATE",
+        "SERIAL",
+        "NOT BEFORE",
+        "NOT AFTER",
+        "NEXT REFRESH",
+        "CHAIN",
+        "ROOT SHA-256",
+    ])];
+    for id in report["identities"].as_array().into_iter().flatten() {
+        let chain: Vec<String> = id["chain"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| text(&c["subject"]))
+            .collect();
+        rows.push(vec![
+            text(&id["identity"]),
+            text(&id["pods"]),
+            text(&id["state"]),
+            text(&id["serial"]),
+            text(&id["not_before"]),
+            text(&id["not_after"]),
+            text(&id["next_refresh"]),
+            chain.join(" <- "),
+            text(&id["root_sha256"]),
+        ]);
+    }
+    rows
+}
+
+fn explain_table(answer: &Value) -> Vec<Vec<String>> {
+    ["decision", "mtls", "policy", "action", "rule", "reason"]
+        .iter()
+        .map(|k| vec![k.to_uppercase(), text(&answer[*k])])
+        .collect()
 }
 
 fn header(names: &[&str]) -> Vec<String> {

@@ -3,7 +3,7 @@
 //! pod to every `httpbin` pod: the HTTP code, the address the server saw and the path the
 //! connection took according to the proxy's own records. Tears everything down at the end.
 
-use ambit_tests::{Binaries, Node, Pod};
+use ambit_tests::{Binaries, Pod, mesh::Mesh};
 use serde_json::Value;
 
 use crate::{
@@ -11,26 +11,13 @@ use crate::{
     debug::{render, text},
 };
 
-const NAMESPACES: [(&str, bool); 3] = [("foo", true), ("bar", true), ("legacy", false)];
-const PORT: u16 = 8000;
-
 pub fn demo() -> anyhow::Result<()> {
     crate::setup::setup()?;
-    let binaries = Binaries::in_dir(&build_binaries(false)?)?;
-    let mut node = Node::new(binaries)?;
-    let mut pods: Vec<(Pod, Pod)> = Vec::new();
-    for (namespace, enrolled) in NAMESPACES {
-        node.namespace(namespace, enrolled)?;
-        let sleep = node.pod_with(namespace, "sleep", "sleep", &[("app", "sleep")])?;
-        let httpbin = node.pod_with(namespace, "httpbin", "httpbin", &[("app", "httpbin")])?;
-        node.serve_http(&httpbin, PORT)?;
-        pods.push((sleep, httpbin));
-    }
-    node.start_agent()?;
-    let agent = node.agent()?;
+    let mesh = Mesh::new(Binaries::in_dir(&build_binaries(false)?)?)?;
+    let agent = mesh.node.agent()?;
     println!(
         "node {} with the agent's admin API on {}\n",
-        node.id, agent.admin
+        mesh.node.id, agent.admin
     );
     print!("{}", render(&workloads(&agent.admin_get("/workloads")?)));
     println!();
@@ -40,12 +27,12 @@ pub fn demo() -> anyhow::Result<()> {
             .map(str::to_owned)
             .to_vec(),
     ];
-    for (client, _) in &pods {
-        for (_, server) in &pods {
-            let seen_before = recorded(&node)?.last().and_then(|c| c["id"].as_u64());
-            let url = format!("http://{}:{PORT}/ip", server.ip);
-            let result = node.curl(Some(client), &url)?;
-            let new: Vec<Value> = recorded(&node)?
+    for client in &mesh.sleep {
+        for (to, server) in mesh.httpbin.iter().enumerate() {
+            let seen_before = mesh.connections()?.last().and_then(|c| c["id"].as_u64());
+            let result = mesh.node.curl(Some(client), &mesh.url(to, "/ip"))?;
+            let new: Vec<Value> = mesh
+                .connections()?
                 .into_iter()
                 .filter(|c| c["id"].as_u64() > seen_before)
                 .collect();
@@ -60,17 +47,8 @@ pub fn demo() -> anyhow::Result<()> {
         }
     }
     print!("{}", render(&rows));
-    println!("\ntearing down node {}", node.id);
+    println!("\ntearing down node {}", mesh.node.id);
     Ok(())
-}
-
-/// Every connection the proxy recorded, closed ones first, in order.
-fn recorded(node: &Node) -> anyhow::Result<Vec<Value>> {
-    let report = node.agent()?.admin_get("/connections")?;
-    let mut all: Vec<Value> = report["closed"].as_array().cloned().unwrap_or_default();
-    all.extend(report["live"].as_array().cloned().unwrap_or_default());
-    all.sort_by_key(|c| c["id"].as_u64());
-    Ok(all)
 }
 
 /// The path of the connection from `client` to `server`, from the proxy's new records.

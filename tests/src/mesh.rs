@@ -1,0 +1,95 @@
+//! The seed scenario: namespaces `foo` and `bar` enrolled, `legacy` not, each with a
+//! client pod `sleep` and a server pod `httpbin` on port 8000, and the agent running.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{Binaries, Node, Pod};
+
+pub const HTTP_PORT: u16 = 8000;
+/// Namespaces of the scenario, in the order of [`Mesh::sleep`] and [`Mesh::httpbin`].
+pub const NAMESPACES: [(&str, bool); 3] = [("foo", true), ("bar", true), ("legacy", false)];
+pub const FOO: usize = 0;
+pub const BAR: usize = 1;
+pub const LEGACY: usize = 2;
+
+pub struct Mesh {
+    pub node: Node,
+    pub sleep: [Pod; 3],
+    pub httpbin: [Pod; 3],
+}
+
+impl Mesh {
+    pub fn new(binaries: Binaries) -> anyhow::Result<Self> {
+        let mut node = Node::new(binaries)?;
+        let mut sleep = Vec::new();
+        let mut httpbin = Vec::new();
+        for (namespace, enrolled) in NAMESPACES {
+            node.namespace(namespace, enrolled)?;
+            sleep.push(node.pod_with(namespace, "sleep", "sleep", &[("app", "sleep")])?);
+            let server = node.pod_with(namespace, "httpbin", "httpbin", &[("app", "httpbin")])?;
+            node.serve_http(&server, HTTP_PORT)?;
+            httpbin.push(server);
+        }
+        node.start_agent()?;
+        let three = |pods: Vec<Pod>| pods.try_into().ok().context("three namespaces");
+        Ok(Self {
+            node,
+            sleep: three(sleep)?,
+            httpbin: three(httpbin)?,
+        })
+    }
+
+    /// `http://<httpbin of namespace index to>:8000<path>`.
+    pub fn url(&self, to: usize, path: &str) -> String {
+        format!("http://{}:{HTTP_PORT}{path}", self.httpbin[to].ip)
+    }
+
+    /// Every connection the proxy recorded, in the order it saw them.
+    pub fn connections(&self) -> anyhow::Result<Vec<Value>> {
+        let report = self.node.agent()?.admin_get("/connections")?;
+        let mut all: Vec<Value> = ["closed", "live"]
+            .iter()
+            .flat_map(|k| report[*k].as_array().cloned().unwrap_or_default())
+            .collect();
+        all.sort_by_key(|c| c["id"].as_u64());
+        Ok(all)
+    }
+
+    /// Connections the proxy recorded for `workload` (`ns/name`) in `direction`.
+    pub fn recorded(&self, workload: &str, direction: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .connections()?
+            .into_iter()
+            .filter(|c| c["workload"] == workload && c["direction"] == direction)
+            .collect())
+    }
+
+    /// The admin API's entry for `workload` (`ns/name`), or null.
+    pub fn workload(&self, workload: &str) -> anyhow::Result<Value> {
+        let workloads = self.node.agent()?.admin_get("/workloads")?;
+        let (namespace, name) = workload.split_once('/').context("namespace/name")?;
+        Ok(workloads
+            .as_array()
+            .and_then(|list| {
+                list.iter()
+                    .find(|w| w["namespace"] == namespace && w["name"] == name)
+                    .cloned()
+            })
+            .unwrap_or(Value::Null))
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; returns the time it took.
+pub fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
