@@ -21,7 +21,7 @@ use crate::{
     admin::{self, AdminState},
     discovery::{Snapshot, files},
     identity::{self, cli::IdentityArgs},
-    proxy::{Shared, connections::ConnectionLog},
+    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
     redirect::Redirector,
     state::Applied,
     workloads::WorkloadManager,
@@ -83,18 +83,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     let trust_domain = args.identity.keys.trust_domain.clone();
-    let connections = Arc::new(ConnectionLog::default());
-    let shared = Shared {
-        orig_dst: redirector.orig_dst(),
-        connections: Arc::clone(&connections),
-    };
-    let mut manager = WorkloadManager::new(
-        redirector,
-        shared,
-        identity.manager.clone(),
-        trust_domain.clone(),
-    );
-    let ready = Arc::new(AtomicBool::new(false));
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     // The first pass reads the directory before anything is reconciled, so a restarted
     // agent never releases pods only because it has not read them yet.
@@ -106,6 +94,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let applied =
         |snapshot: Snapshot| Arc::new(Applied::new(snapshot, &args.root_namespace, &trust_domain));
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
+    let connections = Arc::new(ConnectionLog::default());
+    let shared = Shared {
+        orig_dst: redirector.orig_dst(),
+        connections: Arc::clone(&connections),
+        applied: applied_rx.clone(),
+        identities: identity.manager.clone(),
+        pool: Pool::default(),
+    };
+    let mut manager = WorkloadManager::new(
+        redirector,
+        shared,
+        identity.manager.clone(),
+        trust_domain.clone(),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
 
     let admin_listener = admin::bind(args.admin_addr).await?;
     let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)

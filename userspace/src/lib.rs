@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod destinations;
 pub mod discovery;
 pub mod identity;
 pub mod netns;

@@ -17,13 +17,14 @@ use std::{
 
 use ambit_common::ports;
 use serde::Serialize;
-use tokio::task::JoinHandle;
+use tokio::{sync::OnceCell, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     discovery::{Pod, Snapshot},
     identity::{SecretManager, SpiffeError, SpiffeId},
     netns::{NetnsError, PodNetns},
+    policy::Workload,
     proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
     redirect::{PodRedirect, RedirectError, Redirector},
     routing::{self, RoutingError},
@@ -231,11 +232,14 @@ impl WorkloadManager {
         })?;
 
         let proxy = Arc::new(PodProxy {
-            workload: pod.key(),
+            key: pod.key(),
             ip,
+            identity: identity.clone(),
+            workload: Workload::from_pod(pod),
             netns,
             netns_cookie,
             stats: Arc::default(),
+            acceptor: OnceCell::new(),
         });
         let listeners = vec![
             tokio::spawn(outbound::serve(
@@ -248,7 +252,7 @@ impl WorkloadManager {
                 Arc::clone(&proxy),
                 self.shared.clone(),
             )),
-            tokio::spawn(hbone::serve(
+            tokio::spawn(hbone::server::serve(
                 hbone_listener,
                 Arc::clone(&proxy),
                 self.shared.clone(),

@@ -56,17 +56,20 @@ fn path(client: &Pod, server: &Pod, records: &[Value]) -> String {
     let key = |p: &Pod| format!("{}/{}", p.namespace, p.name);
     let outbound = records
         .iter()
-        .any(|r| r["workload"] == key(client) && r["direction"] == "outbound");
+        .find(|r| r["workload"] == key(client) && r["direction"] == "outbound");
     let inbound = records
         .iter()
-        .any(|r| r["workload"] == key(server) && r["direction"] == "inbound");
-    match (outbound, inbound) {
-        (true, true) => "proxy out (client pod) -> proxy in (server pod)",
-        (true, false) => "proxy out (client pod) -> direct",
-        (false, true) => "direct -> proxy in (server pod)",
-        (false, false) => "direct",
+        .find(|r| r["workload"] == key(server) && r["direction"] == "inbound");
+    let hop = |record: Option<&Value>| record.map(|r| text(&r["path"]));
+    match (hop(outbound), hop(inbound)) {
+        (Some(out), Some(inb)) if out == "hbone" => {
+            format!("proxy -> HBONE (mTLS) -> proxy [{inb}]")
+        }
+        (Some(out), Some(inb)) => format!("proxy [{out}] -> proxy [{inb}]"),
+        (Some(out), None) => format!("proxy [{out}] -> direct"),
+        (None, Some(inb)) => format!("direct -> proxy [{inb}]"),
+        (None, None) => "direct".to_owned(),
     }
-    .to_owned()
 }
 
 fn workloads(workloads: &Value) -> Vec<Vec<String>> {

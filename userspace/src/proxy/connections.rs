@@ -14,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 
+use super::copy::Traffic;
+
 /// Closed connections kept for inspection.
 const HISTORY: usize = 1024;
 
@@ -32,8 +34,11 @@ pub enum Path {
     Plaintext,
     /// Inbound through the plaintext listener (15006), forwarded to the application.
     PlaintextInbound,
-    /// Inbound on the HBONE listener (15008).
+    /// Outbound through an HBONE tunnel (mutual TLS, HTTP/2 CONNECT) to the destination's
+    /// node proxy.
     Hbone,
+    /// Inbound through the HBONE listener (15008), forwarded to the application.
+    HboneInbound,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -70,7 +75,8 @@ pub struct ConnectionLog {
 
 #[derive(Default)]
 struct LogInner {
-    live: BTreeMap<u64, ConnectionRecord>,
+    /// Live records carry their traffic counters, read when a report is made.
+    live: BTreeMap<u64, (ConnectionRecord, Arc<Traffic>)>,
     closed: VecDeque<ConnectionRecord>,
 }
 
@@ -110,11 +116,13 @@ impl ConnectionLog {
             bytes_received: 0,
             error: None,
         };
-        self.lock().live.insert(id, record);
+        let traffic = Arc::new(Traffic::default());
+        self.lock().live.insert(id, (record, Arc::clone(&traffic)));
         ConnectionGuard {
             log: Arc::clone(self),
             id,
             stats,
+            traffic,
             finished: false,
         }
     }
@@ -122,7 +130,16 @@ impl ConnectionLog {
     pub fn report(&self) -> ConnectionsReport {
         let inner = self.lock();
         ConnectionsReport {
-            live: inner.live.values().cloned().collect(),
+            live: inner
+                .live
+                .values()
+                .map(|(record, traffic)| {
+                    let mut record = record.clone();
+                    record.bytes_sent = traffic.sent.load(Ordering::Relaxed);
+                    record.bytes_received = traffic.received.load(Ordering::Relaxed);
+                    record
+                })
+                .collect(),
             closed: inner.closed.iter().cloned().collect(),
         }
     }
@@ -133,7 +150,7 @@ impl ConnectionLog {
 
     fn close(&self, id: u64, sent: u64, received: u64, error: Option<String>) {
         let mut inner = self.lock();
-        if let Some(mut record) = inner.live.remove(&id) {
+        if let Some((mut record, _)) = inner.live.remove(&id) {
             record.closed_ms = Some(now_ms());
             record.bytes_sent = sent;
             record.bytes_received = received;
@@ -146,21 +163,30 @@ impl ConnectionLog {
     }
 }
 
-/// Closes its record exactly once: with figures through [`ConnectionGuard::finish`], or as
-/// aborted when dropped without it.
+/// Closes its record exactly once: through [`ConnectionGuard::finish`], or as aborted
+/// when dropped without it.
 pub struct ConnectionGuard {
     log: Arc<ConnectionLog>,
     id: u64,
     stats: Arc<WorkloadStats>,
+    traffic: Arc<Traffic>,
     finished: bool,
 }
 
 impl ConnectionGuard {
-    /// `sent` is from the client towards the destination, `received` the other way.
-    pub fn finish(&mut self, sent: u64, received: u64, error: Option<String>) {
+    /// The counters the copy loop updates.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
+    /// Closes the record with the bytes counted so far and `error`, if the connection
+    /// ended with one.
+    pub fn finish(&mut self, error: Option<String>) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        let sent = self.traffic.sent.load(Ordering::Relaxed);
+        let received = self.traffic.received.load(Ordering::Relaxed);
         self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         self.stats
             .bytes_received
@@ -171,7 +197,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.finish(0, 0, Some("aborted".to_owned()));
+        self.finish(Some("aborted".to_owned()));
     }
 }
 

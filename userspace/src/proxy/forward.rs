@@ -1,22 +1,71 @@
-//! Copying bytes between the accepted connection and the upstream one.
+//! Relaying an admitted connection, and ending it when the configuration stops admitting it.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tracing::info;
 
-use super::connections::ConnectionGuard;
+use super::{
+    PodProxy,
+    admission::{self, Peer, Refusal},
+    connections::ConnectionGuard,
+    copy::copy_both_ways,
+};
+use crate::state::AppliedRx;
 
-/// Copies both ways until both sides have closed; a half-close on one side is passed on
-/// to the other. Byte counts land in the connection record.
-pub async fn copy_both_ways(
-    mut downstream: TcpStream,
-    mut upstream: TcpStream,
-    record: &mut ConnectionGuard,
-) {
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((sent, received)) => record.finish(sent, received, None),
-        Err(error) => record.finish(0, 0, Some(error.to_string())),
+/// What an inbound connection was admitted for, to ask again when the configuration
+/// changes.
+pub struct Recheck<'a> {
+    pub applied: AppliedRx,
+    pub pod: &'a PodProxy,
+    pub peer: &'a Peer,
+    pub destination: SocketAddr,
+}
+
+impl Recheck<'_> {
+    /// Resolves when a new configuration refuses the connection; never otherwise.
+    async fn refused(mut self) -> Refusal {
+        loop {
+            if self.applied.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let current = self.applied.borrow_and_update().clone();
+            if let Err(refusal) = admission::admit(&current, self.pod, self.peer, self.destination)
+            {
+                info!(workload = %self.pod.key, peer = %self.peer.ip, %refusal,
+                    "closing a connection the configuration no longer admits");
+                return refusal;
+            }
+        }
     }
+}
+
+/// Copies both ways until both sides have closed or, with `recheck`, until the
+/// configuration refuses the connection; either way the record is closed.
+pub async fn relay<C, S>(
+    client: C,
+    server: S,
+    record: &mut ConnectionGuard,
+    recheck: Option<Recheck<'_>>,
+) where
+    C: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite,
+{
+    let copy = copy_both_ways(client, server, record.traffic());
+    let refused = async {
+        match recheck {
+            Some(recheck) => recheck.refused().await,
+            None => std::future::pending().await,
+        }
+    };
+    let error = tokio::select! {
+        result = copy => result.err().map(|e| e.to_string()),
+        refusal = refused => Some(format!("closed: {refusal}")),
+    };
+    record.finish(error);
 }
 
 /// Closes `stream` with a reset rather than a FIN, so the client sees the refusal the

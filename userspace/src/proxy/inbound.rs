@@ -2,22 +2,34 @@
 //! by `sk_lookup` to the pod's listener (15006). The accepted socket's local address is
 //! the destination the client asked for.
 //!
-//! accept → connect to the application with the client's IP → copy. The PeerAuthentication
-//! mode and authorization will decide between accept and connect.
+//! accept → admit (PeerAuthentication mode of the port, then authorization, with no
+//! identity) → connect to the application with the client's IP → relay.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
     PodProxy, Shared,
+    admission::{self, Peer, Refusal},
     connections::{Direction, Path},
-    forward, socket,
+    forward::{self, Recheck},
+    socket,
 };
 
-/// Serves the pod's inbound listener until the pod is released.
-pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Shared) {
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("cannot read the destination of the accepted connection: {0}")]
+    LocalAddr(std::io::Error),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Upstream(#[from] socket::SocketError),
+}
+
+/// Serves the pod's plaintext listener until the pod is released.
+pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared: Shared) {
     super::accept_loop(
         listener,
         "inbound",
@@ -25,7 +37,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Shared) {
         shared,
         |stream, peer, pod, shared| async move {
             if let Err(error) = handle(stream, peer, &pod, &shared).await {
-                debug!(workload = %pod.workload, %error, "inbound connection failed");
+                debug!(workload = %pod.key, %peer, %error, "inbound connection refused or failed");
             }
         },
     )
@@ -34,34 +46,44 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Shared) {
 
 async fn handle(
     stream: TcpStream,
-    peer: SocketAddr,
+    client: SocketAddr,
     pod: &PodProxy,
     shared: &Shared,
-) -> Result<(), socket::SocketError> {
-    let destination = stream
-        .local_addr()
-        .map_err(|source| socket::SocketError::Connect {
-            addr: peer,
-            pod: pod.workload.clone(),
-            source,
-        })?;
+) -> Result<(), InboundError> {
+    let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
     let mut record = shared.connections.open(
         Direction::Inbound,
         Path::PlaintextInbound,
-        &pod.workload,
-        peer,
+        &pod.key,
+        client,
         destination,
         Arc::clone(&pod.stats),
     );
+    let peer = Peer {
+        identity: None,
+        ip: client.ip(),
+    };
+    let applied = shared.applied.borrow().clone();
+    if let Err(refusal) = admission::admit(&applied, pod, &peer, destination) {
+        record.finish(Some(refusal.to_string()));
+        forward::reset(stream);
+        return Err(refusal.into());
+    }
     let upstream =
-        match socket::connect(&pod.netns, destination, socket::Source::Client(peer.ip())).await {
+        match socket::connect(&pod.netns, destination, socket::Source::Client(peer.ip)).await {
             Ok(upstream) => upstream,
             Err(error) => {
-                record.finish(0, 0, Some(error.to_string()));
+                record.finish(Some(error.to_string()));
                 forward::reset(stream);
-                return Err(error);
+                return Err(error.into());
             }
         };
-    forward::copy_both_ways(stream, upstream, &mut record).await;
+    let recheck = Recheck {
+        applied: shared.applied.clone(),
+        pod,
+        peer: &peer,
+        destination,
+    };
+    forward::relay(stream, upstream, &mut record, Some(recheck)).await;
     Ok(())
 }

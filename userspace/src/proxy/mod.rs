@@ -1,12 +1,12 @@
 //! The data path, top down: the kernel redirects a pod's connection (`redirect`), a
-//! listener of that pod accepts it ([`outbound`], [`inbound`]), the proxy finds where it
-//! was going, forwards it from inside the pod's namespace ([`socket`]) and copies bytes
-//! both ways ([`forward`]), recording it in [`connections`].
-//!
-//! Today both hops are plaintext; mutual TLS (HBONE) replaces the pod-to-pod hop in
-//! `outbound::handle` and [`hbone`] terminates it on the receiving side.
+//! listener of that pod accepts it ([`outbound`], [`inbound`], [`hbone::server`]), the
+//! proxy finds where it was going and whether it may ([`admission`]), tunnels it between
+//! node proxies over mutual TLS ([`hbone`]) or forwards it ([`socket`]), and copies bytes
+//! both ways ([`forward`], [`copy`]), recording it in [`connections`].
 
+pub mod admission;
 pub mod connections;
+pub mod copy;
 pub mod forward;
 pub mod hbone;
 pub mod inbound;
@@ -19,21 +19,36 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::OnceCell,
+};
 use tracing::warn;
 
-use crate::{netns::PodNetns, redirect::OrigDstTable};
+use crate::{
+    identity::{SecretManager, SpiffeId},
+    netns::PodNetns,
+    policy::Workload,
+    redirect::OrigDstTable,
+    state::AppliedRx,
+    tls::MeshAcceptor,
+};
 use connections::{ConnectionLog, WorkloadStats};
 
 /// What every listener of one enrolled pod needs to know about it.
-#[derive(Debug)]
 pub struct PodProxy {
     /// `namespace/name`.
-    pub workload: String,
+    pub key: String,
     pub ip: IpAddr,
+    pub identity: SpiffeId,
+    /// The pod as policies select it.
+    pub workload: Workload,
     pub netns: PodNetns,
     pub netns_cookie: u64,
     pub stats: Arc<WorkloadStats>,
+    /// The TLS server side of this pod, built on the first HBONE connection (it waits for
+    /// the pod's first certificate).
+    pub acceptor: OnceCell<MeshAcceptor>,
 }
 
 /// What every listener of the node shares.
@@ -41,6 +56,9 @@ pub struct PodProxy {
 pub struct Shared {
     pub orig_dst: OrigDstTable,
     pub connections: Arc<ConnectionLog>,
+    pub applied: AppliedRx,
+    pub identities: SecretManager,
+    pub pool: hbone::client::Pool,
 }
 
 /// Accepts on `listener` until it is dropped (the pod's tasks are aborted) and hands each
@@ -62,7 +80,7 @@ pub async fn accept_loop<F, Fut>(
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                warn!(workload = %pod.workload, role, %error, "accept failed");
+                warn!(workload = %pod.key, role, %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -1,29 +1,100 @@
 //! Outbound: connections an enrolled pod's applications make, redirected by `connect4` to
 //! the pod's listener on 127.0.0.1:15001.
 //!
-//! accept → recover the original destination → connect from the pod → copy.
+//! accept → recover the original destination → [`decide`] the route (pure) → forward: as
+//! HBONE to an enrolled destination, as plain TCP from the pod to anything else.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
-use tokio::net::{TcpListener, TcpStream};
+use ambit_common::ports;
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
     PodProxy, Shared,
     connections::{Direction, Path},
-    forward, socket,
+    forward, hbone, socket,
 };
+use crate::{destinations::Destinations, identity::SpiffeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
     #[error("no original destination recorded for {peer} (connection not redirected by ambit?)")]
     NoOrigDst { peer: SocketAddr },
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Upstream(#[from] socket::SocketError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] hbone::HboneError),
+}
+
+/// Where a captured connection goes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Route {
+    /// Plain TCP from the pod: the destination is not in the mesh.
+    Direct(SocketAddr),
+    /// A tunnel through the destination pod's proxy.
+    Hbone {
+        /// The destination proxy's HBONE address (`pod IP:15008`).
+        gateway: SocketAddr,
+        /// The application address inside the destination pod (the `:authority`).
+        target: SocketAddr,
+        /// Identities the destination proxy may present (secure naming).
+        allowed: Vec<SpiffeId>,
+    },
+    /// Nowhere: a service without usable endpoints.
+    Refuse(String),
+}
+
+/// The route to `destination`: a service address resolves to one of its endpoints (chosen
+/// by `pick`), a pod address to that pod; enrolled endpoints are reached by HBONE.
+pub fn decide(destinations: &Destinations, destination: SocketAddr, pick: usize) -> Route {
+    if let Some(service) = destinations.service(destination) {
+        let port = match &service.target_port {
+            Ok(port) => *port,
+            Err(reason) => return Route::Refuse(format!("{}: {reason}", service.service)),
+        };
+        if service.endpoints.is_empty() {
+            return Route::Refuse(format!("{} has no endpoints", service.service));
+        }
+        let endpoint = &service.endpoints[pick % service.endpoints.len()];
+        let target = SocketAddr::new(endpoint.ip, port);
+        if endpoint.identity.is_none() {
+            return Route::Direct(target);
+        }
+        // Any workload behind the service may answer for it.
+        let mut allowed: Vec<SpiffeId> = service
+            .endpoints
+            .iter()
+            .filter_map(|e| e.identity.clone())
+            .collect();
+        allowed.sort();
+        allowed.dedup();
+        return hbone_route(endpoint.ip, target, allowed);
+    }
+    match destinations
+        .pod(destination.ip())
+        .and_then(|p| p.identity.clone())
+    {
+        Some(identity) => hbone_route(destination.ip(), destination, vec![identity]),
+        None => Route::Direct(destination),
+    }
+}
+
+fn hbone_route(pod: IpAddr, target: SocketAddr, allowed: Vec<SpiffeId>) -> Route {
+    Route::Hbone {
+        gateway: SocketAddr::new(pod, ports::INBOUND_HBONE),
+        target,
+        allowed,
+    }
 }
 
 /// Serves the pod's outbound listener until the pod is released.
-pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Shared) {
+pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared: Shared) {
     super::accept_loop(
         listener,
         "outbound",
@@ -31,7 +102,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Shared) {
         shared,
         |stream, peer, pod, shared| async move {
             if let Err(error) = handle(stream, peer, &pod, &shared).await {
-                warn!(workload = %pod.workload, %error, "outbound connection failed");
+                warn!(workload = %pod.key, %error, "outbound connection failed");
             }
         },
     )
@@ -48,24 +119,50 @@ async fn handle(
         forward::reset(stream);
         return Err(OutboundError::NoOrigDst { peer });
     };
-    let source = SocketAddr::new(pod.ip, peer.port());
+    let route = decide(
+        &shared.applied.borrow().destinations,
+        destination,
+        usize::from(peer.port()),
+    );
+    debug!(workload = %pod.key, %destination, ?route, "outbound");
+    let path = match route {
+        Route::Hbone { .. } => Path::Hbone,
+        Route::Direct(_) | Route::Refuse(_) => Path::Plaintext,
+    };
     let mut record = shared.connections.open(
         Direction::Outbound,
-        Path::Plaintext,
-        &pod.workload,
-        source,
+        path,
+        &pod.key,
+        SocketAddr::new(pod.ip, peer.port()),
         destination,
         Arc::clone(&pod.stats),
     );
-    debug!(workload = %pod.workload, %destination, "outbound");
-    let upstream = match socket::connect(&pod.netns, destination, socket::Source::Pod).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            record.finish(0, 0, Some(error.to_string()));
-            forward::reset(stream);
-            return Err(error.into());
-        }
+    let error = match route {
+        Route::Direct(addr) => match socket::connect(&pod.netns, addr, socket::Source::Pod).await {
+            Ok(upstream) => {
+                forward::relay(stream, upstream, &mut record, None).await;
+                return Ok(());
+            }
+            Err(error) => OutboundError::from(error),
+        },
+        Route::Hbone {
+            gateway,
+            target,
+            allowed,
+        } => match shared
+            .pool
+            .open(pod, &shared.identities, allowed, gateway, target)
+            .await
+        {
+            Ok(tunnel) => {
+                forward::relay(stream, tunnel, &mut record, None).await;
+                return Ok(());
+            }
+            Err(error) => OutboundError::from(error),
+        },
+        Route::Refuse(reason) => OutboundError::Refused(reason),
     };
-    forward::copy_both_ways(stream, upstream, &mut record).await;
-    Ok(())
+    record.finish(Some(error.to_string()));
+    forward::reset(stream);
+    Err(error)
 }
