@@ -13,5 +13,5 @@ mod node;
 mod run;
 
 pub use agent::Agent;
-pub use node::{Node, Pod};
+pub use node::{Capture, Node, Pod};
 pub use run::{Binaries, CurlResult, command_line};

@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{Binaries, Node, Pod};
+use crate::{Binaries, CurlResult, Node, Pod};
 
 pub const HTTP_PORT: u16 = 8000;
+/// A second port every `httpbin` serves, for port-level policies.
+pub const OTHER_PORT: u16 = 9000;
 /// Namespaces of the scenario, in the order of [`Mesh::sleep`] and [`Mesh::httpbin`].
 pub const NAMESPACES: [(&str, bool); 3] = [("foo", true), ("bar", true), ("legacy", false)];
 pub const FOO: usize = 0;
@@ -31,6 +33,7 @@ impl Mesh {
             sleep.push(node.pod_with(namespace, "sleep", "sleep", &[("app", "sleep")])?);
             let server = node.pod_with(namespace, "httpbin", "httpbin", &[("app", "httpbin")])?;
             node.serve_http(&server, HTTP_PORT)?;
+            node.serve_http(&server, OTHER_PORT)?;
             httpbin.push(server);
         }
         node.start_agent()?;
@@ -45,6 +48,35 @@ impl Mesh {
     /// `http://<httpbin of namespace index to>:8000<path>`.
     pub fn url(&self, to: usize, path: &str) -> String {
         format!("http://{}:{HTTP_PORT}{path}", self.httpbin[to].ip)
+    }
+
+    /// `curl http://<httpbin>:<port>/ip` from every `sleep` to every `httpbin`:
+    /// `result[from][to]`.
+    pub fn matrix(&self, port: u16) -> anyhow::Result<Vec<Vec<CurlResult>>> {
+        self.sleep
+            .iter()
+            .map(|client| {
+                self.httpbin
+                    .iter()
+                    .map(|server| {
+                        self.node
+                            .curl(Some(client), &format!("http://{}:{port}/ip", server.ip))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The matrix as HTTP codes, `codes[from][to]`.
+    pub fn codes(&self, port: u16) -> anyhow::Result<[[u16; 3]; 3]> {
+        let matrix = self.matrix(port)?;
+        let mut codes = [[0; 3]; 3];
+        for (from, row) in matrix.iter().enumerate() {
+            for (to, result) in row.iter().enumerate() {
+                codes[from][to] = result.code;
+            }
+        }
+        Ok(codes)
     }
 
     /// Every connection the proxy recorded, in the order it saw them.

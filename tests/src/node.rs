@@ -34,6 +34,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `ip netns` name.
     pub netns: String,
+    /// The node side of the pod's veth pair, in the node namespace.
+    pub veth: String,
 }
 
 impl Pod {
@@ -132,8 +134,9 @@ impl Node {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             netns: format!("ambit-{}-p{index}", self.id),
+            veth: format!("veth{index}"),
         };
-        let (node, netns, veth) = (&self.netns, &pod.netns, format!("veth{index}"));
+        let (node, netns, veth) = (&self.netns, &pod.netns, pod.veth.clone());
         ip(&["netns", "add", netns])?;
         self.pods.push(pod.clone());
         ip(&[
@@ -263,6 +266,34 @@ impl Node {
         Ok(())
     }
 
+    /// Removes one file of the config directory.
+    pub fn remove_file(&self, name: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.config_dir.join(name))
+            .with_context(|| format!("cannot remove {name} from the config directory"))
+    }
+
+    /// Starts `tcpdump` on `pod`'s veth (in the node namespace), writing packets to a file;
+    /// [`Capture::finish`] stops it and returns the bytes captured.
+    pub fn capture(&mut self, pod: &Pod) -> anyhow::Result<Capture> {
+        let file = self.config_dir.with_extension(format!("{}.pcap", pod.veth));
+        let log = file.with_extension("log");
+        let mut cmd = self.node_command("tcpdump");
+        cmd.args(["-i", &pod.veth, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let child = cmd.spawn().context("cannot start tcpdump")?;
+        let capture = Capture { child, file, log };
+        // tcpdump says "listening on ..." once the capture is armed.
+        for _ in 0..100 {
+            let said = std::fs::read_to_string(&capture.log).unwrap_or_default();
+            if said.contains("listening on") {
+                return Ok(capture);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("tcpdump did not start within 5 s")
+    }
     /// Writes `namespaces.yaml` and `pods.yaml` from the node's model.
     fn write_config(&self) -> anyhow::Result<()> {
         let mut namespaces = String::new();
@@ -338,6 +369,34 @@ impl Drop for Node {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(self.config_dir.with_extension("agent.log"));
         }
+    }
+}
+
+/// A running packet capture.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    /// tcpdump's messages.
+    log: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture (SIGINT, so tcpdump flushes) and returns the raw pcap bytes.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        // Give the last packets time to be written.
+        std::thread::sleep(Duration::from_millis(200));
+        check(Command::new("kill").args(["-INT", &self.child.id().to_string()]))?;
+        self.child.wait()?;
+        std::fs::read(&self.file).context("tcpdump wrote no capture")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

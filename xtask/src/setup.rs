@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "openssl",
     "util-linux",
+    "tcpdump",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

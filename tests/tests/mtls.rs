@@ -1,0 +1,277 @@
+//! End to end: the mutual TLS data path and Istio's PeerAuthentication and
+//! AuthorizationPolicy, step by step as in Istio's mutual TLS migration task, on a node with
+//! `foo` and `bar` enrolled and `legacy` not.
+
+use std::time::Duration;
+
+use ambit_tests::{
+    Binaries,
+    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT, within},
+};
+use serde_json::Value;
+
+fn mesh() -> Mesh {
+    let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
+    let binaries = Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
+        .expect("ambit binaries are built");
+    Mesh::new(binaries).expect("mesh")
+}
+
+/// 200 everywhere but where `refused` says.
+fn expect(refused: &[(usize, usize)]) -> [[u16; 3]; 3] {
+    let mut codes = [[200; 3]; 3];
+    for (from, to) in refused {
+        codes[*from][*to] = 0;
+    }
+    codes
+}
+
+/// Waits (up to 3 s: config changes apply within a second) for the matrix on `port` to
+/// become `expected`, and fails showing the last one seen.
+fn assert_matrix(mesh: &Mesh, port: u16, expected: [[u16; 3]; 3]) {
+    let mut last = [[0; 3]; 3];
+    let reached = within(Duration::from_secs(3), || {
+        last = mesh.codes(port).expect("curl");
+        last == expected
+    });
+    assert!(
+        reached.is_some(),
+        "port {port}: rows are from foo, bar, legacy sleep; columns to foo, bar, legacy httpbin\nexpected {expected:?}\n     got {last:?}"
+    );
+}
+
+const MESH_STRICT: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+
+const FOO_STRICT: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: foo}
+spec: {mtls: {mode: STRICT}}
+";
+
+#[test]
+fn without_policy_every_pair_answers_with_the_client_ip() {
+    let mesh = mesh();
+    let matrix = mesh.matrix(HTTP_PORT).unwrap();
+    for (from, row) in matrix.iter().enumerate() {
+        for (to, result) in row.iter().enumerate() {
+            assert_eq!(result.code, 200, "from {from} to {to}: {result:?}");
+            let body: Value = serde_json::from_str(&result.body).unwrap();
+            assert_eq!(
+                body["origin"],
+                mesh.sleep[from].ip.to_string(),
+                "from {from} to {to}"
+            );
+        }
+    }
+    let outbound = mesh.recorded("foo/sleep", "outbound").unwrap();
+    let paths: Vec<&str> = outbound.iter().filter_map(|c| c["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["hbone", "hbone", "plaintext"],
+        "foo → foo, bar: HBONE; → legacy: plain"
+    );
+}
+
+#[test]
+fn traffic_between_enrolled_pods_is_encrypted_on_the_wire() {
+    let mut mesh = mesh();
+    let marker = format!("X-Ambit-Marker: plaintext-{}", mesh.node.id);
+    let send = |mesh: &Mesh, from: usize, to: usize| {
+        let mut cmd = mesh.node.command(&mesh.sleep[from], "curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-H",
+            &marker,
+            &mesh.url(to, "/headers"),
+        ]);
+        assert!(cmd.status().unwrap().success());
+    };
+    let contains = |haystack: &[u8]| {
+        haystack
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes())
+    };
+
+    // The capture sees plaintext where there is some: legacy → legacy crosses the veth bare.
+    let server = mesh.httpbin[LEGACY].clone();
+    let capture = mesh.node.capture(&server).unwrap();
+    send(&mesh, LEGACY, LEGACY);
+    let packets = capture.finish().unwrap();
+    assert!(
+        contains(&packets),
+        "the capture must see plaintext traffic ({} bytes)",
+        packets.len()
+    );
+
+    let server = mesh.httpbin[BAR].clone();
+    let capture = mesh.node.capture(&server).unwrap();
+    send(&mesh, FOO, BAR);
+    let packets = capture.finish().unwrap();
+    assert!(packets.len() > 1000, "the HBONE exchange crossed the veth");
+    assert!(
+        !contains(&packets),
+        "foo → bar crossed the wire in plaintext"
+    );
+}
+
+#[test]
+fn mesh_wide_strict_refuses_plaintext_clients_only() {
+    let mesh = mesh();
+    mesh.node
+        .write_file("peer-authn.yaml", MESH_STRICT)
+        .unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
+    let refused = mesh.recorded("foo/httpbin", "inbound").unwrap();
+    assert!(
+        refused
+            .iter()
+            .any(|c| c["error"].as_str().is_some_and(|e| e.contains("STRICT"))),
+        "the refusal says why: {refused:#?}"
+    );
+}
+
+#[test]
+fn namespace_strict_refuses_plaintext_to_that_namespace_only() {
+    let mesh = mesh();
+    mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
+}
+
+#[test]
+fn port_level_disable_reopens_one_port_under_namespace_strict() {
+    let mesh = mesh();
+    let policy = format!(
+        "{FOO_STRICT}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: httpbin, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  mtls: {{mode: STRICT}}
+  portLevelMtls: {{8000: {{mode: DISABLE}}}}
+"
+    );
+    mesh.node.write_file("peer-authn.yaml", &policy).unwrap();
+    assert_matrix(&mesh, OTHER_PORT, expect(&[(LEGACY, FOO)]));
+    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+}
+
+#[test]
+fn workload_permissive_overrides_namespace_strict() {
+    let mesh = mesh();
+    mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
+    let workload = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  mtls: {mode: PERMISSIVE}
+";
+    mesh.node
+        .write_file("workload-authn.yaml", workload)
+        .unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+}
+
+const ALLOW_BAR_SLEEP: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-bar-sleep, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bar/sa/sleep"]}}]
+    to: [{operation: {ports: ["8000"]}}]
+"#;
+
+const DENY_BAR: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-bar, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: ["bar"]}}]
+"#;
+
+#[test]
+fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
+    let mesh = mesh();
+    mesh.node.write_file("allow.yaml", ALLOW_BAR_SLEEP).unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[(FOO, FOO), (LEGACY, FOO)]));
+    let denied = mesh.recorded("foo/httpbin", "inbound").unwrap();
+    assert!(
+        denied.iter().any(|c| c["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("foo/allow-bar-sleep"))),
+        "the refusal names the policy: {denied:#?}"
+    );
+
+    mesh.node.write_file("deny.yaml", DENY_BAR).unwrap();
+    assert_matrix(
+        &mesh,
+        HTTP_PORT,
+        expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]),
+    );
+
+    mesh.node.remove_file("allow.yaml").unwrap();
+    mesh.node.remove_file("deny.yaml").unwrap();
+    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+}
+
+#[test]
+fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
+    let mut mesh = mesh();
+    // A long-lived connection from bar/sleep to foo/httpbin:8000, kept open by a server that
+    // does not answer: curl waits for the response.
+    let mut cmd = mesh.node.command(&mesh.sleep[BAR], "curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg(format!("telnet://{}:{}", mesh.httpbin[FOO].ip, OTHER_PORT))
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let mut client = cmd.spawn().unwrap();
+    let live = within(Duration::from_secs(3), || {
+        mesh.connections().unwrap().iter().any(|c| {
+            c["workload"] == "foo/httpbin"
+                && c["closed_ms"].is_null()
+                && c["path"] == "hbone-inbound"
+        })
+    });
+    assert!(live.is_some(), "the long-lived connection is open");
+
+    mesh.node.write_file("deny.yaml", DENY_BAR).unwrap();
+    let closed = within(Duration::from_millis(1500), || {
+        mesh.connections().unwrap().iter().any(|c| {
+            c["workload"] == "foo/httpbin"
+                && c["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("foo/deny-bar"))
+        })
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(closed.is_some(), "{:#?}", mesh.connections().unwrap());
+    mesh.node.remove_file("deny.yaml").unwrap();
+}
