@@ -26,7 +26,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub(crate) fn start(node: &Node) -> anyhow::Result<Self> {
+    pub(crate) fn start(node: &Node, extra: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
         let (admin, readiness) = (free_port()?, free_port()?);
         let log = node.config_dir.with_extension("agent.log");
         let child = Command::new(&node.binaries.ambit)
@@ -39,6 +39,8 @@ impl Agent {
             .arg(&node.pin_dir)
             .arg("--state-dir")
             .arg(node.state_dir())
+            .args(["--node-name", &node.id])
+            .args(extra)
             .args(["--admin-addr", &admin.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
             .env("RUST_LOG", "info,ambit=debug")

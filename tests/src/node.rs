@@ -18,8 +18,12 @@ use crate::{
     run::{Binaries, CurlResult, check, ip},
 };
 
-/// The bridge's address; pods get the following addresses of the /24.
+/// The bridge's address of the first node; its pods get the following addresses of the
+/// /24. A node that [`Node::join`]s it takes [`JOINED_NODE_IP`] and pods from
+/// [`JOINED_FIRST_HOST`] on, on the same layer-2 segment.
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 44, 0, 1);
+const JOINED_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 44, 0, 254);
+const JOINED_FIRST_HOST: u8 = 100;
 const PREFIX: u8 = 24;
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
@@ -36,6 +40,8 @@ pub struct Pod {
     pub netns: String,
     /// The node side of the pod's veth pair, in the node namespace.
     pub veth: String,
+    /// The id of the node the pod runs on (`spec.nodeName`).
+    pub node: String,
 }
 
 impl Pod {
@@ -53,8 +59,13 @@ pub struct Node {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub config_dir: PathBuf,
+    /// This node's address on the bridge, and the host number of its first pod.
+    ip: Ipv4Addr,
+    first_host: u8,
     namespaces: BTreeMap<String, bool>,
     pods: Vec<Pod>,
+    /// Pods of other nodes this node's configuration knows about.
+    remote_pods: Vec<Pod>,
     processes: Vec<Child>,
     agent: Option<Agent>,
 }
@@ -63,6 +74,34 @@ impl Node {
     /// Creates the node namespace with its bridge, a cgroup for the pods' processes, and an
     /// empty config directory.
     pub fn new(binaries: Binaries) -> anyhow::Result<Self> {
+        Self::create(binaries, NODE_IP, 2)
+    }
+
+    /// A second node on this node's layer-2 segment (the two bridges are linked), with
+    /// its own agent, cgroup and configuration.
+    pub fn join(&self) -> anyhow::Result<Self> {
+        let node = Self::create(self.binaries.clone(), JOINED_NODE_IP, JOINED_FIRST_HOST)?;
+        ip(&[
+            "-n",
+            &self.netns,
+            "link",
+            "add",
+            "uplink",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "uplink",
+            "netns",
+            &node.netns,
+        ])?;
+        for netns in [&self.netns, &node.netns] {
+            ip(&["-n", netns, "link", "set", "uplink", "master", "br0", "up"])?;
+        }
+        Ok(node)
+    }
+
+    fn create(binaries: Binaries, node_ip: Ipv4Addr, first_host: u8) -> anyhow::Result<Self> {
         let id = format!(
             "{:x}{}",
             std::process::id() & 0xffff,
@@ -76,8 +115,11 @@ impl Node {
             config_dir: std::env::temp_dir().join(format!("ambit-test-{id}")),
             id,
             binaries,
+            ip: node_ip,
+            first_host,
             namespaces: BTreeMap::new(),
             pods: Vec::new(),
+            remote_pods: Vec::new(),
             processes: Vec::new(),
             agent: None,
         };
@@ -91,7 +133,7 @@ impl Node {
             &n,
             "addr",
             "add",
-            &format!("{NODE_IP}/{PREFIX}"),
+            &format!("{node_ip}/{PREFIX}"),
             "dev",
             "br0",
         ])?;
@@ -122,8 +164,11 @@ impl Node {
         labels: &[(&str, &str)],
     ) -> anyhow::Result<Pod> {
         let index = self.pods.len();
-        let host_octet = u8::try_from(index + 2).context("too many pods on one node")?;
-        let [a, b, c, _] = NODE_IP.octets();
+        let host_octet = u8::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_add(self.first_host))
+            .context("too many pods on one node")?;
+        let [a, b, c, _] = self.ip.octets();
         let pod = Pod {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -135,6 +180,7 @@ impl Node {
                 .collect(),
             netns: format!("ambit-{}-p{index}", self.id),
             veth: format!("veth{index}"),
+            node: self.id.clone(),
         };
         let (node, netns, veth) = (&self.netns, &pod.netns, pod.veth.clone());
         ip(&["netns", "add", netns])?;
@@ -162,7 +208,7 @@ impl Node {
             "add",
             "default",
             "via",
-            &NODE_IP.to_string(),
+            &self.ip.to_string(),
         ])?;
         self.write_config()?;
         Ok(pod)
@@ -186,7 +232,19 @@ impl Node {
 
     /// The node's own address on the bridge.
     pub fn ip(&self) -> Ipv4Addr {
-        NODE_IP
+        self.ip
+    }
+
+    /// Adds a pod of another node to this node's configuration, as a cluster-wide source
+    /// would show it; `service_account` overrides the pod's own (a configuration that lies).
+    pub fn learn(&mut self, pod: &Pod, service_account: Option<&str>) -> anyhow::Result<()> {
+        let mut pod = pod.clone();
+        if let Some(sa) = service_account {
+            pod.service_account = sa.to_owned();
+        }
+        self.remote_pods.retain(|p| p.netns != pod.netns);
+        self.remote_pods.push(pod);
+        self.write_config()
     }
 
     /// A command that runs inside `pod`: in its network namespace and in the node's cgroup,
@@ -238,10 +296,15 @@ impl Node {
 
     /// Starts the agent for this node and waits until it is ready.
     pub fn start_agent(&mut self) -> anyhow::Result<&Agent> {
+        self.start_agent_with(&[])
+    }
+
+    /// Starts the agent with extra `ambit run` arguments.
+    pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<&Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let agent = Agent::start(self)?;
+        let agent = Agent::start(self, args)?;
         Ok(self.agent.insert(agent))
     }
 
@@ -310,7 +373,7 @@ impl Node {
         }
         self.write_file("namespaces.yaml", &namespaces)?;
         let mut pods = String::new();
-        for pod in &self.pods {
+        for pod in self.pods.iter().chain(&self.remote_pods) {
             let labels: Vec<String> = pod
                 .labels
                 .iter()
@@ -318,12 +381,13 @@ impl Node {
                 .collect();
             write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}}}\nstatus: {{podIP: {}}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}\n",
                 pod.name,
                 pod.namespace,
                 labels.join(", "),
                 pod.netns_path().display(),
                 pod.service_account,
+                pod.node,
                 pod.ip
             )?;
         }

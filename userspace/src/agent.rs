@@ -107,6 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shared,
         identity.manager.clone(),
         trust_domain.clone(),
+        args.node_name.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
 

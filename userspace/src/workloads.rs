@@ -68,6 +68,8 @@ pub enum Redirection {
     NotEnrolled,
     /// The pod is labelled `ambit.io/mesh=disabled`.
     OptedOut,
+    /// Enrolled, and served by the agent of the node it runs on (`spec.nodeName`).
+    OtherNode,
     /// Enrolled, but setting it up failed; retried.
     Failed(String),
 }
@@ -103,6 +105,7 @@ pub struct WorkloadManager {
     /// enrolled.
     identities: SecretManager,
     trust_domain: String,
+    node_name: String,
     enrolled: BTreeMap<String, EnrolledPod>,
     table: WorkloadTable,
 }
@@ -113,12 +116,14 @@ impl WorkloadManager {
         shared: Shared,
         identities: SecretManager,
         trust_domain: String,
+        node_name: String,
     ) -> Self {
         Self {
             redirector,
             shared,
             identities,
             trust_domain,
+            node_name,
             enrolled: BTreeMap::new(),
             table: WorkloadTable::default(),
         }
@@ -145,7 +150,7 @@ impl WorkloadManager {
                 snapshot
                     .pods
                     .get(*key)
-                    .is_none_or(|pod| !snapshot.is_enrolled(pod) || *pod != e.pod)
+                    .is_none_or(|pod| !self.serves(snapshot, pod) || *pod != e.pod)
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -161,6 +166,8 @@ impl WorkloadManager {
                 Redirection::OptedOut
             } else if !snapshot.is_enrolled(pod) {
                 Redirection::NotEnrolled
+            } else if !self.is_local(pod) {
+                Redirection::OtherNode
             } else if self.enrolled.contains_key(key) {
                 Redirection::Redirected
             } else {
@@ -201,6 +208,17 @@ impl WorkloadManager {
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
         self.release_leftovers();
+    }
+
+    /// True for pods of this node: those naming it in `spec.nodeName`, or naming no node
+    /// (a single-node configuration).
+    fn is_local(&self, pod: &Pod) -> bool {
+        pod.node_name.as_ref().is_none_or(|n| *n == self.node_name)
+    }
+
+    /// True for the pods this agent redirects.
+    fn serves(&self, snapshot: &Snapshot, pod: &Pod) -> bool {
+        snapshot.is_enrolled(pod) && self.is_local(pod)
     }
 
     async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {

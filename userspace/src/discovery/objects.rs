@@ -57,6 +57,8 @@ pub struct Pod {
     pub ip: Option<IpAddr>,
     /// From [`NETNS_ANNOTATION`].
     pub netns: Option<PathBuf>,
+    /// `spec.nodeName`: the node running the pod; only that node's agent enrolls it.
+    pub node_name: Option<String>,
 }
 
 impl Pod {
@@ -105,6 +107,8 @@ pub enum TargetPort {
 struct PodSpec {
     #[serde(default)]
     service_account_name: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +225,7 @@ impl Pod {
                 .map(PathBuf::from),
             name: metadata.name,
             labels: metadata.labels,
+            node_name: spec.as_ref().and_then(|s| s.node_name.clone()),
             service_account: spec
                 .and_then(|s| s.service_account_name)
                 .unwrap_or_else(|| "default".to_owned()),
