@@ -234,7 +234,7 @@ fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
 
 #[test]
 fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
-    let mut mesh = mesh();
+    let mesh = mesh();
     // A long-lived connection from bar/sleep to foo/httpbin:8000, kept open by a server that
     // does not answer: curl waits for the response.
     let mut cmd = mesh.node.command(&mesh.sleep[BAR], "curl");
