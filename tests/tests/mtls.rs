@@ -235,8 +235,8 @@ fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
 #[test]
 fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
     let mesh = mesh();
-    // A long-lived connection from bar/sleep to foo/httpbin:8000, kept open by a server that
-    // does not answer: curl waits for the response.
+    // A long-lived connection from bar/sleep to foo/httpbin:9000: curl's telnet mode sends
+    // nothing while its stdin stays open, and the server waits for a request.
     let mut cmd = mesh.node.command(&mesh.sleep[BAR], "curl");
     cmd.args([
         "-sS",
@@ -274,4 +274,36 @@ fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
     let _ = client.wait();
     assert!(closed.is_some(), "{:#?}", mesh.connections().unwrap());
     mesh.node.remove_file("deny.yaml").unwrap();
+}
+
+#[test]
+fn a_service_address_reaches_its_enrolled_endpoint_over_hbone() {
+    let mesh = mesh();
+    let service = "
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: httpbin}
+  ports: [{name: http, port: 80, targetPort: 8000}]
+";
+    mesh.node.write_file("service.yaml", service).unwrap();
+    let client = &mesh.sleep[BAR];
+    let mut result = None;
+    let reached = within(Duration::from_secs(3), || {
+        let r = mesh
+            .node
+            .curl(Some(client), "http://10.96.0.10:80/ip")
+            .unwrap();
+        let ok = r.code == 200;
+        result = Some(r);
+        ok
+    });
+    assert!(reached.is_some(), "{result:?}");
+    assert!(result.unwrap().body.contains(&client.ip.to_string()));
+    let outbound = mesh.recorded("bar/sleep", "outbound").unwrap();
+    let last = outbound.last().expect("recorded");
+    assert_eq!(last["destination"], "10.96.0.10:80");
+    assert_eq!(last["path"], "hbone");
 }

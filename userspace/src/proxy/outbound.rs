@@ -166,3 +166,121 @@ async fn handle(
     forward::reset(stream);
     Err(error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::DirState;
+
+    const CONFIG: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {ambit.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: foo, labels: {app: web}}
+spec: {serviceAccountName: web}
+status: {podIP: 10.0.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: foo, labels: {app: web}}
+spec: {serviceAccountName: web-canary}
+status: {podIP: 10.0.0.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {app: old}}
+status: {podIP: 10.0.0.21}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: foo}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: legacy}
+spec: {clusterIP: 10.96.0.2, selector: {app: old}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: foo}
+spec: {clusterIP: 10.96.0.3, selector: {app: nothing}, ports: [{port: 80}]}
+";
+
+    fn destinations() -> Destinations {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
+        let snapshot = DirState::load_strict(dir.path()).unwrap();
+        Destinations::new(&snapshot, "cluster.local")
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "foo", sa).unwrap()
+    }
+
+    fn hbone(pod: &str, target: &str, allowed: &[&str]) -> Route {
+        Route::Hbone {
+            gateway: addr(&format!("{pod}:15008")),
+            target: addr(target),
+            allowed: allowed.iter().map(|sa| id(sa)).collect(),
+        }
+    }
+
+    #[test]
+    fn routes_from_a_table() {
+        let d = destinations();
+        let cases: &[(&str, usize, Route)] = &[
+            (
+                "10.0.0.11:8080",
+                0,
+                hbone("10.0.0.11", "10.0.0.11:8080", &["web"]),
+            ),
+            ("10.0.0.21:80", 0, Route::Direct(addr("10.0.0.21:80"))),
+            ("192.0.2.1:443", 0, Route::Direct(addr("192.0.2.1:443"))),
+            // A service resolves to an endpoint; any of its workloads may answer.
+            (
+                "10.96.0.1:80",
+                0,
+                hbone("10.0.0.11", "10.0.0.11:8080", &["web", "web-canary"]),
+            ),
+            (
+                "10.96.0.1:80",
+                1,
+                hbone("10.0.0.12", "10.0.0.12:8080", &["web", "web-canary"]),
+            ),
+            ("10.96.0.2:80", 0, Route::Direct(addr("10.0.0.21:80"))),
+            (
+                "10.96.0.3:80",
+                0,
+                Route::Refuse("foo/empty has no endpoints".into()),
+            ),
+            (
+                "10.96.0.1:81",
+                0,
+                Route::Refuse(
+                    "foo/web: named targetPort \"http\" is not supported; use a number".into(),
+                ),
+            ),
+            // A port the service does not expose is not the service.
+            ("10.96.0.1:82", 0, Route::Direct(addr("10.96.0.1:82"))),
+        ];
+        for (destination, pick, expected) in cases {
+            assert_eq!(
+                &decide(&d, addr(destination), *pick),
+                expected,
+                "{destination} pick {pick}"
+            );
+        }
+    }
+}
