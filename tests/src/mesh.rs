@@ -125,3 +125,68 @@ pub fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durati
     }
     None
 }
+
+/// The policies of the seed's tasks (Istio's mutual TLS migration and authorization), as
+/// the tests and the demo apply them.
+pub mod policies {
+    /// Mesh-wide STRICT mutual TLS (the root namespace's PeerAuthentication).
+    pub const MESH_STRICT: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+
+    /// STRICT mutual TLS for namespace `foo`.
+    pub const FOO_STRICT: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: foo}
+spec: {mtls: {mode: STRICT}}
+";
+
+    /// `foo`'s httpbin: STRICT, but plaintext allowed on port 8000.
+    pub const FOO_HTTPBIN_8000_DISABLE: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  mtls: {mode: STRICT}
+  portLevelMtls: {8000: {mode: DISABLE}}
+";
+
+    /// `foo`'s httpbin: PERMISSIVE, overriding a namespace policy.
+    pub const FOO_HTTPBIN_PERMISSIVE: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  mtls: {mode: PERMISSIVE}
+";
+
+    /// `foo`'s httpbin accepts only `bar`'s sleep, on port 8000.
+    pub const ALLOW_BAR_SLEEP: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-bar-sleep, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bar/sa/sleep"]}}]
+    to: [{operation: {ports: ["8000"]}}]
+"#;
+
+    /// Nothing in `foo` accepts connections from namespace `bar`.
+    pub const DENY_BAR: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-bar, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: ["bar"]}}]
+"#;
+}

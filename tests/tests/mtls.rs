@@ -6,7 +6,14 @@ use std::time::Duration;
 
 use ambit_tests::{
     Binaries,
-    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT, within},
+    mesh::{
+        BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+        policies::{
+            ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE,
+            FOO_STRICT, MESH_STRICT,
+        },
+        within,
+    },
 };
 use serde_json::Value;
 
@@ -39,20 +46,6 @@ fn assert_matrix(mesh: &Mesh, port: u16, expected: [[u16; 3]; 3]) {
         "port {port}: rows are from foo, bar, legacy sleep; columns to foo, bar, legacy httpbin\nexpected {expected:?}\n     got {last:?}"
     );
 }
-
-const MESH_STRICT: &str = "
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec: {mtls: {mode: STRICT}}
-";
-
-const FOO_STRICT: &str = "
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: foo}
-spec: {mtls: {mode: STRICT}}
-";
 
 #[test]
 fn without_policy_every_pair_answers_with_the_client_ip() {
@@ -150,17 +143,7 @@ fn namespace_strict_refuses_plaintext_to_that_namespace_only() {
 #[test]
 fn port_level_disable_reopens_one_port_under_namespace_strict() {
     let mesh = mesh();
-    let policy = format!(
-        "{FOO_STRICT}---
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {{name: httpbin, namespace: foo}}
-spec:
-  selector: {{matchLabels: {{app: httpbin}}}}
-  mtls: {{mode: STRICT}}
-  portLevelMtls: {{8000: {{mode: DISABLE}}}}
-"
-    );
+    let policy = format!("{FOO_STRICT}---{FOO_HTTPBIN_8000_DISABLE}");
     mesh.node.write_file("peer-authn.yaml", &policy).unwrap();
     assert_matrix(&mesh, OTHER_PORT, expect(&[(LEGACY, FOO)]));
     assert_matrix(&mesh, HTTP_PORT, expect(&[]));
@@ -171,41 +154,11 @@ fn workload_permissive_overrides_namespace_strict() {
     let mesh = mesh();
     mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
     assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
-    let workload = "
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: httpbin, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  mtls: {mode: PERMISSIVE}
-";
     mesh.node
-        .write_file("workload-authn.yaml", workload)
+        .write_file("workload-authn.yaml", FOO_HTTPBIN_PERMISSIVE)
         .unwrap();
     assert_matrix(&mesh, HTTP_PORT, expect(&[]));
 }
-
-const ALLOW_BAR_SLEEP: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-bar-sleep, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/bar/sa/sleep"]}}]
-    to: [{operation: {ports: ["8000"]}}]
-"#;
-
-const DENY_BAR: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-bar, namespace: foo}
-spec:
-  action: DENY
-  rules:
-  - from: [{source: {namespaces: ["bar"]}}]
-"#;
 
 #[test]
 fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
