@@ -244,7 +244,8 @@ spec:
     mesh.node.write_file("service.yaml", service).unwrap();
     let client = &mesh.sleep[BAR];
     let mut result = None;
-    let reached = within(Duration::from_secs(3), || {
+    // Until the service is applied the address leads nowhere and curl times out (3 s).
+    let reached = within(Duration::from_secs(7), || {
         let r = mesh
             .node
             .curl(Some(client), "http://10.96.0.10:80/ip")
@@ -259,4 +260,24 @@ spec:
     let last = outbound.last().expect("recorded");
     assert_eq!(last["destination"], "10.96.0.10:80");
     assert_eq!(last["path"], "hbone");
+}
+
+#[test]
+fn a_refusing_application_is_reported_as_503_by_the_destination_proxy() {
+    let mesh = mesh();
+    let url = format!("http://{}:7777/", mesh.httpbin[BAR].ip);
+    let result = mesh.node.curl(Some(&mesh.sleep[FOO]), &url).unwrap();
+    assert_eq!(result.code, 0, "nothing listens on 7777: {result:?}");
+    let outbound = mesh.recorded("foo/sleep", "outbound").unwrap();
+    let error = outbound
+        .last()
+        .and_then(|c| c["error"].as_str())
+        .unwrap_or_default();
+    assert!(error.contains("503"), "{outbound:#?}");
+    let inbound = mesh.recorded("bar/httpbin", "inbound").unwrap();
+    let error = inbound
+        .last()
+        .and_then(|c| c["error"].as_str())
+        .unwrap_or_default();
+    assert!(error.contains("refused"), "{inbound:#?}");
 }

@@ -8,6 +8,9 @@
 //! - `net.ipv4.tcp_fwmark_accept = 1`: an accepted socket takes the mark of the SYN that
 //!   created it, so the application's socket carries the proxy's
 //!   [`marks::PROXY_TRANSPARENT`] mark;
+//! - `net.ipv4.fwmark_reflect = 1`: replies the kernel sends without a socket (the reset
+//!   for a port nobody listens on) carry the mark too, so a refused connect fails at once
+//!   instead of timing out;
 //! - a policy rule sends packets with that mark to a table whose only route is
 //!   `local 0.0.0.0/0 dev lo`, so the replies loop back to the proxy's socket.
 
@@ -26,7 +29,10 @@ use crate::netns::{NetnsError, PodNetns};
 const TABLE: u32 = 0xa3b;
 /// Rule priority: before the `main` table (32766).
 const RULE_PRIORITY: u32 = 100;
-const FWMARK_ACCEPT_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+const SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/ipv4/tcp_fwmark_accept",
+    "/proc/sys/net/ipv4/fwmark_reflect",
+];
 const EEXIST: i32 = 17;
 const ENOENT: i32 = 2;
 
@@ -36,8 +42,12 @@ pub enum RoutingError {
     Netns(#[from] NetnsError),
     #[error("cannot open netlink socket in {pod}: {source}")]
     Netlink { pod: String, source: std::io::Error },
-    #[error("cannot set {FWMARK_ACCEPT_SYSCTL} in {pod}: {source}")]
-    Sysctl { pod: String, source: std::io::Error },
+    #[error("cannot set {sysctl} in {pod}: {source}")]
+    Sysctl {
+        sysctl: &'static str,
+        pod: String,
+        source: std::io::Error,
+    },
     #[error("cannot {action} in {pod}: {source}")]
     Request {
         action: &'static str,
@@ -100,12 +110,13 @@ async fn connect(netns: &PodNetns, pod: &str, set_sysctl: bool) -> Result<Handle
     let (connection, handle) = netns
         .run(move || -> Result<_, RoutingError> {
             if set_sysctl {
-                std::fs::write(FWMARK_ACCEPT_SYSCTL, "1").map_err(|source| {
-                    RoutingError::Sysctl {
+                for sysctl in SYSCTLS {
+                    std::fs::write(sysctl, "1").map_err(|source| RoutingError::Sysctl {
+                        sysctl,
                         pod: String::new(),
                         source,
-                    }
-                })?;
+                    })?;
+                }
             }
             let (connection, handle, _) =
                 rtnetlink::new_connection().map_err(|source| RoutingError::Netlink {
@@ -122,7 +133,8 @@ async fn connect(netns: &PodNetns, pod: &str, set_sysctl: bool) -> Result<Handle
 
 fn name_pod(error: RoutingError, pod: &str) -> RoutingError {
     match error {
-        RoutingError::Sysctl { source, .. } => RoutingError::Sysctl {
+        RoutingError::Sysctl { sysctl, source, .. } => RoutingError::Sysctl {
+            sysctl,
             pod: pod.to_owned(),
             source,
         },
