@@ -60,14 +60,7 @@ pub enum RoutingError {
 pub async fn install(netns: &PodNetns) -> Result<(), RoutingError> {
     let pod = netns.path().display().to_string();
     let handle = connect(netns, &pod, true).await?;
-    let request = |action| {
-        let pod = pod.clone();
-        move |source| RoutingError::Request {
-            action,
-            pod,
-            source,
-        }
-    };
+    let request = |action| request_failed(action, &pod);
     handle
         .route()
         .add(local_route())
@@ -89,14 +82,7 @@ pub async fn remove(netns: &PodNetns) -> Result<(), RoutingError> {
         .del(rule.message_mut().clone())
         .execute()
         .await;
-    let request = |action| {
-        let pod = pod.clone();
-        move |source| RoutingError::Request {
-            action,
-            pod,
-            source,
-        }
-    };
+    let request = |action| request_failed(action, &pod);
     ignore_errno(deleted, ENOENT).map_err(request("delete the mark rule"))?;
     let deleted = handle.route().del(local_route()).execute().await;
     ignore_errno(deleted, ESRCH).map_err(request("delete the local route"))
@@ -129,6 +115,18 @@ async fn connect(netns: &PodNetns, pod: &str, set_sysctl: bool) -> Result<Handle
         .map_err(|e| name_pod(e, pod))?;
     tokio::spawn(connection);
     Ok(handle)
+}
+
+fn request_failed(
+    action: &'static str,
+    pod: &str,
+) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
+    let pod = pod.to_owned();
+    move |source| RoutingError::Request {
+        action,
+        pod,
+        source,
+    }
 }
 
 fn name_pod(error: RoutingError, pod: &str) -> RoutingError {
