@@ -65,9 +65,15 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
             "the bench creates network namespaces and loads eBPF: run `sudo -E cargo xtask bench`"
         );
     }
-    let plan = Plan::new(opts.quick);
     // Release: a debug build of the proxy would measure the compiler, not the design.
-    let bed = Bed::new(Binaries::in_dir(&build_binaries(true)?)?)?;
+    run(opts, Binaries::in_dir(&build_binaries(true)?)?)
+}
+
+/// The bench with `binaries` already built; `cargo xtask test` runs `--quick` this way on
+/// its debug build, to keep the bench working without a second build of everything.
+pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
+    let plan = Plan::new(opts.quick);
+    let bed = Bed::new(binaries)?;
     let versions = tools::versions()?;
     eprintln!(
         "bench: node {}, agent pid {}, {} pair(s) of passes, {} s per tool run",
@@ -81,7 +87,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         for mode in [Mode::Direct, Mode::Mesh] {
             eprintln!("bench: pair {pair}/{}, {}", plan.pairs, mode.name());
             let pass = bed
-                .pass(mode, &plan)
+                .pass(mode, &plan, pair == 1)
                 .with_context(|| format!("pair {pair}, {} pass", mode.name()))?;
             passes.push((mode, pass));
         }
@@ -161,8 +167,9 @@ impl Bed {
         Ok(())
     }
 
-    /// Every tool once in `mode`, with the agent's CPU and memory around them.
-    fn pass(&self, mode: Mode, plan: &Plan) -> anyhow::Result<Pass> {
+    /// Every tool once in `mode`, with the agent's CPU around them; in the `first` pair
+    /// also its memory (see [`Figure::is_memory`]).
+    fn pass(&self, mode: Mode, plan: &Plan, first: bool) -> anyhow::Result<Pass> {
         let (client, server) = match mode {
             Mode::Direct => (&self.direct.0, &self.direct.1),
             Mode::Mesh => (&self.mesh.0, &self.mesh.1),
@@ -173,16 +180,18 @@ impl Bed {
         let pass_start = self.usage.cpu_seconds()?;
         let mut pass = Pass::new();
 
-        // Idle connections first: what the tools after it allocate and free stays in the
-        // allocator's free lists, and held connections reusing it would hide their cost.
+        // Idle connections before the other tools, so that the first mesh pass measures
+        // them on an agent that has only seen direct traffic, which bypasses it.
         let before = self.usage.rss_mib()?;
         let held = tools::hold(node, client, ip, plan.idle_connections)?;
         let with_held = self.usage.rss_mib()?;
         drop(held);
-        pass.insert(Figure::AgentIdleRss, with_held);
-        let per_connection =
-            (with_held - before).max(0.0) * 1024.0 / f64::from(plan.idle_connections);
-        pass.insert(Figure::AgentIdleRssPerConnection, per_connection);
+        if first {
+            pass.insert(Figure::AgentIdleRss, with_held);
+            let per_connection =
+                (with_held - before).max(0.0) * 1024.0 / f64::from(plan.idle_connections);
+            pass.insert(Figure::AgentIdleRssPerConnection, per_connection);
+        }
 
         let (one, cpu) = self.cpu(|| tools::iperf3(node, client, ip, 1, seconds))?;
         pass.insert(Figure::Throughput1, one.bits_per_second / 1e9);
@@ -197,7 +206,9 @@ impl Bed {
         pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
 
         pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
-        pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
+        if first {
+            pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
+        }
         let proxied = self.proxied(client)? - proxied_before;
         match mode {
             Mode::Mesh if proxied < u64::from(plan.idle_connections) => {
