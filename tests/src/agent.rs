@@ -74,6 +74,12 @@ impl Agent {
         bail!("the agent did not exit within 10 s of SIGTERM")
     }
 
+    /// The agent's process id, for reading its `/proc` figures (CPU time, RSS) or
+    /// attaching a profiler.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the agent process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -14,4 +14,4 @@ mod run;
 
 pub use agent::Agent;
 pub use node::{Capture, Node, Pod};
-pub use run::{Binaries, CurlResult, command_line};
+pub use run::{Binaries, CurlResult, check, command_line};

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     agent::Agent,
-    run::{Binaries, CurlResult, check, ip},
+    run::{Binaries, CurlResult, check, command_line, ip},
 };
 
 /// The bridge's address of the first node; its pods get the following addresses of the
@@ -272,13 +272,24 @@ impl Node {
 
     /// Starts `ambit-httpbin` on `port` in `pod`; stopped when the node is dropped.
     pub fn serve_http(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
-        let mut cmd = self.command(pod, &self.binaries.httpbin.to_string_lossy());
+        let program = self.binaries.httpbin.to_string_lossy().into_owned();
+        self.serve(pod, &program, &[&port.to_string()], port)
+    }
+
+    /// Starts the server `program ARGS...` in `pod` and waits until something listens on
+    /// `port` there; stopped when the node is dropped.
+    pub fn serve(
+        &mut self,
+        pod: &Pod,
+        program: &str,
+        args: &[&str],
+        port: u16,
+    ) -> anyhow::Result<()> {
+        let mut cmd = self.command(pod, program);
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
-            .context("cannot start ambit-httpbin")?;
+            .with_context(|| format!("cannot start {}", command_line(&cmd)))?;
         self.processes.push(child);
         self.wait_listening(pod, port)
     }

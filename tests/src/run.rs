@@ -12,6 +12,8 @@ use anyhow::{Context as _, bail};
 pub struct Binaries {
     pub ambit: PathBuf,
     pub httpbin: PathBuf,
+    /// `ambit-hold`: holds many idle connections open (server and client).
+    pub hold: PathBuf,
 }
 
 impl Binaries {
@@ -20,8 +22,9 @@ impl Binaries {
         let binaries = Self {
             ambit: dir.join("ambit"),
             httpbin: dir.join("ambit-httpbin"),
+            hold: dir.join("ambit-hold"),
         };
-        for path in [&binaries.ambit, &binaries.httpbin] {
+        for path in [&binaries.ambit, &binaries.httpbin, &binaries.hold] {
             if !path.is_file() {
                 bail!(
                     "{} is missing: build with `cargo build -p ambit -p ambit-tests` (cargo xtask test does)",

@@ -2,6 +2,7 @@
 //! subcommand; every command that builds runs `setup` first, which only acts on what is
 //! missing.
 
+mod bench;
 mod build;
 mod debug;
 mod demo;
@@ -27,6 +28,8 @@ enum Command {
     Test(test::Options),
     /// Build, create a small node with pods, run the agent and show who reaches whom.
     Demo,
+    /// Measure the mesh against direct pod-to-pod traffic on one node (as root).
+    Bench(bench::Options),
     /// Inspect a running agent through its admin API.
     #[command(subcommand)]
     Debug(debug::Command),
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
         Command::Build(opts) => build::build(&opts),
         Command::Test(opts) => test::test(&opts),
         Command::Demo => demo::demo(),
+        Command::Bench(opts) => bench::bench(&opts),
         Command::Debug(cmd) => debug::debug(&cmd),
     };
     match result {

@@ -12,7 +12,8 @@ use crate::build::{cargo, run};
 /// The LLVM major that bpf-linker is built against and the nightly must use.
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: LLVM for bpf-linker, and the real clients and tools the tests run.
+/// Debian packages: LLVM for bpf-linker, and the real clients and tools the tests and the
+/// bench run.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,10 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "tcpdump",
+    // cargo xtask bench
+    "iperf3",
+    "sockperf",
+    "wrk",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

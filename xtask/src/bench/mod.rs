@@ -1,0 +1,250 @@
+//! `cargo xtask bench`: what the mesh costs on one node. The test bed's node gets two
+//! namespaces, `bench-direct` (not enrolled) and `bench-mesh` (enrolled), each with a
+//! `client` and a `server` pod, and one agent. Passes alternate direct, mesh, direct, mesh
+//! … so that drift of the machine lands on both modes alike; each pass runs every tool
+//! from the client pod to the server pod of its mode and reads the agent's CPU and memory.
+//!
+//! The mesh pass measures whatever the data path of enrolled pods is: the bench only
+//! enrolls them and never picks a listener or a port of the proxy.
+
+mod report;
+mod tools;
+mod usage;
+
+use std::{path::PathBuf, time::Duration};
+
+use ambit_tests::{Binaries, Node, Pod, mesh::within};
+use anyhow::{Context as _, bail};
+use report::{Figure, Mode, Pass, Report};
+use serde_json::Value;
+use usage::Usage;
+
+use crate::build::build_binaries;
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// A smoke run: one pair of passes, 1 s per tool, 100 idle connections. Checks that
+    /// every tool runs and every figure is measured; its numbers mean little.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// How much a run measures.
+struct Plan {
+    pairs: usize,
+    /// Duration of each tool run.
+    seconds: u32,
+    idle_connections: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                pairs: 1,
+                seconds: 1,
+                idle_connections: 100,
+            }
+        } else {
+            Self {
+                pairs: 3,
+                seconds: 10,
+                idle_connections: 1000,
+            }
+        }
+    }
+}
+
+pub fn bench(opts: &Options) -> anyhow::Result<()> {
+    crate::setup::setup()?;
+    if !crate::setup::is_root() {
+        bail!(
+            "the bench creates network namespaces and loads eBPF: run `sudo -E cargo xtask bench`"
+        );
+    }
+    // Release: a debug build of the proxy would measure the compiler, not the design.
+    run(opts, Binaries::in_dir(&build_binaries(true)?)?)
+}
+
+/// The bench with `binaries` already built; `cargo xtask test` runs `--quick` this way on
+/// its debug build, to keep the bench working without a second build of everything.
+pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
+    let plan = Plan::new(opts.quick);
+    let bed = Bed::new(binaries)?;
+    let versions = tools::versions()?;
+    eprintln!(
+        "bench: node {}, agent pid {}, {} pair(s) of passes, {} s per tool run",
+        bed.node.id,
+        bed.node.agent()?.pid(),
+        plan.pairs,
+        plan.seconds
+    );
+    let mut passes = Vec::new();
+    for pair in 1..=plan.pairs {
+        for mode in [Mode::Direct, Mode::Mesh] {
+            eprintln!("bench: pair {pair}/{}, {}", plan.pairs, mode.name());
+            let pass = bed
+                .pass(mode, &plan, pair == 1)
+                .with_context(|| format!("pair {pair}, {} pass", mode.name()))?;
+            passes.push((mode, pass));
+        }
+    }
+    let report = Report::new(
+        opts.quick,
+        plan.seconds,
+        plan.idle_connections,
+        versions,
+        &passes,
+    )?;
+    print!("{}", report.table());
+    if let Some(path) = &opts.json {
+        let text = serde_json::to_string_pretty(&report.json())?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The node, its pods per mode, and the agent's /proc figures.
+struct Bed {
+    node: Node,
+    /// `(client, server)` of [`Mode::Direct`] and of [`Mode::Mesh`].
+    direct: (Pod, Pod),
+    mesh: (Pod, Pod),
+    usage: Usage,
+}
+
+impl Bed {
+    fn new(binaries: Binaries) -> anyhow::Result<Self> {
+        let mut node = Node::new(binaries)?;
+        let mut pods = Vec::new();
+        for (namespace, enrolled) in [("bench-direct", false), ("bench-mesh", true)] {
+            node.namespace(namespace, enrolled)?;
+            let client = node.pod_with(namespace, "client", "client", &[("app", "client")])?;
+            let server = node.pod_with(namespace, "server", "server", &[("app", "server")])?;
+            tools::start_servers(&mut node, &server)?;
+            pods.push((client, server));
+        }
+        let pid = node.start_agent()?.pid();
+        let [direct, mesh]: [(Pod, Pod); 2] = pods
+            .try_into()
+            .ok()
+            .context("one client and server pair per mode")?;
+        let bed = Self {
+            usage: Usage::new(pid)?,
+            node,
+            direct,
+            mesh,
+        };
+        bed.check_paths()?;
+        Ok(bed)
+    }
+
+    /// The mesh pods must be redirected and the direct ones not, or the bench would
+    /// compare the kernel with itself.
+    fn check_paths(&self) -> anyhow::Result<()> {
+        let agent = self.node.agent()?;
+        let expected = [
+            (&self.direct.0, "not-enrolled"),
+            (&self.direct.1, "not-enrolled"),
+            (&self.mesh.0, "redirected"),
+            (&self.mesh.1, "redirected"),
+        ];
+        let mut last = Value::Null;
+        let settled = within(Duration::from_secs(10), || {
+            last = agent.admin_get("/workloads").unwrap_or(Value::Null);
+            expected
+                .iter()
+                .all(|(pod, state)| workload(&last, pod)["redirection"]["state"] == *state)
+        });
+        if settled.is_none() {
+            bail!("the bench pods did not reach their redirection states within 10 s: {last:#}");
+        }
+        Ok(())
+    }
+
+    /// Every tool once in `mode`, with the agent's CPU around them; in the `first` pair
+    /// also its memory (see [`Figure::is_memory`]).
+    fn pass(&self, mode: Mode, plan: &Plan, first: bool) -> anyhow::Result<Pass> {
+        let (client, server) = match mode {
+            Mode::Direct => (&self.direct.0, &self.direct.1),
+            Mode::Mesh => (&self.mesh.0, &self.mesh.1),
+        };
+        let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
+        let proxied_before = self.proxied(client)?;
+        self.usage.reset_peak()?;
+        let pass_start = self.usage.cpu_seconds()?;
+        let mut pass = Pass::new();
+
+        // Idle connections before the other tools, so that the first mesh pass measures
+        // them on an agent that has only seen direct traffic, which bypasses it.
+        let before = self.usage.rss_mib()?;
+        let held = tools::hold(node, client, ip, plan.idle_connections)?;
+        let with_held = self.usage.rss_mib()?;
+        drop(held);
+        if first {
+            pass.insert(Figure::AgentIdleRss, with_held);
+            let per_connection =
+                (with_held - before).max(0.0) * 1024.0 / f64::from(plan.idle_connections);
+            pass.insert(Figure::AgentIdleRssPerConnection, per_connection);
+        }
+
+        let (one, cpu) = self.cpu(|| tools::iperf3(node, client, ip, 1, seconds))?;
+        pass.insert(Figure::Throughput1, one.bits_per_second / 1e9);
+        pass.insert(Figure::AgentCpuPerGb, cpu * 1e3 / (one.bytes / 1e9));
+        let four = tools::iperf3(node, client, ip, 4, seconds)?;
+        pass.insert(Figure::Throughput4, four.bits_per_second / 1e9);
+        let rtt = tools::sockperf(node, client, ip, seconds)?;
+        pass.insert(Figure::RoundTripMedian, rtt.median_us);
+        pass.insert(Figure::RoundTripP99, rtt.p99_us);
+        let (rate, cpu) = self.cpu(|| tools::wrk(node, client, ip, seconds))?;
+        pass.insert(Figure::ConnectionRate, rate.per_second);
+        pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
+
+        pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
+        if first {
+            pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
+        }
+        let proxied = self.proxied(client)? - proxied_before;
+        match mode {
+            Mode::Mesh if proxied < u64::from(plan.idle_connections) => {
+                bail!("only {proxied} of the mesh pass's connections went through the proxy")
+            }
+            Mode::Direct if proxied > 0 => {
+                bail!("{proxied} of the direct pass's connections went through the proxy")
+            }
+            _ => Ok(pass),
+        }
+    }
+
+    /// Runs `measure` and returns its result with the agent CPU seconds it took.
+    fn cpu<T>(&self, measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+        let before = self.usage.cpu_seconds()?;
+        let value = measure()?;
+        Ok((value, self.usage.cpu_seconds()? - before))
+    }
+
+    /// Outbound connections the proxy has handled for `pod` so far.
+    fn proxied(&self, pod: &Pod) -> anyhow::Result<u64> {
+        let workloads = self.node.agent()?.admin_get("/workloads")?;
+        Ok(workload(&workloads, pod)["stats"]["connections_outbound"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+}
+
+/// The admin API's entry for `pod` in `/workloads`, or null.
+fn workload<'a>(workloads: &'a Value, pod: &Pod) -> &'a Value {
+    workloads
+        .as_array()
+        .and_then(|list| {
+            list.iter().find(|w| {
+                w["namespace"] == pod.namespace.as_str() && w["name"] == pod.name.as_str()
+            })
+        })
+        .unwrap_or(&Value::Null)
+}
