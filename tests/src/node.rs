@@ -392,7 +392,7 @@ impl Node {
                 .collect();
             write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: {}}}\n",
                 pod.name,
                 pod.namespace,
                 labels.join(", "),

@@ -152,9 +152,11 @@ struct ServiceDoc {
 /// Errors converting one document.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
-    #[error("{kind}: {source}")]
+    #[error("{kind}: {path}: {source}")]
     Shape {
         kind: &'static str,
+        /// Where in the object, e.g. `spec.nodeName`.
+        path: String,
         source: serde_yaml::Error,
     },
     #[error("{kind} {object}: {field} {value:?} is not an IP address")]
@@ -170,7 +172,11 @@ fn shape<T: serde::de::DeserializeOwned>(
     kind: &'static str,
     doc: serde_yaml::Value,
 ) -> Result<T, ObjectError> {
-    serde_yaml::from_value(doc).map_err(|source| ObjectError::Shape { kind, source })
+    serde_path_to_error::deserialize(doc).map_err(|error| ObjectError::Shape {
+        kind,
+        path: error.path().to_string(),
+        source: error.into_inner(),
+    })
 }
 
 fn parse_ip(
@@ -295,6 +301,17 @@ mod tests {
         assert_eq!(
             err,
             r#"Pod default/p: status.podIP "10.0.0.300" is not an IP address"#
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = Pod::from_yaml(yaml("metadata: {name: p}\nspec: {nodeName: 42}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("Pod: spec.nodeName: invalid type: integer"),
+            "{err}"
         );
     }
 
