@@ -281,3 +281,46 @@ fn a_refusing_application_is_reported_as_503_by_the_destination_proxy() {
         .unwrap_or_default();
     assert!(error.contains("refused"), "{inbound:#?}");
 }
+
+#[test]
+fn more_connections_than_one_hbone_connection_carries_all_get_through() {
+    use std::io::BufRead as _;
+    const CONNECTIONS: u32 = 250;
+    const PORT: u16 = 9100;
+    let mut mesh = mesh();
+    let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
+    let server = mesh.httpbin[BAR].clone();
+    mesh.node
+        .serve(
+            &server,
+            "prlimit",
+            &["--nofile=4096", &hold, "serve", &PORT.to_string()],
+            PORT,
+        )
+        .unwrap();
+    let mut client = mesh
+        .node
+        .command(&mesh.sleep[FOO], "prlimit")
+        .args(["--nofile=4096", &hold, "connect"])
+        .arg(format!("{}:{PORT}", server.ip))
+        .args([&CONNECTIONS.to_string(), "30"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = client.stdout.take().unwrap();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let live = mesh
+        .recorded("foo/sleep", "outbound")
+        .unwrap()
+        .iter()
+        .filter(|c| c["closed_ms"].is_null() && c["path"] == "hbone")
+        .count();
+    drop(client.stdin.take());
+    let status = client.wait().unwrap();
+    assert_eq!(line.trim(), format!("ready {CONNECTIONS}"), "{status}");
+    assert_eq!(live, CONNECTIONS as usize);
+}

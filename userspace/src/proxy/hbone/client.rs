@@ -7,8 +7,14 @@
 
 use std::{
     collections::HashMap,
+    io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
@@ -16,6 +22,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::HboneError;
@@ -25,12 +32,21 @@ use crate::{
     tls::MeshConnector,
 };
 
-/// An open tunnel to the destination application, as a byte stream.
-pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+/// Streams one pooled connection carries before the pool opens another. Below the
+/// server's limit (`server::MAX_STREAMS`), so a stream never waits for capacity.
+const STREAMS_PER_CONNECTION: usize = 100;
 
 type Sender = SendRequest<Empty<Bytes>>;
-/// The pooled connection of one key, if one is open.
-type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+
+/// One mutual-TLS connection of the pool.
+struct Pooled {
+    sender: Sender,
+    /// Streams open on it; each [`Tunnel`] holds one count until dropped.
+    streams: Arc<AtomicUsize>,
+}
+
+/// The pooled connections of one key.
+type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PoolKey {
@@ -43,8 +59,9 @@ struct PoolKey {
 /// Pooled HBONE connections. Cloning shares the pool.
 #[derive(Clone, Default)]
 pub struct Pool {
-    /// One slot per key; the async lock makes concurrent first connections share one
-    /// handshake instead of racing.
+    /// The async lock of a slot is held only to pick or open a connection, so concurrent
+    /// first streams share one handshake instead of racing, and requests never queue
+    /// behind each other.
     slots: Arc<Mutex<HashMap<PoolKey, Slot>>>,
 }
 
@@ -69,24 +86,94 @@ impl Pool {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(slots.entry(key.clone()).or_default())
         };
-        let mut sender = slot.lock().await;
-        let reused = sender.as_ref().is_some_and(|s| !s.is_closed());
-        let current = match sender.as_mut().filter(|_| reused) {
-            Some(current) => current,
-            None => sender.insert(connect(pod, identities, &key).await?),
-        };
-        match request(current, target).await {
+        let (sender, streams, reused) = self.pick(&slot, pod, identities, &key, false).await?;
+        match request(sender, streams, target).await {
             Err(HboneError::Http(error)) if reused => {
                 // The pooled connection died under us (the peer restarted, say): once more
                 // on a fresh one.
                 debug!(%gateway, %error, "pooled HBONE connection failed; reconnecting");
-                let mut fresh = connect(pod, identities, &key).await?;
-                let tunnel = request(&mut fresh, target).await;
-                *sender = Some(fresh);
-                tunnel
+                let (sender, streams, _) = self.pick(&slot, pod, identities, &key, true).await?;
+                request(sender, streams, target).await
             }
             other => other,
         }
+    }
+
+    /// A connection of `slot` with room for one more stream, opening one if none has or
+    /// `fresh` asks for a new one. Returns its sender, its stream count (already counting
+    /// the new stream) and whether it was reused.
+    async fn pick(
+        &self,
+        slot: &Slot,
+        pod: &PodProxy,
+        identities: &SecretManager,
+        key: &PoolKey,
+        fresh: bool,
+    ) -> Result<(Sender, Arc<AtomicUsize>, bool), HboneError> {
+        let mut pooled = slot.lock().await;
+        pooled.retain(|p| !p.sender.is_closed());
+        let reused = pooled
+            .iter()
+            .filter(|_| !fresh)
+            .find(|p| p.streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION);
+        let (sender, streams, reused) = match reused {
+            Some(p) => (p.sender.clone(), Arc::clone(&p.streams), true),
+            None => {
+                let sender = connect(pod, identities, key).await?;
+                let streams = Arc::new(AtomicUsize::new(0));
+                pooled.push(Pooled {
+                    sender: sender.clone(),
+                    streams: Arc::clone(&streams),
+                });
+                (sender, streams, false)
+            }
+        };
+        streams.fetch_add(1, Ordering::AcqRel);
+        Ok((sender, streams, reused))
+    }
+}
+
+/// An open tunnel to the destination application, as a byte stream. Holds its
+/// connection's stream count until dropped.
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _stream: StreamCount,
+}
+
+/// One counted stream of a pooled connection.
+struct StreamCount(Arc<AtomicUsize>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -111,7 +198,13 @@ async fn connect(
     Ok(sender)
 }
 
-async fn request(sender: &mut Sender, target: SocketAddr) -> Result<Tunnel, HboneError> {
+async fn request(
+    mut sender: Sender,
+    streams: Arc<AtomicUsize>,
+    target: SocketAddr,
+) -> Result<Tunnel, HboneError> {
+    // Counted from here on: released on every error path by the guard's drop.
+    let stream = StreamCount(streams);
     sender.ready().await?;
     let request = Request::builder()
         .method(Method::CONNECT)
@@ -121,5 +214,8 @@ async fn request(sender: &mut Sender, target: SocketAddr) -> Result<Tunnel, Hbon
     if response.status() != StatusCode::OK {
         return Err(HboneError::Status(response.status()));
     }
-    Ok(TokioIo::new(hyper::upgrade::on(&mut response).await?))
+    Ok(Tunnel {
+        io: TokioIo::new(hyper::upgrade::on(&mut response).await?),
+        _stream: stream,
+    })
 }

@@ -29,6 +29,10 @@ use crate::{
     tls::MeshAcceptor,
 };
 
+/// Concurrent streams a client may open on one connection (the client side opens another
+/// connection before reaching it).
+pub const MAX_STREAMS: u32 = 1000;
+
 /// Serves the pod's HBONE listener until the pod is released.
 pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared: Shared) {
     crate::proxy::accept_loop(
@@ -70,6 +74,7 @@ async fn serve_connection(
         }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS)
         .serve_connection(TokioIo::new(tls), service)
         .await?;
     Ok(())
