@@ -187,6 +187,9 @@ async fn connect(
         MeshConnector::for_workload(identities, &key.source, key.allowed.clone()).await?;
     let (tls, _server) = connector.connect(key.gateway.ip(), tcp).await?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME)
         .handshake(TokioIo::new(tls))
         .await?;
     let gateway = key.gateway;

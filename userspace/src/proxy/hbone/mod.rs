@@ -8,6 +8,14 @@ pub mod server;
 
 use crate::{proxy::socket::SocketError, tls::TlsError};
 
+/// HTTP/2 flow-control windows of both sides. The protocol's default (64 KiB per stream)
+/// caps one stream at a window per round trip; a tunnel carries bulk transfers, so each
+/// stream gets room for a few milliseconds of a fast link.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Larger DATA frames than the default 16 KiB mean fewer frames, headers and wake-ups.
+const MAX_FRAME: u32 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error(transparent)]
