@@ -63,6 +63,7 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    raise_fd_limit();
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
@@ -157,6 +158,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every meshed connection holds up
+/// to four descriptors, and the usual soft limit of 1,024 would cap the node at about 250.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(error) => tracing::warn!(%error, soft, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
     }
 }
 
