@@ -136,7 +136,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         manager.reconcile(&snapshot).await;
-        applied_tx.send_replace(applied(snapshot));
+        // Retries reconcile the same snapshot; live connections are re-checked only when
+        // the configuration really changed.
+        if applied_tx.borrow().snapshot != snapshot {
+            applied_tx.send_replace(applied(snapshot));
+        }
         ready.store(true, Ordering::Release);
         loop {
             tokio::select! {
