@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use ambit_tests::{
     Binaries,
-    mesh::{Mesh, within},
+    mesh::{Mesh, policies::ALLOW_BAR_SLEEP, within},
 };
 use serde_json::Value;
 
@@ -53,18 +53,6 @@ fn certificates_are_issued_for_enrolled_identities_only() {
     }
 }
 
-const ALLOW_BAR_ONLY: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-bar, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/bar/sa/sleep"]}}]
-    to: [{operation: {ports: ["8000"]}}]
-"#;
-
 #[test]
 fn explain_endpoint_follows_the_config_and_agrees_with_the_cli() {
     let mesh = mesh();
@@ -76,14 +64,16 @@ fn explain_endpoint_follows_the_config_and_agrees_with_the_cli() {
     };
     assert_eq!(ask("legacy/sleep")["decision"], "ALLOW");
 
-    mesh.node.write_file("policy.yaml", ALLOW_BAR_ONLY).unwrap();
+    mesh.node
+        .write_file("policy.yaml", ALLOW_BAR_SLEEP)
+        .unwrap();
     let applied = within(Duration::from_secs(2), || {
         ask("legacy/sleep")["decision"] == "DENY"
     });
     assert!(applied.is_some(), "{:#}", ask("legacy/sleep"));
     let denied = ask("foo/sleep");
     assert_eq!(denied["decision"], "DENY");
-    assert_eq!(denied["policy"], "foo/allow-bar");
+    assert_eq!(denied["policy"], "foo/allow-bar-sleep");
     let allowed = ask("bar/sleep");
     assert_eq!(allowed["decision"], "ALLOW");
     assert_eq!(allowed["rule"], 0);
