@@ -275,3 +275,62 @@ fn workloads_report_ip_identity_and_redirection() {
     assert_eq!(legacy["enrolled"], false);
     assert_eq!(legacy["redirection"]["state"], "not-enrolled");
 }
+
+#[test]
+fn a_pod_whose_enrollment_fails_is_closed_until_it_leaves_the_mesh() {
+    let mut node = ambit_tests::Node::new(binaries()).unwrap();
+    node.namespace("foo", true).unwrap();
+    node.namespace("legacy", false).unwrap();
+    let blocked = node.pod("foo", "blocked").unwrap();
+    let web = node.pod("legacy", "web").unwrap();
+    node.serve_http(&web, HTTP_PORT).unwrap();
+    // An application holds the proxy's outbound port, so the proxy cannot listen there. It
+    // never answers, so a connection that reaches it shows no response either.
+    let hold = node.binaries.hold.to_string_lossy().into_owned();
+    node.serve(&blocked, &hold, &["serve", "15001"], 15001)
+        .unwrap();
+    node.serve_http(&blocked, HTTP_PORT).unwrap();
+    node.start_agent().unwrap();
+    let state = |node: &ambit_tests::Node| {
+        let workloads = node.agent().unwrap().admin_get("/workloads").unwrap();
+        workloads
+            .as_array()
+            .and_then(|l| l.iter().find(|w| w["name"] == "blocked").cloned())
+            .unwrap_or_default()["redirection"]
+            .clone()
+    };
+    let failed = state(&node);
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("15001"),
+        "{failed:#}"
+    );
+
+    let out = node
+        .curl(Some(&blocked), &format!("http://{}:{HTTP_PORT}/ip", web.ip))
+        .unwrap();
+    assert_eq!(
+        out.code, 0,
+        "a pod that failed to enroll must not bypass the mesh: {out:?}"
+    );
+    let inbound = node
+        .curl(None, &format!("http://{}:{HTTP_PORT}/ip", blocked.ip))
+        .unwrap();
+    assert_eq!(inbound.code, 0, "nor be reachable around it: {inbound:?}");
+
+    node.namespace("foo", false).unwrap();
+    let released = within(Duration::from_secs(2), || {
+        state(&node)["state"] == "not-enrolled"
+    });
+    assert!(released.is_some(), "{:#}", state(&node));
+    let out = node
+        .curl(Some(&blocked), &format!("http://{}:{HTTP_PORT}/ip", web.ip))
+        .unwrap();
+    assert_eq!(
+        out.code, 200,
+        "released, the pod is as if ambit were not there: {out:?}"
+    );
+}

@@ -29,6 +29,8 @@ pub enum NetnsError {
     Thread { path: PathBuf, source: io::Error },
     #[error("the thread of network namespace {} has stopped", path.display())]
     Stopped { path: PathBuf },
+    #[error("cannot read the cookie of network namespace {}: {source}", path.display())]
+    Cookie { path: PathBuf, source: io::Error },
 }
 
 /// A handle to the thread that lives in one pod's network namespace. Cloning shares the
@@ -85,6 +87,19 @@ impl PodNetns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's cookie: the key the kernel programs use for it.
+    pub async fn cookie(&self) -> Result<u64, NetnsError> {
+        self.run(|| {
+            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            crate::sys::netns_cookie(&probe)
+        })
+        .await?
+        .map_err(|source| NetnsError::Cookie {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Runs `f` inside the namespace and returns its result. `f` must not block for long:

@@ -5,8 +5,8 @@
 //! under the pin directory (`/sys/fs/bpf/ambit` by default): a restarted agent finds the
 //! links still attached and re-adopts them, so enrolled pods stay redirected (and fail
 //! closed) while it is down. This module owns map layout knowledge on the user side; the
-//! rest of the agent calls [`Redirector::enroll`], [`Redirector::release`] and
-//! [`Redirector::take_orig_dst`].
+//! rest of the agent calls [`Redirector::register`], [`Redirector::serve`],
+//! [`Redirector::release`] and reads [`OrigDstTable`].
 
 use std::{
     collections::BTreeMap,
@@ -77,16 +77,6 @@ pub enum RedirectError {
     SlotsExhausted,
     #[error("IPv6 pod address {0} is not supported yet")]
     Ipv6(IpAddr),
-}
-
-/// What the kernel needs to know to redirect one pod.
-pub struct PodRedirect<'a> {
-    pub netns_cookie: u64,
-    pub ip: IpAddr,
-    /// The pod's network namespace, for attaching `sk_lookup`.
-    pub netns: &'a File,
-    pub hbone_listener: BorrowedFd<'a>,
-    pub plaintext_listener: BorrowedFd<'a>,
 }
 
 /// Loaded programs and the handles of their maps. One per agent.
@@ -169,25 +159,25 @@ impl Redirector {
         self._logger.take()
     }
 
-    /// Starts redirecting `pod`: its connects go to its outbound listener and TCP for its IP
-    /// to its inbound listeners. Idempotent: enrolling again replaces the listeners.
-    pub fn enroll(&mut self, pod: &PodRedirect<'_>) -> Result<(), RedirectError> {
-        let slots = self.slot_for(pod.ip)?;
-        let key = pod_key(ip_key(pod.ip)?);
-        self.listeners
-            .set(slots.hbone, &pod.hbone_listener, 0)
-            .map_err(map_error(INBOUND_LISTENERS_MAP))?;
-        self.listeners
-            .set(slots.plaintext, &pod.plaintext_listener, 0)
-            .map_err(map_error(INBOUND_LISTENERS_MAP))?;
+    /// Puts a pod under the kernel programs, closed: its connects are redirected to its
+    /// outbound port and TCP for its IP is steered to its listener slots, which stay
+    /// empty, so everything is refused, until [`Redirector::serve`] fills them.
+    /// Idempotent.
+    pub fn register(
+        &mut self,
+        netns_cookie: u64,
+        ip: IpAddr,
+        netns: &File,
+    ) -> Result<(), RedirectError> {
+        let slots = self.slot_for(ip)?;
         self.inbound_pods
-            .insert(key, slots, 0)
+            .insert(pod_key(ip_key(ip)?), slots, 0)
             .map_err(map_error(INBOUND_PODS_MAP))?;
-        let link_name = sk_lookup_link_name(pod.netns_cookie);
+        let link_name = sk_lookup_link_name(netns_cookie);
         let program: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
         attach_once(&self.links_dir, &link_name, || {
             let id = program
-                .attach(pod.netns.as_fd())
+                .attach(netns.as_fd())
                 .map_err(program_error(SK_LOOKUP_PROGRAM))?;
             fd_link(program.take_link(id), SK_LOOKUP_PROGRAM)
         })?;
@@ -196,8 +186,24 @@ impl Redirector {
             _pad: [0; 6],
         };
         self.enrolled
-            .insert(pod.netns_cookie, redirect, 0)
+            .insert(netns_cookie, redirect, 0)
             .map_err(map_error(ENROLLED_NETNS_MAP))
+    }
+
+    /// Hands a registered pod's inbound listeners to `sk_lookup`; replaces earlier ones.
+    pub fn serve(
+        &mut self,
+        ip: IpAddr,
+        hbone_listener: BorrowedFd<'_>,
+        plaintext_listener: BorrowedFd<'_>,
+    ) -> Result<(), RedirectError> {
+        let slots = self.slot_for(ip)?;
+        self.listeners
+            .set(slots.hbone, &hbone_listener, 0)
+            .map_err(map_error(INBOUND_LISTENERS_MAP))?;
+        self.listeners
+            .set(slots.plaintext, &plaintext_listener, 0)
+            .map_err(map_error(INBOUND_LISTENERS_MAP))
     }
 
     /// Stops redirecting the pod: its traffic flows as if ambit were not there.

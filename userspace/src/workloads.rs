@@ -26,9 +26,8 @@ use crate::{
     netns::{NetnsError, PodNetns},
     policy::Workload,
     proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
-    redirect::{PodRedirect, RedirectError, Redirector},
+    redirect::{RedirectError, Redirector},
     routing::{self, RoutingError},
-    sys,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +40,6 @@ pub enum EnrollError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Socket(#[from] socket::SocketError),
-    #[error("cannot read the namespace cookie of {}: {source}", netns.display())]
-    Cookie {
-        netns: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Routing(#[from] RoutingError),
     #[error("cannot open {}: {source}", netns.display())]
@@ -107,7 +101,17 @@ pub struct WorkloadManager {
     trust_domain: String,
     node_name: String,
     enrolled: BTreeMap<String, EnrolledPod>,
+    /// Pods registered with the kernel programs whose listeners could not be set up: their
+    /// traffic is refused (fail closed) until a retry succeeds or they leave the mesh.
+    closed: BTreeMap<String, ClosedPod>,
     table: WorkloadTable,
+}
+
+/// A pod held closed by [`WorkloadManager::closed`].
+struct ClosedPod {
+    pod: Pod,
+    netns_cookie: u64,
+    ip: IpAddr,
 }
 
 impl WorkloadManager {
@@ -125,6 +129,7 @@ impl WorkloadManager {
             trust_domain,
             node_name,
             enrolled: BTreeMap::new(),
+            closed: BTreeMap::new(),
             table: WorkloadTable::default(),
         }
     }
@@ -157,6 +162,24 @@ impl WorkloadManager {
         for key in stale {
             if let Some(enrolled) = self.enrolled.remove(&key) {
                 self.release(enrolled).await;
+            }
+        }
+        let no_longer_closed: Vec<String> = self
+            .closed
+            .iter()
+            .filter(|(key, c)| {
+                snapshot
+                    .pods
+                    .get(*key)
+                    .is_none_or(|pod| !self.serves(snapshot, pod) || *pod != c.pod)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in no_longer_closed {
+            if let Some(closed) = self.closed.remove(&key)
+                && let Err(error) = self.redirector.release(closed.netns_cookie, closed.ip)
+            {
+                warn!(workload = %key, %error, "cannot release from the kernel programs");
             }
         }
 
@@ -226,28 +249,31 @@ impl WorkloadManager {
         let path = pod.netns.clone().ok_or(EnrollError::MissingNetns)?;
         let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
         let netns = PodNetns::enter(&path)?;
+        let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {
+            netns: path.clone(),
+            source,
+        })?;
+        let netns_cookie = netns.cookie().await?;
+        // From here on the pod is closed: its traffic is refused until its listeners serve,
+        // and stays refused if setting them up fails.
+        self.redirector.register(netns_cookie, ip, &netns_file)?;
+        self.closed.insert(
+            pod.key(),
+            ClosedPod {
+                pod: pod.clone(),
+                netns_cookie,
+                ip,
+            },
+        );
         let on_loopback = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         let outbound_listener = socket::listen(&netns, on_loopback(ports::OUTBOUND)).await?;
         let plaintext_listener =
             socket::listen(&netns, on_loopback(ports::INBOUND_PLAINTEXT)).await?;
         let hbone_listener = socket::listen(&netns, on_loopback(ports::INBOUND_HBONE)).await?;
-        let netns_cookie =
-            sys::netns_cookie(&outbound_listener).map_err(|source| EnrollError::Cookie {
-                netns: path.clone(),
-                source,
-            })?;
         routing::install(&netns).await?;
-        let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {
-            netns: path.clone(),
-            source,
-        })?;
-        self.redirector.enroll(&PodRedirect {
-            netns_cookie,
-            ip,
-            netns: &netns_file,
-            hbone_listener: hbone_listener.as_fd(),
-            plaintext_listener: plaintext_listener.as_fd(),
-        })?;
+        self.redirector
+            .serve(ip, hbone_listener.as_fd(), plaintext_listener.as_fd())?;
+        self.closed.remove(&pod.key());
 
         let proxy = Arc::new(PodProxy {
             key: pod.key(),
@@ -307,15 +333,15 @@ impl WorkloadManager {
         info!(workload = %pod.key(), "released");
     }
 
-    /// Removes kernel entries of pods that are not enrolled now: left by a previous agent
-    /// for pods that were released while it was down.
+    /// Removes kernel entries of pods that are neither enrolled nor held closed now: left
+    /// by a previous agent for pods that were released while it was down.
     fn release_leftovers(&mut self) {
-        let cookies: Vec<u64> = self
+        let held = self
             .enrolled
             .values()
-            .map(|e| e.proxy.netns_cookie)
-            .collect();
-        let ips: Vec<IpAddr> = self.enrolled.values().map(|e| e.proxy.ip).collect();
+            .map(|e| (e.proxy.netns_cookie, e.proxy.ip))
+            .chain(self.closed.values().map(|c| (c.netns_cookie, c.ip)));
+        let (cookies, ips): (Vec<u64>, Vec<IpAddr>) = held.unzip();
         for cookie in self.redirector.enrolled_cookies() {
             if !cookies.contains(&cookie) {
                 let _ = self.redirector.release_netns(cookie);
