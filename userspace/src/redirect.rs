@@ -272,7 +272,9 @@ impl Redirector {
             if !keep.contains(&cookie)
                 && let Ok(link) = PinnedLink::from_pin(entry.path())
             {
-                let _ = link.unpin();
+                if let Err(error) = link.unpin() {
+                    warn!(link = %entry.path().display(), %error, "cannot remove a leftover link");
+                }
             }
         }
     }

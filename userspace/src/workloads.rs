@@ -148,34 +148,19 @@ impl WorkloadManager {
     /// Brings the node to `snapshot`: enrolls, re-enrolls and releases pods, and clears
     /// kernel state that a previous agent left for pods that are no longer enrolled.
     pub async fn reconcile(&mut self, snapshot: &Snapshot) {
-        let stale: Vec<String> = self
-            .enrolled
-            .iter()
-            .filter(|(key, e)| {
-                snapshot
-                    .pods
-                    .get(*key)
-                    .is_none_or(|pod| !self.serves(snapshot, pod) || *pod != e.pod)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in stale {
+        let stale = |pods: &mut dyn Iterator<Item = (&String, &Pod)>| -> Vec<String> {
+            pods.filter(|(key, then)| !self.still_served(snapshot, key, then))
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        let stale_enrolled = stale(&mut self.enrolled.iter().map(|(k, e)| (k, &e.pod)));
+        let stale_closed = stale(&mut self.closed.iter().map(|(k, c)| (k, &c.pod)));
+        for key in stale_enrolled {
             if let Some(enrolled) = self.enrolled.remove(&key) {
                 self.release(enrolled).await;
             }
         }
-        let no_longer_closed: Vec<String> = self
-            .closed
-            .iter()
-            .filter(|(key, c)| {
-                snapshot
-                    .pods
-                    .get(*key)
-                    .is_none_or(|pod| !self.serves(snapshot, pod) || *pod != c.pod)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in no_longer_closed {
+        for key in stale_closed {
             if let Some(closed) = self.closed.remove(&key)
                 && let Err(error) = self.redirector.release(closed.netns_cookie, closed.ip)
             {
@@ -237,6 +222,15 @@ impl WorkloadManager {
     /// (a single-node configuration).
     fn is_local(&self, pod: &Pod) -> bool {
         pod.node_name.as_ref().is_none_or(|n| *n == self.node_name)
+    }
+
+    /// True when the pod set up as `then` is still in `snapshot`, unchanged, and still
+    /// this agent's to redirect; otherwise it must be released (and maybe set up again).
+    fn still_served(&self, snapshot: &Snapshot, key: &str, then: &Pod) -> bool {
+        snapshot
+            .pods
+            .get(key)
+            .is_some_and(|pod| self.serves(snapshot, pod) && pod == then)
     }
 
     /// True for the pods this agent redirects.
@@ -343,13 +337,17 @@ impl WorkloadManager {
             .chain(self.closed.values().map(|c| (c.netns_cookie, c.ip)));
         let (cookies, ips): (Vec<u64>, Vec<IpAddr>) = held.unzip();
         for cookie in self.redirector.enrolled_cookies() {
-            if !cookies.contains(&cookie) {
-                let _ = self.redirector.release_netns(cookie);
+            if !cookies.contains(&cookie)
+                && let Err(error) = self.redirector.release_netns(cookie)
+            {
+                warn!(netns_cookie = cookie, %error, "cannot release a leftover namespace");
             }
         }
         for ip in self.redirector.inbound_ips() {
-            if !ips.contains(&ip) {
-                let _ = self.redirector.release_ip(ip);
+            if !ips.contains(&ip)
+                && let Err(error) = self.redirector.release_ip(ip)
+            {
+                warn!(%ip, %error, "cannot release a leftover pod address");
             }
         }
         self.redirector.prune_links(&cookies);
