@@ -15,3 +15,14 @@ mod run;
 pub use agent::Agent;
 pub use node::{Capture, Node, Pod};
 pub use run::{Binaries, CurlResult, check, command_line};
+
+/// The [`Binaries`] of the running test: cargo builds them next to `ambit-httpbin`, whose
+/// path only the test crate itself knows (`CARGO_BIN_EXE_*` expands at the call site).
+#[macro_export]
+macro_rules! test_binaries {
+    () => {{
+        let httpbin = ::std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
+        $crate::Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
+            .expect("ambit binaries are built")
+    }};
+}

@@ -3,16 +3,11 @@
 
 use std::{process::Command, time::Duration};
 
-use ambit_tests::{
-    Binaries,
-    mesh::{Mesh, policies::ALLOW_BAR_SLEEP, within},
-};
+use ambit_tests::mesh::{Mesh, policies::ALLOW_BAR_SLEEP, within};
 use serde_json::Value;
 
 fn mesh() -> Mesh {
-    let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
-    let binaries = Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
-        .expect("ambit binaries are built");
+    let binaries = ambit_tests::test_binaries!();
     Mesh::new(binaries).expect("mesh")
 }
 

@@ -4,23 +4,18 @@
 
 use std::time::Duration;
 
-use ambit_tests::{
-    Binaries,
-    mesh::{
-        BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
-        policies::{
-            ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE,
-            FOO_STRICT, MESH_STRICT,
-        },
-        within,
+use ambit_tests::mesh::{
+    BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+    policies::{
+        ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE, FOO_STRICT,
+        MESH_STRICT,
     },
+    within,
 };
 use serde_json::Value;
 
 fn mesh() -> Mesh {
-    let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
-    let binaries = Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
-        .expect("ambit binaries are built");
+    let binaries = ambit_tests::test_binaries!();
     Mesh::new(binaries).expect("mesh")
 }
 

@@ -10,9 +10,7 @@ use ambit_tests::{
 use serde_json::Value;
 
 fn binaries() -> Binaries {
-    let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
-    Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
-        .expect("ambit binaries are built")
+    ambit_tests::test_binaries!()
 }
 
 fn mesh() -> Mesh {

@@ -4,7 +4,7 @@
 
 use std::ffi::OsStr;
 
-use ambit_tests::{Binaries, Node, Pod};
+use ambit_tests::{Node, Pod};
 use serde_json::Value;
 
 const PORT: u16 = 8000;
@@ -21,9 +21,7 @@ struct TwoNodes {
 /// Node `a` with `foo/sleep`, node `b` with `foo/httpbin` running as `server_account`.
 /// With `shared_root`, b's agent signs with a's CA root; otherwise it makes its own.
 fn two_nodes(server_account: &str, shared_root: bool) -> TwoNodes {
-    let httpbin = std::path::Path::new(env!("CARGO_BIN_EXE_ambit-httpbin"));
-    let binaries = Binaries::in_dir(httpbin.parent().expect("binaries live in a directory"))
-        .expect("ambit binaries are built");
+    let binaries = ambit_tests::test_binaries!();
     let mut a = Node::new(binaries).unwrap();
     let mut b = a.join().unwrap();
     a.namespace("foo", true).unwrap();
