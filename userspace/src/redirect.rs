@@ -271,10 +271,9 @@ impl Redirector {
             };
             if !keep.contains(&cookie)
                 && let Ok(link) = PinnedLink::from_pin(entry.path())
+                && let Err(error) = link.unpin()
             {
-                if let Err(error) = link.unpin() {
-                    warn!(link = %entry.path().display(), %error, "cannot remove a leftover link");
-                }
+                warn!(link = %entry.path().display(), %error, "cannot remove a leftover link");
             }
         }
     }
