@@ -66,7 +66,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
-        None => cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
+        None => crate::redirect::cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
     };
     let mut redirector = Redirector::load(&cgroup, &args.bpf_pin_dir)?;
     if let Some(logger) = redirector.take_logger() {
@@ -177,16 +177,6 @@ fn raise_fd_limit() {
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
     }
-}
-
-/// The first cgroup2 mount in /proc/mounts.
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -4,6 +4,7 @@
 //! destination pod.
 
 pub mod client;
+pub mod request;
 pub mod server;
 
 use crate::{proxy::socket::SocketError, tls::TlsError};

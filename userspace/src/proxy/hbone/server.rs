@@ -10,14 +10,14 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::HboneError;
+use super::{HboneError, request};
 use crate::{
     proxy::{
         PodProxy, Shared,
@@ -92,15 +92,10 @@ async fn open_stream(
     shared: Shared,
     peer: Arc<Peer>,
 ) -> StatusCode {
-    let target = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let destination = match target {
-        Some(target) if request.method() == Method::CONNECT && target.ip() == pod.ip => target,
-        _ => {
-            debug!(workload = %pod.key, method = %request.method(), uri = %request.uri(),
-                "malformed HBONE request");
+    let destination = match request::connect_target(request.method(), request.uri(), pod.ip) {
+        Ok(target) => target,
+        Err(error) => {
+            debug!(workload = %pod.key, %error, "bad HBONE request");
             return StatusCode::BAD_REQUEST;
         }
     };
