@@ -8,7 +8,7 @@
 //! links still attached and re-adopts them, so enrolled pods stay redirected (and fail
 //! closed) while it is down. This module owns map layout knowledge on the user side; the
 //! rest of the agent calls [`Redirector::register`], [`Redirector::serve`],
-//! [`Redirector::release`] and reads [`OrigDstTable`].
+//! [`Redirector::release_netns`] / [`Redirector::release_ip`] and reads [`OrigDstTable`].
 
 use std::{
     collections::BTreeMap,
@@ -222,12 +222,6 @@ impl Redirector {
         self.listeners
             .set(slots.plaintext, &plaintext_listener, 0)
             .map_err(map_error(INBOUND_LISTENERS_MAP))
-    }
-
-    /// Stops redirecting the pod: its traffic flows as if ambit were not there.
-    pub fn release(&mut self, netns_cookie: u64, ip: IpAddr) -> Result<(), RedirectError> {
-        self.release_netns(netns_cookie)?;
-        self.release_ip(ip)
     }
 
     /// Stops redirecting connects from the namespace and detaches its `sk_lookup`.
