@@ -67,6 +67,12 @@ struct SlotState {
     connecting: Option<Connecting>,
 }
 
+impl SlotState {
+    fn is_busy(&self) -> bool {
+        self.connecting.is_some() || self.connections.iter().any(|p| !p.sender.is_closed())
+    }
+}
+
 type Slot = Arc<Mutex<SlotState>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -103,6 +109,11 @@ impl Pool {
         };
         let slot = {
             let mut slots = lock(&self.slots);
+            if !slots.contains_key(&key) {
+                // Keys come and go with pods: forget those with nothing left, so the pool
+                // does not grow with every destination it ever served.
+                slots.retain(|_, slot| lock(slot).is_busy());
+            }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
         let (sender, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
