@@ -49,3 +49,54 @@ impl Applied {
 }
 
 pub type AppliedRx = watch::Receiver<Arc<Applied>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::DirState;
+
+    fn applied(pod_labels: &str, pod_ip: &str) -> Applied {
+        let config = format!(
+            "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: foo, labels: {{ambit.io/mesh: enabled}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: foo, labels: {pod_labels}}}
+status: {{podIP: {pod_ip}}}
+"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), config).unwrap();
+        Applied::new(
+            DirState::load_strict(dir.path()).unwrap(),
+            "istio-system",
+            "cluster.local",
+        )
+    }
+
+    #[test]
+    fn a_served_pod_is_seen_with_its_current_labels_at_its_current_address() {
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let now = applied("{app: web, locked: \"true\"}", "10.0.0.5");
+        let workload = now.served_workload("foo/web", ip).unwrap();
+        assert_eq!(
+            workload.labels.get("locked").map(String::as_str),
+            Some("true")
+        );
+        // Moved to another address, opted out, or gone: no longer served at `ip`.
+        assert!(
+            applied("{app: web}", "10.0.0.6")
+                .served_workload("foo/web", ip)
+                .is_none()
+        );
+        assert!(
+            applied("{ambit.io/mesh: disabled}", "10.0.0.5")
+                .served_workload("foo/web", ip)
+                .is_none()
+        );
+        assert!(now.served_workload("foo/other", ip).is_none());
+    }
+}
