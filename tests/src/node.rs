@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -50,13 +51,39 @@ impl Pod {
     }
 }
 
+/// How the test bed starts a node's agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// Extra `ambit run` arguments.
+    pub args: Vec<OsString>,
+    /// Starts the agent under `prlimit --nofile=N:N`: a hard limit the agent cannot raise
+    /// (it raises its soft limit to the hard one), to test what happens when its
+    /// descriptors run out.
+    pub nofile: Option<u64>,
+}
+
+impl AgentOptions {
+    /// Options with these `ambit run` arguments.
+    pub fn args(args: &[&str]) -> Self {
+        Self {
+            args: args.iter().map(OsString::from).collect(),
+            nofile: None,
+        }
+    }
+}
+
 pub struct Node {
     /// Unique per process and node; part of every global name.
     pub id: String,
     pub binaries: Binaries,
     /// `ip netns` name of the node namespace (holds the bridge).
     pub netns: String,
+    /// The cgroup the kernel programs attach to; the pods' processes run in it.
     pub cgroup: PathBuf,
+    /// The agent runs in this child of [`Node::cgroup`], as a DaemonSet's agent sits below
+    /// the cgroup the programs attach to in production: its own sockets go through the
+    /// programs, so every test exercises how the kernel tells the proxy from a pod.
+    pub agent_cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub config_dir: PathBuf,
     /// This node's address on the bridge, and the host number of its first pod.
@@ -108,9 +135,11 @@ impl Node {
             NEXT_NODE.fetch_add(1, Ordering::Relaxed)
         );
         let cgroup_root = cgroup2_root()?;
+        let cgroup = cgroup_root.join(format!("ambit-test-{id}"));
         let node = Self {
             netns: format!("ambit-{id}-node"),
-            cgroup: cgroup_root.join(format!("ambit-test-{id}")),
+            agent_cgroup: cgroup.join("agent"),
+            cgroup,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/ambit-test-{id}")),
             config_dir: std::env::temp_dir().join(format!("ambit-test-{id}")),
             id,
@@ -138,8 +167,10 @@ impl Node {
             "br0",
         ])?;
         ip(&["-n", &n, "link", "set", "br0", "up"])?;
-        std::fs::create_dir_all(&node.cgroup)
-            .with_context(|| format!("cannot create cgroup {}", node.cgroup.display()))?;
+        for cgroup in [&node.cgroup, &node.agent_cgroup] {
+            std::fs::create_dir_all(cgroup)
+                .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        }
         std::fs::create_dir_all(&node.config_dir)?;
         node.write_config()?;
         Ok(node)
@@ -312,10 +343,18 @@ impl Node {
 
     /// Starts the agent with extra `ambit run` arguments.
     pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<&Agent> {
+        self.start_agent_opts(&AgentOptions {
+            args: args.iter().map(|a| a.to_os_string()).collect(),
+            nofile: None,
+        })
+    }
+
+    /// Starts the agent as `options` say.
+    pub fn start_agent_opts(&mut self, options: &AgentOptions) -> anyhow::Result<&Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let agent = Agent::start(self, args)?;
+        let agent = Agent::start(self, options)?;
         Ok(self.agent.insert(agent))
     }
 
@@ -437,6 +476,8 @@ impl Drop for Node {
         let _ = ip(&["netns", "del", &self.netns]);
         // Unpinning releases the kernel programs and maps of this node's agent.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // The child first: a cgroup with children cannot be removed.
+        let _ = std::fs::remove_dir(&self.agent_cgroup);
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_dir_all(self.state_dir());
