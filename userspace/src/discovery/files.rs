@@ -107,7 +107,7 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, FileError> {
                 .push(Namespace::from_yaml(value).map_err(object_error)?),
             "Pod" => objects
                 .pods
-                .push(Pod::from_yaml(value).map_err(object_error)?),
+                .extend(Pod::from_yaml(value).map_err(object_error)?),
             "Service" => objects
                 .services
                 .push(Service::from_yaml(value).map_err(object_error)?),
