@@ -13,14 +13,14 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::{manager::Enrolled, spiffe::SpiffeId};
+use crate::state_file;
 
 /// An authenticated caller of the CA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +45,11 @@ pub enum AuthzError {
     },
     #[error("failed to create token file {path}: {source}")]
     Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to restrict token file {path} to mode 0600: {source}")]
+    Restrict {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -206,9 +211,22 @@ pub fn read_token(path: &Path) -> Result<String, AuthzError> {
     Ok(token.to_owned())
 }
 
-/// Reads the agent's token, creating a random one (mode 0600) on first start.
+/// Reads the agent's token, creating a random one on first start. The file is the agent's
+/// own secret and is kept at mode 0600, whatever mode it was found with. Its directory is
+/// created with mode 0700 when missing; an existing one may be the operator's
+/// (`--ca-token-file`) and is left as it is.
 pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
+    let err = |source| AuthzError::Write {
+        path: path.to_owned(),
+        source,
+    };
     if path.exists() {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            AuthzError::Restrict {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
         return read_token(path);
     }
     let mut bytes = [0u8; 32];
@@ -216,10 +234,6 @@ pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
         .fill(&mut bytes)
         .map_err(|_| AuthzError::Random)?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let err = |source| AuthzError::Write {
-        path: path.to_owned(),
-        source,
-    };
     if let Some(dir) = path.parent() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -227,13 +241,7 @@ pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
             .create(dir)
             .map_err(err)?;
     }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    file.write_all(token.as_bytes()).map_err(err)?;
+    state_file::write(path, token.as_bytes(), 0o600).map_err(err)?;
     Ok(token)
 }
 
@@ -269,6 +277,31 @@ mod tests {
         assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/shop/sa/cart")));
         assert!(!authz.entitled(&a, &id("spiffe://cluster.local/ns/other/sa/x")));
         assert!(authz.authenticate("t3").is_none());
+    }
+
+    #[test]
+    fn new_token_file_is_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca/agent-token");
+        let token = ensure_token(&path).unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("ca")), 0o700);
+        assert_eq!(ensure_token(&path).unwrap(), token);
+    }
+
+    #[test]
+    fn existing_token_file_is_taken_back_to_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent-token");
+        fs::write(&path, "t0k3n\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(ensure_token(&path).unwrap(), "t0k3n");
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
     #[test]
