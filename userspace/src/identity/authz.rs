@@ -17,7 +17,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::{
+    digest::{SHA256, SHA256_OUTPUT_LEN, digest},
+    rand::{SecureRandom, SystemRandom},
+};
+use subtle::ConstantTimeEq;
 
 use super::{manager::Enrolled, spiffe::SpiffeId};
 use crate::state_file;
@@ -65,18 +69,34 @@ pub enum AuthzError {
     },
 }
 
+/// What a token is compared by: its SHA-256 digest. Comparing digests of fixed length in
+/// constant time tells a caller nothing of a token, not even its length, through timing.
+struct TokenDigest([u8; SHA256_OUTPUT_LEN]);
+
+impl TokenDigest {
+    fn of(token: &str) -> Self {
+        let mut bytes = [0; SHA256_OUTPUT_LEN];
+        bytes.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+        Self(bytes)
+    }
+
+    fn matches(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
 /// The embedded CA's authorizer: this node's token, this node's enrolled identities.
 pub struct NodeAuthorizer {
     node: String,
-    token: String,
+    token: TokenDigest,
     enrolled: Enrolled,
 }
 
 impl NodeAuthorizer {
-    pub fn new(node: &str, token: String, enrolled: Enrolled) -> Self {
+    pub fn new(node: &str, token: &str, enrolled: Enrolled) -> Self {
         Self {
             node: node.to_owned(),
-            token,
+            token: TokenDigest::of(token),
             enrolled,
         }
     }
@@ -90,7 +110,9 @@ impl NodeAuthorizer {
 
 impl Authorizer for NodeAuthorizer {
     fn authenticate(&self, token: &str) -> Option<Caller> {
-        constant_time_eq(token, &self.token).then(|| self.caller())
+        self.token
+            .matches(&TokenDigest::of(token))
+            .then(|| self.caller())
     }
 
     fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
@@ -104,7 +126,7 @@ pub struct GrantsAuthorizer {
 }
 
 struct Grant {
-    token: String,
+    token: TokenDigest,
     caller: String,
     identities: Vec<Pattern>,
 }
@@ -171,7 +193,7 @@ impl GrantsAuthorizer {
                 return Err(err(format!("caller {caller} is granted no identity")));
             }
             grants.push(Grant {
-                token: token.to_owned(),
+                token: TokenDigest::of(token),
                 caller: caller.to_owned(),
                 identities,
             });
@@ -182,9 +204,11 @@ impl GrantsAuthorizer {
 
 impl Authorizer for GrantsAuthorizer {
     fn authenticate(&self, token: &str) -> Option<Caller> {
+        let presented = TokenDigest::of(token);
+        // Stopping at the match reveals only which grant matched, which its holder knows.
         self.grants
             .iter()
-            .find(|g| constant_time_eq(token, &g.token))
+            .find(|g| g.token.matches(&presented))
             .map(|g| Caller {
                 name: g.caller.clone(),
             })
@@ -245,18 +269,10 @@ pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
     Ok(token)
 }
 
-/// Token comparison whose time does not depend on where the strings differ.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{ManagerConfig, SecretManager};
 
     #[test]
     fn grants_file_entitles_exact_and_namespace_identities() {
@@ -277,6 +293,16 @@ mod tests {
         assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/shop/sa/cart")));
         assert!(!authz.entitled(&a, &id("spiffe://cluster.local/ns/other/sa/x")));
         assert!(authz.authenticate("t3").is_none());
+    }
+
+    #[test]
+    fn node_token_must_match_exactly() {
+        let (manager, _worker) = SecretManager::new(ManagerConfig::default());
+        let authz = NodeAuthorizer::new("node-a", "secret", manager.enrolled());
+        assert_eq!(authz.authenticate("secret"), Some(authz.caller()));
+        for wrong in ["", "secre", "secret ", "Secret", "secretsecret"] {
+            assert_eq!(authz.authenticate(wrong), None, "{wrong:?}");
+        }
     }
 
     #[test]
