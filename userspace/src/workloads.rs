@@ -27,7 +27,7 @@ use crate::{
     policy::Workload,
     proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
     redirect::{RedirectError, Redirector},
-    routing::{self, RoutingError},
+    routing::{self, RoutingError, SavedSettings},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,7 @@ pub struct WorkloadManager {
     identities: SecretManager,
     trust_domain: String,
     node_name: String,
+    saved_settings: SavedSettings,
     enrolled: BTreeMap<String, EnrolledPod>,
     /// Pods registered with the kernel programs whose listeners could not be set up: their
     /// traffic is refused (fail closed) until a retry succeeds or they leave the mesh.
@@ -121,6 +122,7 @@ impl WorkloadManager {
         identities: SecretManager,
         trust_domain: String,
         node_name: String,
+        saved_settings: SavedSettings,
     ) -> Self {
         Self {
             redirector,
@@ -128,6 +130,7 @@ impl WorkloadManager {
             identities,
             trust_domain,
             node_name,
+            saved_settings,
             enrolled: BTreeMap::new(),
             closed: BTreeMap::new(),
             table: WorkloadTable::default(),
@@ -264,7 +267,7 @@ impl WorkloadManager {
         let plaintext_listener =
             socket::listen(&netns, on_loopback(ports::INBOUND_PLAINTEXT)).await?;
         let hbone_listener = socket::listen(&netns, on_loopback(ports::INBOUND_HBONE)).await?;
-        routing::install(&netns).await?;
+        routing::install(&netns, &self.saved_settings).await?;
         self.redirector
             .serve(ip, hbone_listener.as_fd(), plaintext_listener.as_fd())?;
         self.closed.remove(&pod.key());
@@ -321,7 +324,7 @@ impl WorkloadManager {
         for task in listeners {
             task.abort();
         }
-        if let Err(error) = routing::remove(&proxy.netns).await {
+        if let Err(error) = routing::remove(&proxy.netns, &self.saved_settings).await {
             warn!(workload = %pod.key(), %error, "cannot remove the return path");
         }
         info!(workload = %pod.key(), "released");
