@@ -18,6 +18,16 @@ pub struct SockAddr {
 }
 
 impl SockAddr {
+    /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), given as
+    /// four words in network byte order; `None` for any other IPv6 address.
+    pub const fn v4_mapped(ip6_be: [u32; 4]) -> Option<u32> {
+        if ip6_be[0] == 0 && ip6_be[1] == 0 && ip6_be[2] == u32::to_be(0xffff) {
+            Some(ip6_be[3])
+        } else {
+            None
+        }
+    }
+
     /// An IPv4 address; `ip_be` is in network byte order as the kernel hands it over.
     pub const fn v4(ip_be: u32, port: u16) -> Self {
         Self {

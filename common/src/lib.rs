@@ -12,22 +12,16 @@ pub mod addr;
 pub mod inbound;
 pub mod outbound;
 
-/// Socket marks the proxy sets on its own sockets. Any mark with [`marks::MASK`] bits equal
-/// to [`marks::PROXY`] is never redirected.
+/// Socket marks the proxy sets on its own sockets, for routing only: a mark is not an
+/// identity (any process with `CAP_NET_RAW` can set one), so the kernel programs never
+/// trust it (see [`outbound::PROXY_CGROUP_MAP`]).
 pub mod marks {
-    /// Bits that identify a proxy socket.
-    pub const MASK: u32 = 0xffff_fff0;
     /// Upstream sockets the proxy opens from a pod's namespace to other pods.
     pub const PROXY: u32 = 0x0a3b_0000;
     /// Sockets that connect to a local application with the client's IP (transparent
     /// bind). The agent routes packets carrying this mark through `lo` in the pod netns so
     /// the application's replies return to the proxy.
     pub const PROXY_TRANSPARENT: u32 = PROXY | 1;
-
-    /// True when `mark` belongs to one of the proxy's own sockets.
-    pub const fn is_proxy(mark: u32) -> bool {
-        mark & MASK == PROXY
-    }
 }
 
 /// Ports of the proxy's listeners inside every enrolled pod's network namespace.
@@ -38,4 +32,10 @@ pub mod ports {
     pub const INBOUND_PLAINTEXT: u16 = 15006;
     /// Inbound HBONE: mutual TLS and HTTP/2 `CONNECT` from other mesh proxies.
     pub const INBOUND_HBONE: u16 = 15008;
+
+    /// True for the ports of the proxy's own listeners: no pod process and no connection
+    /// the proxy makes may be aimed at them, or the proxy would end up connecting to itself.
+    pub const fn is_listener(port: u16) -> bool {
+        matches!(port, OUTBOUND | INBOUND_PLAINTEXT | INBOUND_HBONE)
+    }
 }

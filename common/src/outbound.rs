@@ -1,10 +1,17 @@
-//! Outbound redirection: `cgroup/connect4` rewrites a TCP connect of an enrolled pod to the
-//! pod-local outbound listener and remembers the original destination; `sock_ops` re-keys
-//! that record by the client's local address once the connection is established, which is
-//! the peer address the proxy sees on the accepted socket.
+//! Outbound redirection: `cgroup/connect4` and `cgroup/connect6` rewrite a TCP connect of an
+//! enrolled pod to the pod-local outbound listener and remember the original destination;
+//! `sock_ops` re-keys that record by the client's local address once the connection is
+//! established, which is the peer address the proxy sees on the accepted socket.
+//!
+//! The proxy's own sockets are recognised by the cgroup of the process that connects
+//! ([`PROXY_CGROUP_MAP`]), which a pod cannot change, never by a socket mark, which any
+//! process with `CAP_NET_RAW` can set.
 
 use crate::addr::SockAddr;
 
+/// Array of one `u64`: the cgroup (v2) id of the agent. Connects made from that cgroup
+/// are the proxy's own and are never redirected; 0 means none.
+pub const PROXY_CGROUP_MAP: &str = "PROXY_CGROUP";
 /// Netns cookie (`u64`) → [`Redirect`]: the enrolled pod namespaces.
 pub const ENROLLED_NETNS_MAP: &str = "ENROLLED_NETNS";
 /// Socket cookie (`u64`) → original destination [`SockAddr`], written at connect time.

@@ -1,4 +1,9 @@
 //! Inbound steering of TCP for enrolled pods' IPs to the proxy's listeners.
+//!
+//! The program is attached only to enrolled pods' namespaces, so every TCP connection it
+//! sees arriving from outside the pod is for an enrolled pod: it is steered to a listener
+//! of the proxy or dropped, never passed to the application. That covers addresses the
+//! agent does not (yet) know as the pod's, and IPv6, which the mesh does not carry yet.
 
 use ambit_common::{
     addr::{AF_INET, SockAddr},
@@ -22,43 +27,37 @@ static INBOUND_LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
 const IPPROTO_TCP: u32 = 6;
 /// `lo` is always ifindex 1: the proxy's own transparent connections to the application
-/// arrive there and must reach the application, not the proxy again.
+/// arrive there and must reach the application, not the proxy again. (Only the pod's own
+/// processes can send on its `lo`, and their connects are redirected before that.)
 const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // Fail closed: an enrolled pod whose listener is missing (proxy down) drops the SYN.
-    match try_sk_lookup(&ctx) {
-        Ok(verdict) => verdict,
-        Err(verdict) => verdict,
-    }
-}
-
-fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     // SAFETY: the kernel hands a valid `bpf_sk_lookup` for the program's lifetime.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP
-        || lookup.family != u32::from(AF_INET)
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
-    {
-        return Ok(SK_PASS);
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    if lookup.family != u32::from(AF_INET) {
+        return SK_DROP;
     }
     let pod = pod_key(SockAddr::v4(lookup.local_ip4, 0));
     // SAFETY: plain Copy value; a concurrent update at worst yields the previous value.
     let Some(slots) = (unsafe { INBOUND_PODS.get(&pod) }) else {
-        return Ok(SK_PASS);
+        return SK_DROP;
     };
     let slot = if lookup.local_port == u32::from(ports::INBOUND_HBONE) {
         slots.hbone
     } else {
         slots.plaintext
     };
-    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, slot, 0).is_err() {
+    // Fail closed: an enrolled pod whose listener is missing (proxy down) drops the SYN.
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, slot, 0).is_err() {
         warn!(
-            ctx,
+            &ctx,
             "ambit: no proxy listener in slot {} for an enrolled pod; dropping", slot
         );
-        return Err(SK_DROP);
+        return SK_DROP;
     }
-    Ok(SK_PASS)
+    SK_PASS
 }

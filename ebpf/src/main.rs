@@ -1,11 +1,12 @@
 //! ambit's kernel programs. They only ever act on sockets of enrolled pods, inside each
 //! pod's own network namespace:
 //!
-//! - [`outbound`]: `cgroup/connect4` sends a TCP connect of an enrolled pod to the pod-local
-//!   outbound listener and records where it was going; `sock_ops` files that record under
+//! - [`outbound`]: `cgroup/connect4` and `cgroup/connect6` send a TCP connect of an enrolled
+//!   pod to the pod-local outbound listener and record where it was going (IPv6 other than
+//!   IPv4-mapped and loopback is refused); `sock_ops` files that record under
 //!   the client's address once the connection is up.
 //! - [`inbound`]: `sk_lookup` hands TCP arriving at an enrolled pod's IP to the proxy's
-//!   listeners in that pod's namespace.
+//!   listeners in that pod's namespace, and drops any other TCP arriving there.
 //!
 //! Both directions fail closed: an enrolled pod whose proxy is gone gets refused
 //! connections, never a plaintext path around the mesh.

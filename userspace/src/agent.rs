@@ -20,7 +20,9 @@ use tracing::{error, info};
 use crate::{
     admin::{self, AdminState},
     discovery::{Snapshot, files},
+    identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
+    proxy::limits::{Descriptors, Limits},
     proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
     redirect::Redirector,
     state::Applied,
@@ -59,14 +61,68 @@ pub struct RunArgs {
     pub readiness_addr: SocketAddr,
     #[command(flatten)]
     pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Timeouts and limits of the data path: what one peer or one pod can make the proxy hold.
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    /// Time a client has for the TLS handshake on 15008, and then for its first CONNECT.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Time an upstream TCP connect, or setting up an HBONE connection, may take.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// An HBONE connection with no stream open for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+    /// Connections and HBONE streams held for one destination pod.
+    #[arg(long, default_value_t = Limits::default().inbound_per_workload)]
+    pub max_inbound_per_workload: usize,
+    /// The same, per source of one pod: a client identity, or a client IP without one.
+    #[arg(long, default_value_t = Limits::default().inbound_per_source)]
+    pub max_inbound_per_source: usize,
+    /// Connections one pod's applications may have open through the proxy.
+    #[arg(long, default_value_t = Limits::default().outbound_per_workload)]
+    pub max_outbound_per_workload: usize,
+    /// TLS handshakes in flight on one pod's HBONE listener.
+    #[arg(long, default_value_t = Limits::default().handshakes_per_workload)]
+    pub max_handshakes_per_workload: usize,
+    /// TLS handshakes in flight from one source IP to one pod.
+    #[arg(long, default_value_t = Limits::default().handshakes_per_source)]
+    pub max_handshakes_per_source: usize,
+    /// Concurrent CONNECT streams on one HBONE connection.
+    #[arg(long, default_value_t = Limits::default().streams_per_connection)]
+    pub max_streams_per_connection: u32,
+    /// File descriptors the data path leaves for the agent's own work.
+    #[arg(long, default_value_t = Limits::default().fd_reserve)]
+    pub fd_reserve: usize,
+}
+
+impl From<&LimitArgs> for Limits {
+    fn from(args: &LimitArgs) -> Self {
+        Self {
+            handshake_timeout: args.handshake_timeout,
+            connect_timeout: args.connect_timeout,
+            hbone_idle_timeout: args.hbone_idle_timeout,
+            inbound_per_workload: args.max_inbound_per_workload,
+            inbound_per_source: args.max_inbound_per_source,
+            outbound_per_workload: args.max_outbound_per_workload,
+            handshakes_per_workload: args.max_handshakes_per_workload,
+            handshakes_per_source: args.max_handshakes_per_source,
+            streams_per_connection: args.max_streams_per_connection,
+            fd_reserve: args.fd_reserve,
+        }
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    raise_fd_limit();
+    let open_files = raise_fd_limit();
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
-        None => cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
+        None => crate::redirect::cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
     };
     let mut redirector = Redirector::load(&cgroup, &args.bpf_pin_dir)?;
     if let Some(logger) = redirector.take_logger() {
@@ -96,12 +152,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         |snapshot: Snapshot| Arc::new(Applied::new(snapshot, &args.root_namespace, &trust_domain));
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
     let connections = Arc::new(ConnectionLog::default());
+    let limits = Limits::from(&args.limits);
+    let descriptors = Descriptors::new(open_files, open_descriptors(), limits.fd_reserve);
     let shared = Shared {
         orig_dst: redirector.orig_dst(),
         connections: Arc::clone(&connections),
         applied: applied_rx.clone(),
         identities: identity.manager.clone(),
         pool: Pool::default(),
+        limits: Arc::new(limits),
+        descriptors,
     };
     let mut manager = WorkloadManager::new(
         redirector,
@@ -136,12 +196,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        manager.reconcile(&snapshot).await;
+        // Published before the pods are reconciled: admission reads each pod from it, so a
+        // pod's listeners never serve before the configuration that enrolls it is in force.
         // Retries reconcile the same snapshot; live connections are re-checked only when
         // the configuration really changed.
         if applied_tx.borrow().snapshot != snapshot {
-            applied_tx.send_replace(applied(snapshot));
+            applied_tx.send_replace(applied(snapshot.clone()));
         }
+        manager.reconcile(&snapshot).await;
         ready.store(true, Ordering::Release);
         loop {
             tokio::select! {
@@ -168,26 +230,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Raises the soft limit on open files to the hard limit: every meshed connection holds up
 /// to four descriptors, and the usual soft limit of 1,024 would cap the node at about 250.
-fn raise_fd_limit() {
+/// Returns the limit in force.
+fn raise_fd_limit() -> usize {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
-            Err(error) => tracing::warn!(%error, soft, "cannot raise the open-file limit"),
+            Ok(()) => {
+                info!(from = soft, to = hard, "raised the open-file limit");
+                hard
+            }
+            Err(error) => {
+                tracing::warn!(%error, soft, "cannot raise the open-file limit");
+                soft
+            }
         },
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
-    }
+        Ok((soft, _)) => soft,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
-/// The first cgroup2 mount in /proc/mounts.
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
+/// Descriptors this process has open now.
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
 }
 
 /// Resolves on SIGTERM or SIGINT.

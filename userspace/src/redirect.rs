@@ -1,12 +1,14 @@
 //! Loading, pinning and driving the kernel programs (`ebpf/`).
 //!
-//! Programs attach once per node (`connect4` and `sock_ops` at a cgroup, by default the
-//! cgroup2 root) plus one `sk_lookup` per enrolled pod netns. Maps and links are pinned
+//! Programs attach once per node (`connect4`, `connect6` and `sock_ops` at a cgroup, by
+//! default the cgroup2 root) plus one `sk_lookup` per enrolled pod netns. The agent's own
+//! cgroup is written to the kernel maps at load: connects from it are the proxy's and are
+//! never redirected. Maps and links are pinned
 //! under the pin directory (`/sys/fs/bpf/ambit` by default): a restarted agent finds the
 //! links still attached and re-adopts them, so enrolled pods stay redirected (and fail
 //! closed) while it is down. This module owns map layout knowledge on the user side; the
 //! rest of the agent calls [`Redirector::register`], [`Redirector::serve`],
-//! [`Redirector::release`] and reads [`OrigDstTable`].
+//! [`Redirector::release_netns`] / [`Redirector::release_ip`] and reads [`OrigDstTable`].
 
 use std::{
     collections::BTreeMap,
@@ -21,12 +23,14 @@ use std::{
 use ambit_common::{
     addr::SockAddr,
     inbound::{INBOUND_LISTENERS_MAP, INBOUND_PODS_MAP, PodSlots, pod_key},
-    outbound::{ConnKey, ENROLLED_NETNS_MAP, MAX_ENROLLED, ORIG_DST_MAP, Redirect},
+    outbound::{
+        ConnKey, ENROLLED_NETNS_MAP, MAX_ENROLLED, ORIG_DST_MAP, PROXY_CGROUP_MAP, Redirect,
+    },
     ports,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, SockMap},
+    maps::{Array, HashMap, MapData, MapError, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -38,6 +42,7 @@ use tracing::{info, warn};
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
 
 const CONNECT4_PROGRAM: &str = "ambit_connect4";
+const CONNECT6_PROGRAM: &str = "ambit_connect6";
 const SOCKOPS_PROGRAM: &str = "ambit_sockops_established";
 const SK_LOOKUP_PROGRAM: &str = "ambit_sk_lookup";
 
@@ -75,8 +80,10 @@ pub enum RedirectError {
     Map { map: &'static str, source: MapError },
     #[error("no free listener slot: at most {MAX_ENROLLED} pods per node")]
     SlotsExhausted,
-    #[error("IPv6 pod address {0} is not supported yet")]
+    #[error("IPv6 pod address {0} is not supported yet; the pod is held closed")]
     Ipv6(IpAddr),
+    #[error("cannot find the agent's own cgroup: {0}")]
+    OwnCgroup(io::Error),
 }
 
 /// Loaded programs and the handles of their maps. One per agent.
@@ -118,14 +125,16 @@ impl Redirector {
             source,
         })?;
 
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, CONNECT4_PROGRAM)?;
-        connect4.load().map_err(program_error(CONNECT4_PROGRAM))?;
-        attach_once(&links_dir, CONNECT4_PROGRAM, || {
-            let id = connect4
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(program_error(CONNECT4_PROGRAM))?;
-            fd_link(connect4.take_link(id), CONNECT4_PROGRAM)
-        })?;
+        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+            let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect.load().map_err(program_error(name))?;
+            attach_once(&links_dir, name, || {
+                let id = connect
+                    .attach(&cgroup_file, CgroupAttachMode::Single)
+                    .map_err(program_error(name))?;
+                fd_link(connect.take_link(id), name)
+            })?;
+        }
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
         sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
         attach_once(&links_dir, SOCKOPS_PROGRAM, || {
@@ -137,11 +146,17 @@ impl Redirector {
         let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         sk_lookup.load().map_err(program_error(SK_LOOKUP_PROGRAM))?;
 
+        let own_cgroup = own_cgroup_id().map_err(RedirectError::OwnCgroup)?;
+        let mut proxy_cgroup: Array<MapData, u64> = take_map(&mut ebpf, PROXY_CGROUP_MAP)?;
+        proxy_cgroup
+            .set(0, own_cgroup, 0)
+            .map_err(map_error(PROXY_CGROUP_MAP))?;
         let enrolled = take_map(&mut ebpf, ENROLLED_NETNS_MAP)?;
         let inbound_pods = take_map(&mut ebpf, INBOUND_PODS_MAP)?;
         let listeners = take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?;
         let orig_dst = OrigDstTable(Arc::new(Mutex::new(take_map(&mut ebpf, ORIG_DST_MAP)?)));
-        info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "kernel programs ready");
+        info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), own_cgroup,
+            "kernel programs ready; connects from the agent's cgroup are not redirected");
         Ok(Self {
             ebpf,
             links_dir,
@@ -160,19 +175,17 @@ impl Redirector {
     }
 
     /// Puts a pod under the kernel programs, closed: its connects are redirected to its
-    /// outbound port and TCP for its IP is steered to its listener slots, which stay
-    /// empty, so everything is refused, until [`Redirector::serve`] fills them.
-    /// Idempotent.
+    /// outbound port and TCP arriving in its namespace is steered to its listener slots,
+    /// which stay empty, so everything is refused, until [`Redirector::serve`] fills them.
+    /// Idempotent. An IPv6 pod address is an error, but only once the pod is closed.
     pub fn register(
         &mut self,
         netns_cookie: u64,
         ip: IpAddr,
         netns: &File,
     ) -> Result<(), RedirectError> {
-        let slots = self.slot_for(ip)?;
-        self.inbound_pods
-            .insert(pod_key(ip_key(ip)?), slots, 0)
-            .map_err(map_error(INBOUND_PODS_MAP))?;
+        // `sk_lookup` first: from then on TCP arriving in the namespace is steered or
+        // dropped, whatever the maps say.
         let link_name = sk_lookup_link_name(netns_cookie);
         let program: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
         attach_once(&self.links_dir, &link_name, || {
@@ -187,7 +200,12 @@ impl Redirector {
         };
         self.enrolled
             .insert(netns_cookie, redirect, 0)
-            .map_err(map_error(ENROLLED_NETNS_MAP))
+            .map_err(map_error(ENROLLED_NETNS_MAP))?;
+        let key = pod_key(ip_key(ip)?);
+        let slots = self.slot_for(ip)?;
+        self.inbound_pods
+            .insert(key, slots, 0)
+            .map_err(map_error(INBOUND_PODS_MAP))
     }
 
     /// Hands a registered pod's inbound listeners to `sk_lookup`; replaces earlier ones.
@@ -204,12 +222,6 @@ impl Redirector {
         self.listeners
             .set(slots.plaintext, &plaintext_listener, 0)
             .map_err(map_error(INBOUND_LISTENERS_MAP))
-    }
-
-    /// Stops redirecting the pod: its traffic flows as if ambit were not there.
-    pub fn release(&mut self, netns_cookie: u64, ip: IpAddr) -> Result<(), RedirectError> {
-        self.release_netns(netns_cookie)?;
-        self.release_ip(ip)
     }
 
     /// Stops redirecting connects from the namespace and detaches its `sk_lookup`.
@@ -229,8 +241,10 @@ impl Redirector {
 
     /// Stops steering TCP for `ip` to the proxy.
     pub fn release_ip(&mut self, ip: IpAddr) -> Result<(), RedirectError> {
-        let key = pod_key(ip_key(ip)?);
-        ignore_missing(self.inbound_pods.remove(&key)).map_err(map_error(INBOUND_PODS_MAP))?;
+        // An IPv6 pod never got an entry (it was held closed by `sk_lookup` alone).
+        if let Ok(key) = ip_key(ip) {
+            ignore_missing(self.inbound_pods.remove(&key)).map_err(map_error(INBOUND_PODS_MAP))?;
+        }
         if let Some(slots) = self.slots.remove(&ip) {
             for slot in [slots.hbone, slots.plaintext] {
                 ignore_missing(self.listeners.clear_index(&slot))
@@ -351,6 +365,32 @@ fn attach_once(
         source: source.into(),
     })?;
     Ok(())
+}
+
+/// The first cgroup2 mount in /proc/mounts.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// The cgroup (v2) id of this process, as `bpf_get_current_cgroup_id` reports it: the
+/// inode number of its cgroup directory (64-bit kernels).
+fn own_cgroup_id() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let not_found = |what: &str| io::Error::new(io::ErrorKind::NotFound, what.to_owned());
+    let membership = std::fs::read_to_string("/proc/self/cgroup")?;
+    // cgroup2's line is `0::/path`, relative to the cgroup namespace's root, which is what
+    // the mount shows too.
+    let path = membership
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or_else(|| not_found("no cgroup2 entry in /proc/self/cgroup"))?;
+    let root = cgroup2_root().ok_or_else(|| not_found("no cgroup2 mount"))?;
+    Ok(std::fs::metadata(root.join(path.trim_start_matches('/')))?.ino())
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {

@@ -2,16 +2,22 @@
 //! destination index built from it, published together so a reader never pairs pods of one
 //! version with policies of another.
 
-use std::sync::Arc;
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use tokio::sync::watch;
 
-use crate::{destinations::Destinations, discovery::Snapshot, policy::PolicyEngine};
+use crate::{
+    destinations::Destinations,
+    discovery::Snapshot,
+    policy::{PolicyEngine, Workload},
+};
 
 pub struct Applied {
     pub snapshot: Snapshot,
     pub policies: PolicyEngine,
     pub destinations: Destinations,
+    /// Enrolled pods with an address, by `namespace/name`, as policies select them.
+    workloads: HashMap<String, (IpAddr, Workload)>,
 }
 
 impl Applied {
@@ -19,12 +25,78 @@ impl Applied {
         let policies =
             PolicyEngine::new(&snapshot.policies, root_namespace).with_trust_domain(trust_domain);
         let destinations = Destinations::new(&snapshot, trust_domain);
+        let workloads = snapshot
+            .pods
+            .iter()
+            .filter(|(_, pod)| snapshot.is_enrolled(pod))
+            .filter_map(|(key, pod)| Some((key.clone(), (pod.ip?, Workload::from_pod(pod)))))
+            .collect();
         Self {
             snapshot,
             policies,
             destinations,
+            workloads,
         }
+    }
+
+    /// The pod `key` as policies select it now, if it is still enrolled at `ip`: what an
+    /// admission decision for a pod served at `ip` must use.
+    pub fn served_workload(&self, key: &str, ip: IpAddr) -> Option<&Workload> {
+        self.workloads
+            .get(key)
+            .and_then(|(at, workload)| (*at == ip).then_some(workload))
     }
 }
 
 pub type AppliedRx = watch::Receiver<Arc<Applied>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::DirState;
+
+    fn applied(pod_labels: &str, pod_ip: &str) -> Applied {
+        let config = format!(
+            "
+apiVersion: v1
+kind: Namespace
+metadata: {{name: foo, labels: {{ambit.io/mesh: enabled}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: foo, labels: {pod_labels}}}
+status: {{podIP: {pod_ip}}}
+"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), config).unwrap();
+        Applied::new(
+            DirState::load_strict(dir.path()).unwrap(),
+            "istio-system",
+            "cluster.local",
+        )
+    }
+
+    #[test]
+    fn a_served_pod_is_seen_with_its_current_labels_at_its_current_address() {
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let now = applied("{app: web, locked: \"true\"}", "10.0.0.5");
+        let workload = now.served_workload("foo/web", ip).unwrap();
+        assert_eq!(
+            workload.labels.get("locked").map(String::as_str),
+            Some("true")
+        );
+        // Moved to another address, opted out, or gone: no longer served at `ip`.
+        assert!(
+            applied("{app: web}", "10.0.0.6")
+                .served_workload("foo/web", ip)
+                .is_none()
+        );
+        assert!(
+            applied("{ambit.io/mesh: disabled}", "10.0.0.5")
+                .served_workload("foo/web", ip)
+                .is_none()
+        );
+        assert!(now.served_workload("foo/other", ip).is_none());
+    }
+}

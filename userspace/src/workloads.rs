@@ -1,10 +1,17 @@
 //! Enrollment: turns the desired state (a [`Snapshot`]) into pods whose traffic goes
 //! through the proxy, and back.
 //!
-//! Enrolling a pod opens its listeners inside its namespace, installs the return path for
-//! transparent connections (`routing`), registers it with the kernel programs and asks for
-//! its identity's certificate; releasing undoes it in reverse. A pod that fails (its namespace is gone, say) is
-//! reported with the reason in `/workloads` and retried on the next pass.
+//! Enrolling a pod registers it with the kernel programs (closed), opens its listeners
+//! inside its namespace, installs the return path for transparent connections (`routing`),
+//! hands the listeners to the kernel and asks for its identity's certificate. A pod that
+//! fails (its namespace is gone, say) stays registered and so closed, is reported with the
+//! reason in `/workloads` and retried on the next pass.
+//!
+//! Only a change of what a pod was set up with (namespace, address, service account)
+//! re-enrolls it; labels are read at each decision from the configuration in force. A
+//! re-enrolled pod is never opened: its old listeners close (its traffic is refused) and
+//! the new ones take over, while its kernel entries stay. Kernel entries are released
+//! only once no pod of this node holds them any more.
 
 use std::{
     collections::BTreeMap,
@@ -24,8 +31,13 @@ use crate::{
     discovery::{Pod, Snapshot},
     identity::{SecretManager, SpiffeError, SpiffeId},
     netns::{NetnsError, PodNetns},
-    policy::Workload,
-    proxy::{PodProxy, Shared, connections::WorkloadStats, hbone, inbound, outbound, socket},
+    proxy::{
+        PodProxy, Shared,
+        connections::WorkloadStats,
+        hbone, inbound,
+        limits::{GaugePermit, WorkloadCounters},
+        outbound, socket,
+    },
     redirect::{RedirectError, Redirector},
     routing::{self, RoutingError, SavedSettings},
 };
@@ -85,11 +97,31 @@ pub type WorkloadTable = Arc<RwLock<BTreeMap<String, WorkloadStatus>>>;
 
 /// A pod the proxy serves.
 struct EnrolledPod {
-    /// The pod as it was when enrolled; any change re-enrolls it.
+    /// The pod as it was when enrolled; a change of its [`Setup`] re-enrolls it.
     pod: Pod,
     identity: SpiffeId,
     proxy: Arc<PodProxy>,
     listeners: Vec<JoinHandle<()>>,
+    _descriptors: GaugePermit,
+}
+
+/// What a pod's enrollment is built from. Anything else (labels, annotations) may change
+/// without touching the pod's sockets or kernel entries.
+#[derive(PartialEq, Eq)]
+struct Setup<'a> {
+    netns: Option<&'a PathBuf>,
+    ip: Option<IpAddr>,
+    service_account: &'a str,
+}
+
+impl<'a> Setup<'a> {
+    fn of(pod: &'a Pod) -> Self {
+        Self {
+            netns: pod.netns.as_ref(),
+            ip: pod.ip,
+            service_account: &pod.service_account,
+        }
+    }
 }
 
 pub struct WorkloadManager {
@@ -160,15 +192,13 @@ impl WorkloadManager {
         let stale_closed = stale(&mut self.closed.iter().map(|(k, c)| (k, &c.pod)));
         for key in stale_enrolled {
             if let Some(enrolled) = self.enrolled.remove(&key) {
-                self.release(enrolled).await;
+                self.stop(enrolled, snapshot).await;
             }
         }
+        // Their kernel entries stay until `release_leftovers`, after the pass has enrolled
+        // whatever takes them over.
         for key in stale_closed {
-            if let Some(closed) = self.closed.remove(&key)
-                && let Err(error) = self.redirector.release(closed.netns_cookie, closed.ip)
-            {
-                warn!(workload = %key, %error, "cannot release from the kernel programs");
-            }
+            self.closed.remove(&key);
         }
 
         let mut table = BTreeMap::new();
@@ -233,7 +263,7 @@ impl WorkloadManager {
         snapshot
             .pods
             .get(key)
-            .is_some_and(|pod| self.serves(snapshot, pod) && pod == then)
+            .is_some_and(|pod| self.serves(snapshot, pod) && Setup::of(pod) == Setup::of(then))
     }
 
     /// True for the pods this agent redirects.
@@ -252,8 +282,7 @@ impl WorkloadManager {
         })?;
         let netns_cookie = netns.cookie().await?;
         // From here on the pod is closed: its traffic is refused until its listeners serve,
-        // and stays refused if setting them up fails.
-        self.redirector.register(netns_cookie, ip, &netns_file)?;
+        // and stays refused if setting them up fails (an IPv6 address, say).
         self.closed.insert(
             pod.key(),
             ClosedPod {
@@ -262,6 +291,7 @@ impl WorkloadManager {
                 ip,
             },
         );
+        self.redirector.register(netns_cookie, ip, &netns_file)?;
         let on_loopback = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         let outbound_listener = socket::listen(&netns, on_loopback(ports::OUTBOUND)).await?;
         let plaintext_listener =
@@ -276,10 +306,10 @@ impl WorkloadManager {
             key: pod.key(),
             ip,
             identity: identity.clone(),
-            workload: Workload::from_pod(pod),
             netns,
             netns_cookie,
             stats: Arc::default(),
+            counters: WorkloadCounters::default(),
             acceptor: OnceCell::new(),
         });
         let listeners = vec![
@@ -305,33 +335,42 @@ impl WorkloadManager {
             identity,
             proxy,
             listeners,
+            _descriptors: self.shared.descriptors.hold_for_pod(),
         })
     }
 
-    async fn release(&mut self, enrolled: EnrolledPod) {
+    /// Stops serving a pod: closes its listeners, after which the kernel refuses its
+    /// traffic, and removes its return path unless a pod of `snapshot` is served in the same
+    /// namespace. Its kernel entries are left to [`Self::release_leftovers`].
+    async fn stop(&mut self, enrolled: EnrolledPod, snapshot: &Snapshot) {
         let EnrolledPod {
             pod,
             identity,
             proxy,
             listeners,
+            ..
         } = enrolled;
         self.identities.remove_workload(&identity);
-        if let Err(error) = self.redirector.release(proxy.netns_cookie, proxy.ip) {
-            warn!(workload = %pod.key(), %error, "cannot release from the kernel programs");
-        }
-        // Dropping the listeners ends their accept loops; connections already open finish
-        // on their own.
+        // Waiting for the aborted tasks means their listening sockets are closed before a
+        // new enrollment binds the same ports. Connections already open finish on their
+        // own, re-checked against the configuration in force.
         for task in listeners {
             task.abort();
+            let _ = task.await;
         }
-        if let Err(error) = routing::remove(&proxy.netns, &self.saved_settings).await {
+        let same_netns = snapshot
+            .pods
+            .values()
+            .any(|p| self.serves(snapshot, p) && p.netns == pod.netns);
+        if !same_netns && let Err(error) = routing::remove(&proxy.netns, &self.saved_settings).await
+        {
             warn!(workload = %pod.key(), %error, "cannot remove the return path");
         }
-        info!(workload = %pod.key(), "released");
+        info!(workload = %pod.key(), "stopped serving");
     }
 
-    /// Removes kernel entries of pods that are neither enrolled nor held closed now: left
-    /// by a previous agent for pods that were released while it was down.
+    /// Removes kernel entries of pods that are neither enrolled nor held closed now: pods
+    /// that left the mesh in this pass, or while a previous agent was down.
     fn release_leftovers(&mut self) {
         let held = self
             .enrolled

@@ -1,9 +1,13 @@
-//! Whether an inbound connection may reach a pod's application: the PeerAuthentication
-//! mode of the port (plaintext only) and the authorization policies, decided against the
-//! configuration in force. Re-asked whenever the configuration changes, so a connection
-//! that a new policy denies is closed.
+//! Whether an inbound connection may reach a pod's application: the pod must still be
+//! served here and the destination be its own application (never one of the proxy's
+//! listeners), then the PeerAuthentication mode of the port (plaintext only) and the
+//! authorization policies decide, against the configuration in force: the pod's labels as
+//! they are now, not as they were when it was enrolled. Re-asked whenever the
+//! configuration changes, so a connection that a new policy denies is closed.
 
 use std::net::{IpAddr, SocketAddr};
+
+use ambit_common::ports;
 
 use crate::{
     identity::SpiffeId,
@@ -11,7 +15,7 @@ use crate::{
     state::Applied,
 };
 
-use super::PodProxy;
+use super::{PodProxy, limits::Exceeded};
 
 /// Who is connecting, as far as the proxy could verify.
 #[derive(Clone, Debug)]
@@ -24,10 +28,18 @@ pub struct Peer {
 /// Why a connection may not proceed.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    #[error("{0} is not served by this proxy any more (left the mesh or changed address)")]
+    NotServed(String),
+    #[error("destination {0} is not this pod's application")]
+    NotThisPod(SocketAddr),
+    #[error("destination port {0} is one of the proxy's own listeners")]
+    ProxyPort(u16),
     #[error("plaintext refused: PeerAuthentication is STRICT on port {port}")]
     StrictMtls { port: u16 },
     #[error("denied by {}: {}", .0.verdict().policy.as_ref().map_or("policy".to_owned(), |p| p.to_string()), .0.verdict().reason)]
     Denied(Denied),
+    #[error(transparent)]
+    Limit(#[from] Exceeded),
 }
 
 /// Decides whether `peer` may reach `destination` on `pod`.
@@ -37,10 +49,17 @@ pub fn admit(
     peer: &Peer,
     destination: SocketAddr,
 ) -> Result<(), Refusal> {
+    let workload = applied
+        .served_workload(&pod.key, pod.ip)
+        .ok_or_else(|| Refusal::NotServed(pod.key.clone()))?;
+    if destination.ip() != pod.ip {
+        return Err(Refusal::NotThisPod(destination));
+    }
     let port = destination.port();
-    if peer.identity.is_none()
-        && applied.policies.peer_authn(&pod.workload, port) == MtlsMode::Strict
-    {
+    if ports::is_listener(port) {
+        return Err(Refusal::ProxyPort(port));
+    }
+    if peer.identity.is_none() && applied.policies.peer_authn(workload, port) == MtlsMode::Strict {
         return Err(Refusal::StrictMtls { port });
     }
     let principal = peer.identity.as_ref().map(SpiffeId::principal);
@@ -56,7 +75,7 @@ pub fn admit(
     };
     applied
         .policies
-        .authorize(&pod.workload, &ctx)
+        .authorize(workload, &ctx)
         .map(drop)
         .map_err(Refusal::Denied)
 }

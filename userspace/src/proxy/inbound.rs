@@ -3,18 +3,19 @@
 //! the destination the client asked for.
 //!
 //! accept → admit (PeerAuthentication mode of the port, then authorization, with no
-//! identity) → connect to the application with the client's IP → relay.
+//! identity) → count against the limits → connect to the application with the client's
+//! IP → relay.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodProxy, Shared,
+    Accepted, PodProxy, Shared,
     admission::{self, Peer, Refusal},
     connections::{Direction, Path},
     forward::{self, Recheck},
+    limits::Source,
     socket,
 };
 
@@ -35,8 +36,9 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         "inbound",
         pod,
         shared,
-        |stream, peer, pod, shared| async move {
-            if let Err(error) = handle(stream, peer, &pod, &shared).await {
+        |accepted, pod, shared| async move {
+            let peer = accepted.peer;
+            if let Err(error) = handle(accepted, &pod, &shared).await {
                 debug!(workload = %pod.key, %peer, %error, "inbound connection refused or failed");
             }
         },
@@ -44,12 +46,12 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
     .await
 }
 
-async fn handle(
-    stream: TcpStream,
-    client: SocketAddr,
-    pod: &PodProxy,
-    shared: &Shared,
-) -> Result<(), InboundError> {
+async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(), InboundError> {
+    let Accepted {
+        stream,
+        peer: client,
+        descriptor: _descriptor,
+    } = accepted;
     let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
     let mut record = shared.connections.open(
         Direction::Inbound,
@@ -64,20 +66,34 @@ async fn handle(
         ip: client.ip(),
     };
     let applied = shared.applied.borrow().clone();
-    if let Err(refusal) = admission::admit(&applied, pod, &peer, destination) {
-        record.finish(Some(refusal.to_string()));
-        forward::reset(stream);
-        return Err(refusal.into());
-    }
-    let upstream =
-        match socket::connect(&pod.netns, destination, socket::Source::Client(peer.ip)).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                record.finish(Some(error.to_string()));
-                forward::reset(stream);
-                return Err(error.into());
-            }
-        };
+    let admitted = admission::admit(&applied, pod, &peer, destination).and_then(|()| {
+        let permit = pod.counters.inbound(&shared.limits, &Source::Ip(peer.ip))?;
+        let descriptor = shared.descriptors.acquire()?;
+        Ok((permit, descriptor))
+    });
+    let _permits = match admitted {
+        Ok(permits) => permits,
+        Err(refusal) => {
+            record.finish(Some(refusal.to_string()));
+            forward::reset(stream);
+            return Err(refusal.into());
+        }
+    };
+    let upstream = match socket::connect(
+        &pod.netns,
+        destination,
+        socket::Source::Client(peer.ip),
+        shared.limits.connect_timeout,
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            record.finish(Some(error.to_string()));
+            forward::reset(stream);
+            return Err(error.into());
+        }
+    };
     let recheck = Recheck {
         applied: shared.applied.clone(),
         pod,

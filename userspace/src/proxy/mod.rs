@@ -10,6 +10,7 @@ pub mod copy;
 pub mod forward;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod socket;
 
@@ -23,29 +24,31 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::OnceCell,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     identity::{SecretManager, SpiffeId},
     netns::PodNetns,
-    policy::Workload,
     redirect::OrigDstTable,
     state::AppliedRx,
     tls::MeshAcceptor,
 };
 use connections::{ConnectionLog, WorkloadStats};
+use limits::{Descriptors, GaugePermit, Limits, WorkloadCounters};
 
-/// What every listener of one enrolled pod needs to know about it.
+/// What every listener of one enrolled pod needs to know about it. Only what cannot change
+/// without re-enrolling the pod: its labels, and so the policies that select it, are read
+/// from the configuration in force at each decision.
 pub struct PodProxy {
     /// `namespace/name`.
     pub key: String,
     pub ip: IpAddr,
     pub identity: SpiffeId,
-    /// The pod as policies select it.
-    pub workload: Workload,
     pub netns: PodNetns,
     pub netns_cookie: u64,
     pub stats: Arc<WorkloadStats>,
+    /// What the pod's peers and applications hold, against [`Limits`].
+    pub counters: WorkloadCounters,
     /// The TLS server side of this pod, built on the first HBONE connection (it waits for
     /// the pod's first certificate).
     pub acceptor: OnceCell<MeshAcceptor>,
@@ -59,10 +62,21 @@ pub struct Shared {
     pub applied: AppliedRx,
     pub identities: SecretManager,
     pub pool: hbone::client::Pool,
+    pub limits: Arc<Limits>,
+    pub descriptors: Descriptors,
+}
+
+/// A connection one of a pod's listeners accepted.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// The descriptor `stream` holds, counted against the node's budget.
+    pub descriptor: GaugePermit,
 }
 
 /// Accepts on `listener` until it is dropped (the pod's tasks are aborted) and hands each
-/// connection to `handle` on its own task.
+/// connection to `handle` on its own task. Past the node's descriptor budget a connection
+/// is reset at once: the reserve stays for the agent's own work.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     role: &'static str,
@@ -70,13 +84,26 @@ pub async fn accept_loop<F, Fut>(
     shared: Shared,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<PodProxy>, Shared) -> Fut,
+    F: Fn(Accepted, Arc<PodProxy>, Shared) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, Arc::clone(&pod), shared.clone()));
+                let descriptor = match shared.descriptors.acquire() {
+                    Ok(descriptor) => descriptor,
+                    Err(exceeded) => {
+                        debug!(workload = %pod.key, role, %peer, %exceeded, "connection reset");
+                        forward::reset(stream);
+                        continue;
+                    }
+                };
+                let accepted = Accepted {
+                    stream,
+                    peer,
+                    descriptor,
+                };
+                tokio::spawn(handle(accepted, Arc::clone(&pod), shared.clone()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -1,8 +1,9 @@
 //! Outbound: connections an enrolled pod's applications make, redirected by `connect4` to
 //! the pod's listener on 127.0.0.1:15001.
 //!
-//! accept → recover the original destination → [`decide`] the route (pure) → forward: as
-//! HBONE to an enrolled destination, as plain TCP from the pod to anything else.
+//! accept → recover the original destination → count against the pod's outbound limit →
+//! [`decide`] the route (pure) → forward: as HBONE to an enrolled destination, as plain
+//! TCP from the pod to anything else.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -14,9 +15,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    PodProxy, Shared,
+    Accepted, PodProxy, Shared,
     connections::{Direction, Path},
-    forward, hbone, socket,
+    forward, hbone,
+    limits::Exceeded,
+    socket,
 };
 use crate::{destinations::Destinations, identity::SpiffeId};
 
@@ -30,6 +33,8 @@ pub enum OutboundError {
     Upstream(#[from] socket::SocketError),
     #[error("HBONE: {0}")]
     Hbone(#[from] hbone::HboneError),
+    #[error(transparent)]
+    Limit(#[from] Exceeded),
 }
 
 /// Where a captured connection goes.
@@ -53,6 +58,12 @@ pub enum Route {
 /// The route to `destination`: a service address resolves to one of its endpoints (chosen
 /// by `pick`), a pod address to that pod; enrolled endpoints are reached by HBONE.
 pub fn decide(destinations: &Destinations, destination: SocketAddr, pick: usize) -> Route {
+    // The kernel never redirects these; refusing them here too means no configuration and
+    // no race can aim the proxy at its own listeners.
+    let ip = destination.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Route::Refuse(format!("{destination} is local to the pod"));
+    }
     if let Some(service) = destinations.service(destination) {
         let port = match &service.target_port {
             Ok(port) => *port,
@@ -100,8 +111,8 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         "outbound",
         pod,
         shared,
-        |stream, peer, pod, shared| async move {
-            if let Err(error) = handle(stream, peer, &pod, &shared).await {
+        |accepted, pod, shared| async move {
+            if let Err(error) = handle(accepted, &pod, &shared).await {
                 warn!(workload = %pod.key, %error, "outbound connection failed");
             }
         },
@@ -109,15 +120,22 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
     .await
 }
 
-async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    pod: &PodProxy,
-    shared: &Shared,
-) -> Result<(), OutboundError> {
+async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(), OutboundError> {
+    let Accepted {
+        stream,
+        peer,
+        descriptor: _descriptor,
+    } = accepted;
     let Some(destination) = shared.orig_dst.take(pod.netns_cookie, peer) else {
         forward::reset(stream);
         return Err(OutboundError::NoOrigDst { peer });
+    };
+    let _permit = match pod.counters.outbound(&shared.limits) {
+        Ok(permit) => permit,
+        Err(exceeded) => {
+            forward::reset(stream);
+            return Err(exceeded.into());
+        }
     };
     let route = decide(
         &shared.applied.borrow().destinations,
@@ -138,12 +156,12 @@ async fn handle(
         Arc::clone(&pod.stats),
     );
     let error = match route {
-        Route::Direct(addr) => match socket::connect(&pod.netns, addr, socket::Source::Pod).await {
-            Ok(upstream) => {
+        Route::Direct(addr) => match direct(pod, shared, addr).await {
+            Ok((upstream, _descriptor)) => {
                 forward::relay(stream, upstream, &mut record, None).await;
                 return Ok(());
             }
-            Err(error) => OutboundError::from(error),
+            Err(error) => error,
         },
         Route::Hbone {
             gateway,
@@ -151,7 +169,7 @@ async fn handle(
             allowed,
         } => match shared
             .pool
-            .open(pod, &shared.identities, allowed, gateway, target)
+            .open(pod, shared, allowed, gateway, target)
             .await
         {
             Ok(tunnel) => {
@@ -165,6 +183,18 @@ async fn handle(
     record.finish(Some(error.to_string()));
     forward::reset(stream);
     Err(error)
+}
+
+/// A plain TCP connection from the pod to `addr`, with the descriptor it holds.
+async fn direct(
+    pod: &PodProxy,
+    shared: &Shared,
+    addr: SocketAddr,
+) -> Result<(TcpStream, super::limits::GaugePermit), OutboundError> {
+    let descriptor = shared.descriptors.acquire()?;
+    let timeout = shared.limits.connect_timeout;
+    let upstream = socket::connect(&pod.netns, addr, socket::Source::Pod, timeout).await?;
+    Ok((upstream, descriptor))
 }
 
 #[cfg(test)]
@@ -274,6 +304,17 @@ spec: {clusterIP: 10.96.0.3, selector: {app: nothing}, ports: [{port: 80}]}
             ),
             // A port the service does not expose is not the service.
             ("10.96.0.1:82", 0, Route::Direct(addr("10.96.0.1:82"))),
+            // Never the pod's own loopback, where the proxy listens.
+            (
+                "127.0.0.1:15006",
+                0,
+                Route::Refuse("127.0.0.1:15006 is local to the pod".into()),
+            ),
+            (
+                "0.0.0.0:15001",
+                0,
+                Route::Refuse("0.0.0.0:15001 is local to the pod".into()),
+            ),
         ];
         for (destination, pick, expected) in cases {
             assert_eq!(

@@ -1,9 +1,14 @@
-//! Sockets the proxy opens inside a pod's network namespace. Each carries one of the
-//! proxy's marks so the kernel programs never redirect it back to the proxy.
+//! Sockets the proxy opens inside a pod's network namespace. The kernel programs know them
+//! by the agent's cgroup and never redirect them; the marks they carry only route the
+//! replies of transparent connections (`routing`).
+//!
+//! No connect may be aimed at the proxy's own listeners: loopback and unspecified
+//! addresses are refused outright, and so are the listeners' ports toward the local
+//! application, so nothing a peer asks for can make the proxy connect to itself.
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, time::Duration};
 
-use ambit_common::marks;
+use ambit_common::{marks, ports};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -25,6 +30,14 @@ pub enum SocketError {
         pod: String,
         source: io::Error,
     },
+    #[error("connect to {addr} from {pod}: no answer within {timeout:?}")]
+    Timeout {
+        addr: SocketAddr,
+        pod: String,
+        timeout: Duration,
+    },
+    #[error("refusing to connect to {0}: it could be one of the proxy's own listeners")]
+    OwnListener(SocketAddr),
 }
 
 /// How an upstream socket presents itself to the peer.
@@ -57,15 +70,20 @@ pub async fn listen(netns: &PodNetns, addr: SocketAddr) -> Result<TcpListener, S
         })
 }
 
-/// Connects to `addr` from inside the pod's namespace.
+/// Connects to `addr` from inside the pod's namespace, within `timeout`.
 pub async fn connect(
     netns: &PodNetns,
     addr: SocketAddr,
     source: Source,
+    timeout: Duration,
 ) -> Result<TcpStream, SocketError> {
+    if reaches_own_listener(addr, source) {
+        return Err(SocketError::OwnListener(addr));
+    }
+    let pod = || netns.path().display().to_string();
     let error = |source| SocketError::Connect {
         addr,
-        pod: netns.path().display().to_string(),
+        pod: pod(),
         source,
     };
     let socket = netns
@@ -88,5 +106,53 @@ pub async fn connect(
         })
         .await?
         .map_err(error)?;
-    socket.connect(addr).await.map_err(error)
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(connected) => connected.map_err(error),
+        Err(_) => Err(SocketError::Timeout {
+            addr,
+            pod: pod(),
+            timeout,
+        }),
+    }
+}
+
+/// True when a connect to `addr` could land on one of the proxy's listeners in the pod:
+/// they listen on loopback, and toward the application any of their ports would be theirs.
+fn reaches_own_listener(addr: SocketAddr, source: Source) -> bool {
+    let ip = addr.ip().to_canonical();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || (matches!(source, Source::Client(_)) && ports::is_listener(addr.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_aims_at_the_proxys_own_listeners() {
+        let client = Source::Client("10.0.0.9".parse().unwrap());
+        let refused = [
+            ("127.0.0.1:15006", Source::Pod),
+            ("127.0.0.1:8080", client),
+            ("0.0.0.0:15001", Source::Pod),
+            ("[::ffff:127.0.0.1]:80", Source::Pod),
+            ("[::1]:80", Source::Pod),
+            ("10.0.0.5:15006", client),
+            ("10.0.0.5:15008", client),
+        ];
+        for (addr, source) in refused {
+            assert!(
+                reaches_own_listener(addr.parse().unwrap(), source),
+                "{addr}"
+            );
+        }
+        // Another proxy's HBONE port is where tunnels go; the application's ports are fine.
+        for (addr, source) in [("10.0.0.6:15008", Source::Pod), ("10.0.0.5:8080", client)] {
+            assert!(
+                !reaches_own_listener(addr.parse().unwrap(), source),
+                "{addr}"
+            );
+        }
+    }
 }

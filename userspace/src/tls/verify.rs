@@ -2,7 +2,10 @@
 //! webpki does and then the SPIFFE URI SAN themselves: webpki's name check only knows DNS
 //! names and IP addresses, which workload certificates do not carry.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
@@ -27,6 +30,7 @@ use crate::identity::SpiffeId;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerVerified {
     id: SpiffeId,
+    not_after: SystemTime,
 }
 
 impl PeerVerified {
@@ -34,22 +38,33 @@ impl PeerVerified {
         &self.id
     }
 
+    /// When the peer's certificate expires: a connection must not outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     pub(super) fn from_handshake(conn: &rustls::CommonState) -> Result<Self, TlsError> {
         let leaf = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or_else(|| TlsError::PeerIdentity("missing after the handshake".into()))?;
-        Ok(Self {
-            id: spiffe_id(leaf)?,
-        })
+        let (id, not_after) = identity_and_expiry(leaf)?;
+        Ok(Self { id, not_after })
     }
 }
 
-/// The identity a certificate names in its one URI SAN.
-fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+/// The identity a certificate names in its one URI SAN, and the end of its validity.
+fn identity_and_expiry(cert: &CertificateDer<'_>) -> Result<(SpiffeId, SystemTime), TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| TlsError::PeerIdentity(format!("does not parse: {e}")))?;
-    let uri = uri_san(&parsed)
+    let not_after = u64::try_from(parsed.validity().not_after.timestamp())
+        .map_or(UNIX_EPOCH, |secs| UNIX_EPOCH + Duration::from_secs(secs));
+    Ok((spiffe_id(&parsed)?, not_after))
+}
+
+/// The identity a certificate names in its one URI SAN.
+fn spiffe_id(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, TlsError> {
+    let uri = uri_san(parsed)
         .ok_or_else(|| TlsError::PeerIdentity("has not exactly one URI SAN".into()))?;
     uri.parse()
         .map_err(|e| TlsError::PeerIdentity(format!("URI SAN: {e}")))
@@ -61,7 +76,7 @@ fn reject(err: TlsError) -> rustls::Error {
 }
 
 fn in_domain(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, rustls::Error> {
-    let id = spiffe_id(cert).map_err(reject)?;
+    let (id, _) = identity_and_expiry(cert).map_err(reject)?;
     if id.trust_domain() != trust_domain {
         return Err(reject(TlsError::ForeignTrustDomain {
             peer: id,

@@ -15,6 +15,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
@@ -27,26 +28,52 @@ use tracing::debug;
 
 use super::HboneError;
 use crate::{
-    identity::{SecretManager, SpiffeId},
-    proxy::{PodProxy, socket},
+    identity::SpiffeId,
+    proxy::{PodProxy, Shared, socket},
     tls::MeshConnector,
 };
 
-/// Streams one pooled connection carries before the pool opens another. Below the
-/// server's limit (`server::MAX_STREAMS`), so a stream never waits for capacity.
+/// Streams one pooled connection carries before the pool opens another: the server's
+/// default limit (`--max-streams-per-connection`), so a stream rarely waits for capacity.
 const STREAMS_PER_CONNECTION: usize = 100;
 
 type Sender = SendRequest<Empty<Bytes>>;
 
 /// One mutual-TLS connection of the pool.
+#[derive(Clone)]
 struct Pooled {
     sender: Sender,
     /// Streams open on it; each [`Tunnel`] holds one count until dropped.
     streams: Arc<AtomicUsize>,
+    /// When the server's certificate expires: no new stream after that.
+    not_after: SystemTime,
 }
 
+impl Pooled {
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.sender.is_closed() && now < self.not_after
+    }
+}
+
+/// A connection being set up, shared by every stream that waits for it: one handshake,
+/// and when it fails or times out, every waiter learns at once instead of queueing behind
+/// the next attempt.
+type Connecting = Arc<tokio::sync::OnceCell<Result<Pooled, Arc<HboneError>>>>;
+
 /// The pooled connections of one key.
-type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
+#[derive(Default)]
+struct SlotState {
+    connections: Vec<Pooled>,
+    connecting: Option<Connecting>,
+}
+
+impl SlotState {
+    fn is_busy(&self) -> bool {
+        self.connecting.is_some() || self.connections.iter().any(|p| !p.sender.is_closed())
+    }
+}
+
+type Slot = Arc<Mutex<SlotState>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PoolKey {
@@ -59,9 +86,7 @@ struct PoolKey {
 /// Pooled HBONE connections. Cloning shares the pool.
 #[derive(Clone, Default)]
 pub struct Pool {
-    /// The async lock of a slot is held only to pick or open a connection, so concurrent
-    /// first streams share one handshake instead of racing, and requests never queue
-    /// behind each other.
+    /// Locks are held only to look at or change a slot, never across a connect.
     slots: Arc<Mutex<HashMap<PoolKey, Slot>>>,
 }
 
@@ -71,7 +96,7 @@ impl Pool {
     pub async fn open(
         &self,
         pod: &PodProxy,
-        identities: &SecretManager,
+        shared: &Shared,
         allowed: Vec<SpiffeId>,
         gateway: SocketAddr,
         target: SocketAddr,
@@ -83,54 +108,87 @@ impl Pool {
             gateway,
         };
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = lock(&self.slots);
+            if !slots.contains_key(&key) {
+                // Keys come and go with pods: forget those with nothing left, so the pool
+                // does not grow with every destination it ever served.
+                slots.retain(|_, slot| lock(slot).is_busy());
+            }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
-        let (sender, streams, reused) = self.pick(&slot, pod, identities, &key, false).await?;
-        match request(sender, streams, target).await {
+        let (sender, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
+        match request(sender, stream, target).await {
             Err(HboneError::Http(error)) if reused => {
                 // The pooled connection died under us (the peer restarted, say): once more
                 // on a fresh one.
                 debug!(%gateway, %error, "pooled HBONE connection failed; reconnecting");
-                let (sender, streams, _) = self.pick(&slot, pod, identities, &key, true).await?;
-                request(sender, streams, target).await
+                let (sender, stream, _) = pick(&slot, pod, shared, &key, true).await?;
+                request(sender, stream, target).await
             }
             other => other,
         }
     }
+}
 
-    /// A connection of `slot` with room for one more stream, opening one if none has or
-    /// `fresh` asks for a new one. Returns its sender, its stream count (already counting
-    /// the new stream) and whether it was reused.
-    async fn pick(
-        &self,
-        slot: &Slot,
-        pod: &PodProxy,
-        identities: &SecretManager,
-        key: &PoolKey,
-        fresh: bool,
-    ) -> Result<(Sender, Arc<AtomicUsize>, bool), HboneError> {
-        let mut pooled = slot.lock().await;
-        pooled.retain(|p| !p.sender.is_closed());
-        let reused = pooled
+/// A connection of `slot` with room for one more stream, opening one if none has or
+/// `fresh` asks for a new one. Returns its sender, the new stream's count on it and
+/// whether it was reused.
+async fn pick(
+    slot: &Slot,
+    pod: &PodProxy,
+    shared: &Shared,
+    key: &PoolKey,
+    fresh: bool,
+) -> Result<(Sender, StreamCount, bool), HboneError> {
+    let connecting = {
+        let mut state = lock(slot);
+        let now = SystemTime::now();
+        state.connections.retain(|p| p.usable(now));
+        let reusable = state
+            .connections
             .iter()
             .filter(|_| !fresh)
             .find(|p| p.streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION);
-        let (sender, streams, reused) = match reused {
-            Some(p) => (p.sender.clone(), Arc::clone(&p.streams), true),
-            None => {
-                let sender = connect(pod, identities, key).await?;
-                let streams = Arc::new(AtomicUsize::new(0));
-                pooled.push(Pooled {
-                    sender: sender.clone(),
-                    streams: Arc::clone(&streams),
-                });
-                (sender, streams, false)
+        if let Some(pooled) = reusable {
+            return Ok((
+                pooled.sender.clone(),
+                StreamCount::new(&pooled.streams),
+                true,
+            ));
+        }
+        Arc::clone(state.connecting.get_or_insert_with(Connecting::default))
+    };
+    // If the task that started this connect is cancelled, the next waiter takes it over.
+    let result = connecting
+        .get_or_init(|| async {
+            let timeout = shared.limits.connect_timeout;
+            match tokio::time::timeout(timeout, connect(pod, shared, key)).await {
+                Ok(connected) => connected.map_err(Arc::new),
+                Err(_) => Err(Arc::new(HboneError::Timeout(timeout))),
             }
-        };
-        streams.fetch_add(1, Ordering::AcqRel);
-        Ok((sender, streams, reused))
+        })
+        .await
+        .clone();
+    {
+        // The first waiter back files the outcome; the next stream starts over.
+        let mut state = lock(slot);
+        if state
+            .connecting
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &connecting))
+        {
+            state.connecting = None;
+            if let Ok(pooled) = &result {
+                state.connections.push(pooled.clone());
+            }
+        }
     }
+    let pooled = result.map_err(HboneError::Setup)?;
+    Ok((pooled.sender, StreamCount::new(&pooled.streams), false))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An open tunnel to the destination application, as a byte stream. Holds its
@@ -142,6 +200,13 @@ pub struct Tunnel {
 
 /// One counted stream of a pooled connection.
 struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn new(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(streams))
+    }
+}
 
 impl Drop for StreamCount {
     fn drop(&mut self) {
@@ -177,15 +242,18 @@ impl AsyncWrite for Tunnel {
     }
 }
 
-async fn connect(
-    pod: &PodProxy,
-    identities: &SecretManager,
-    key: &PoolKey,
-) -> Result<Sender, HboneError> {
-    let tcp = socket::connect(&pod.netns, key.gateway, socket::Source::Pod).await?;
+async fn connect(pod: &PodProxy, shared: &Shared, key: &PoolKey) -> Result<Pooled, HboneError> {
+    let descriptor = shared.descriptors.acquire()?;
+    let tcp = socket::connect(
+        &pod.netns,
+        key.gateway,
+        socket::Source::Pod,
+        shared.limits.connect_timeout,
+    )
+    .await?;
     let connector =
-        MeshConnector::for_workload(identities, &key.source, key.allowed.clone()).await?;
-    let (tls, _server) = connector.connect(key.gateway.ip(), tcp).await?;
+        MeshConnector::for_workload(&shared.identities, &key.source, key.allowed.clone()).await?;
+    let (tls, server) = connector.connect(key.gateway.ip(), tcp).await?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
@@ -194,20 +262,24 @@ async fn connect(
         .await?;
     let gateway = key.gateway;
     tokio::spawn(async move {
+        let _descriptor = descriptor;
         if let Err(error) = connection.await {
             debug!(%gateway, %error, "HBONE connection ended");
         }
     });
-    Ok(sender)
+    Ok(Pooled {
+        sender,
+        streams: Arc::default(),
+        not_after: server.not_after(),
+    })
 }
 
+/// Opens the stream `stream` counts; the count is released on every error path by its drop.
 async fn request(
     mut sender: Sender,
-    streams: Arc<AtomicUsize>,
+    stream: StreamCount,
     target: SocketAddr,
 ) -> Result<Tunnel, HboneError> {
-    // Counted from here on: released on every error path by the guard's drop.
-    let stream = StreamCount(streams);
     sender.ready().await?;
     let request = Request::builder()
         .method(Method::CONNECT)

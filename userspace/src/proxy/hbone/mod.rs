@@ -4,9 +4,15 @@
 //! destination pod.
 
 pub mod client;
+pub mod request;
 pub mod server;
 
-use crate::{proxy::socket::SocketError, tls::TlsError};
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    proxy::{limits::Exceeded, socket::SocketError},
+    tls::TlsError,
+};
 
 /// HTTP/2 flow-control windows of both sides. The protocol's default (64 KiB per stream)
 /// caps one stream at a window per round trip; a tunnel carries bulk transfers, so each
@@ -28,4 +34,13 @@ pub enum HboneError {
     Status(http::StatusCode),
     #[error("bad CONNECT request: {0}")]
     Request(#[from] http::Error),
+    #[error("no HBONE connection within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS handshake not done within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The outcome of a connect shared by every stream that waited for it.
+    #[error(transparent)]
+    Setup(Arc<HboneError>),
+    #[error(transparent)]
+    Limit(#[from] Exceeded),
 }

@@ -2,36 +2,47 @@
 //! whose listener accepted, then serves HTTP/2 `CONNECT` streams, each one application
 //! connection.
 //!
-//! Per stream: only `CONNECT` to this pod's own IP (400 otherwise) → admission with the
-//! peer's verified identity (401 if refused) → connect to the application from inside the
-//! pod with the client's IP (503 if it refuses) → 200, then relay until either side closes
-//! or a new configuration refuses the connection.
+//! Per connection: a handshake slot (per workload and per source IP) → TLS within the
+//! handshake timeout → streams, until the connection has been idle (no stream open) for
+//! the idle timeout, or the first stream has not come within the handshake timeout, or the
+//! client's certificate expires; then `GOAWAY`. Per stream: only `CONNECT` to this pod's
+//! own application (400 otherwise) → admission with the peer's verified identity and the
+//! limits (401 if refused) → connect to the application from inside the pod with the
+//! client's IP (503 if it refuses) → 200, then relay until either side closes or a new
+//! configuration refuses the connection.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
-use super::HboneError;
+use super::{HboneError, request};
 use crate::{
     proxy::{
-        PodProxy, Shared,
-        admission::{self, Peer},
+        Accepted, PodProxy, Shared,
+        admission::{self, Peer, Refusal},
         connections::{Direction, Path},
         forward::{self, Recheck},
+        limits::{Gauge, GaugePermit, Source},
         socket,
     },
     tls::MeshAcceptor,
 };
 
-/// Concurrent streams a client may open on one connection (the client side opens another
-/// connection before reaching it).
-pub const MAX_STREAMS: u32 = 1000;
+/// How often a dead peer is probed with HTTP/2 PINGs, and how long it has to answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the pod's HBONE listener until the pod is released.
 pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared: Shared) {
@@ -40,8 +51,9 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         "hbone",
         pod,
         shared,
-        |stream, peer, pod, shared| async move {
-            if let Err(error) = serve_connection(stream, peer, pod, shared).await {
+        |accepted, pod, shared| async move {
+            let peer = accepted.peer;
+            if let Err(error) = serve_connection(accepted, pod, shared).await {
                 debug!(%peer, %error, "HBONE connection failed");
             }
         },
@@ -50,57 +62,166 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
 }
 
 async fn serve_connection(
-    stream: TcpStream,
-    client: SocketAddr,
+    accepted: Accepted,
     pod: Arc<PodProxy>,
     shared: Shared,
 ) -> Result<(), HboneError> {
+    let Accepted {
+        stream,
+        peer: client,
+        descriptor: _descriptor,
+    } = accepted;
+    let limits = Arc::clone(&shared.limits);
+    let permits = pod
+        .counters
+        .handshake(&limits, client.ip())
+        .and_then(|handshake| {
+            let connection = pod.counters.inbound(&limits, &Source::Ip(client.ip()))?;
+            Ok((handshake, connection))
+        });
+    let (handshake, _connection) = match permits {
+        Ok(permits) => permits,
+        Err(exceeded) => {
+            forward::reset(stream);
+            return Err(exceeded.into());
+        }
+    };
     let acceptor = pod
         .acceptor
         .get_or_try_init(|| MeshAcceptor::for_workload(&shared.identities, &pod.identity))
         .await?;
-    let (tls, verified) = acceptor.accept(stream).await?;
+    let (tls, verified) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| HboneError::HandshakeTimeout(limits.handshake_timeout))??;
+    drop(handshake);
     let peer = Arc::new(Peer {
         identity: Some(verified.id().clone()),
         ip: client.ip(),
     });
-    let service = service_fn(move |request| {
-        let (pod, shared, peer) = (Arc::clone(&pod), shared.clone(), Arc::clone(&peer));
-        async move {
-            let status = open_stream(request, client, pod, shared, peer).await;
-            let mut response = Response::new(Empty::<Bytes>::new());
-            *response.status_mut() = status;
-            Ok::<_, Infallible>(response)
-        }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_concurrent_streams(MAX_STREAMS)
+    let source = Arc::new(Source::Identity(verified.id().clone()));
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |request| {
+            let (pod, shared, peer) = (Arc::clone(&pod), shared.clone(), Arc::clone(&peer));
+            let (source, open) = (Arc::clone(&source), activity.open());
+            async move {
+                let stream = Stream {
+                    client,
+                    peer,
+                    source,
+                    open,
+                };
+                let status = open_stream(request, stream, pod, shared).await;
+                let mut response = Response::new(Empty::<Bytes>::new());
+                *response.status_mut() = status;
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(limits.streams_per_connection)
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service)
-        .await?;
+        .serve_connection(TokioIo::new(tls), service);
+    let mut connection = std::pin::pin!(connection);
+    let ended = activity.ended(
+        limits.handshake_timeout,
+        limits.hbone_idle_timeout,
+        verified.not_after(),
+    );
+    tokio::select! {
+        served = connection.as_mut() => served?,
+        why = ended => {
+            debug!(peer = %verified.id(), why, "closing HBONE connection (GOAWAY)");
+            connection.as_mut().graceful_shutdown();
+            connection.await?;
+        }
+    }
     Ok(())
 }
 
+/// The streams of one connection, to tell when it has gone idle.
+#[derive(Default)]
+struct Activity {
+    open: Arc<Gauge>,
+    /// Streams ever opened: a stream that came and went between two looks still counts.
+    opened: AtomicU64,
+}
+
+impl Activity {
+    /// Counts a stream until the permit is dropped (its relay ended or it was refused).
+    fn open(&self) -> GaugePermit {
+        self.opened.fetch_add(1, Ordering::AcqRel);
+        self.open
+            .try_acquire(usize::MAX)
+            .expect("an unlimited gauge always has room")
+    }
+
+    /// Resolves, with the reason, when the connection should be closed: no first stream
+    /// within `first`, no stream open for `idle`, or the client's certificate expired.
+    async fn ended(&self, first: Duration, idle: Duration, not_after: SystemTime) -> &'static str {
+        let expires = tokio::time::sleep(
+            not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        );
+        let mut expires = std::pin::pin!(expires);
+        let tick = first
+            .min(idle)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut ticks = tokio::time::interval(tick);
+        let (mut last_busy, mut seen, mut limit) = (Instant::now(), 0, first);
+        loop {
+            tokio::select! {
+                () = &mut expires => return "client certificate expired",
+                _ = ticks.tick() => {}
+            }
+            let opened = self.opened.load(Ordering::Acquire);
+            if opened != seen || self.open.held() > 0 {
+                (seen, last_busy, limit) = (opened, Instant::now(), idle);
+            } else if last_busy.elapsed() >= limit {
+                return if opened == 0 {
+                    "no request in time"
+                } else {
+                    "idle"
+                };
+            }
+        }
+    }
+}
+
+/// Who a stream comes from, and its count on the connection.
+struct Stream {
+    client: std::net::SocketAddr,
+    peer: Arc<Peer>,
+    /// The verified identity, which the stream is counted against.
+    source: Arc<Source>,
+    open: GaugePermit,
+}
+
 /// Handles one `CONNECT` stream and returns the status to answer; on 200 the relay runs
-/// on its own task.
+/// on its own task, holding the stream's counts until it ends.
 async fn open_stream(
     mut request: Request<Incoming>,
-    client: SocketAddr,
+    stream: Stream,
     pod: Arc<PodProxy>,
     shared: Shared,
-    peer: Arc<Peer>,
 ) -> StatusCode {
-    let target = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let destination = match target {
-        Some(target) if request.method() == Method::CONNECT && target.ip() == pod.ip => target,
-        _ => {
-            debug!(workload = %pod.key, method = %request.method(), uri = %request.uri(),
-                "malformed HBONE request");
+    let Stream {
+        client,
+        peer,
+        source,
+        open,
+    } = stream;
+    let destination = match request::connect_target(request.method(), request.uri(), pod.ip) {
+        Ok(target) => target,
+        Err(error) => {
+            debug!(workload = %pod.key, %error, "bad HBONE request");
             return StatusCode::BAD_REQUEST;
         }
     };
@@ -113,21 +234,36 @@ async fn open_stream(
         Arc::clone(&pod.stats),
     );
     let applied = shared.applied.borrow().clone();
-    if let Err(refusal) = admission::admit(&applied, &pod, &peer, destination) {
-        debug!(workload = %pod.key, %refusal, "HBONE stream refused");
-        record.finish(Some(refusal.to_string()));
-        return StatusCode::UNAUTHORIZED;
-    }
-    let upstream =
-        match socket::connect(&pod.netns, destination, socket::Source::Client(peer.ip)).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                record.finish(Some(error.to_string()));
-                return StatusCode::SERVICE_UNAVAILABLE;
-            }
-        };
+    let admitted = admission::admit(&applied, &pod, &peer, destination).and_then(|()| {
+        let permit = pod.counters.inbound(&shared.limits, &source)?;
+        let descriptor = shared.descriptors.acquire()?;
+        Ok::<_, Refusal>((permit, descriptor))
+    });
+    let permits = match admitted {
+        Ok(permits) => permits,
+        Err(refusal) => {
+            debug!(workload = %pod.key, %refusal, "HBONE stream refused");
+            record.finish(Some(refusal.to_string()));
+            return StatusCode::UNAUTHORIZED;
+        }
+    };
+    let upstream = match socket::connect(
+        &pod.netns,
+        destination,
+        socket::Source::Client(peer.ip),
+        shared.limits.connect_timeout,
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            record.finish(Some(error.to_string()));
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+    };
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
+        let _held = (open, permits);
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
             Err(error) => return record.finish(Some(error.to_string())),

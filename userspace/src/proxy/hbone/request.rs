@@ -1,0 +1,96 @@
+//! What an HBONE `CONNECT` request may ask for: a TCP port of the pod whose listener
+//! accepted it, never one of the proxy's own listeners. Pure, so it is unit-tested and
+//! fuzzed without a network.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ambit_common::ports;
+use http::{Method, Uri};
+
+/// Why a request is answered 400 before admission.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("authority {0:?} is not an ip:port")]
+    Authority(String),
+    #[error("target {target} is not this pod ({pod})")]
+    OtherPod { target: SocketAddr, pod: IpAddr },
+    #[error("target port {0} is one of the proxy's own listeners")]
+    ProxyPort(u16),
+}
+
+/// The application address a `CONNECT` request asks for on the pod at `pod_ip`.
+///
+/// The target must be the pod's own IP (the proxy never relays elsewhere) on a port that is
+/// not one of the proxy's listeners (which would make the proxy connect to itself).
+pub fn connect_target(
+    method: &Method,
+    uri: &Uri,
+    pod_ip: IpAddr,
+) -> Result<SocketAddr, BadRequest> {
+    if method != Method::CONNECT {
+        return Err(BadRequest::Method(method.to_string()));
+    }
+    // A CONNECT URI is an authority alone; anything else (a path, a scheme) is malformed.
+    let authority = match (uri.authority(), uri.scheme(), uri.path_and_query()) {
+        (Some(authority), None, None) => authority.as_str(),
+        _ => return Err(BadRequest::Authority(uri.to_string())),
+    };
+    let target: SocketAddr = authority
+        .parse()
+        .map_err(|_| BadRequest::Authority(authority.to_owned()))?;
+    if target.ip() != pod_ip {
+        return Err(BadRequest::OtherPod {
+            target,
+            pod: pod_ip,
+        });
+    }
+    if ports::is_listener(target.port()) {
+        return Err(BadRequest::ProxyPort(target.port()));
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 5));
+
+    fn target(method: Method, uri: &str) -> Result<SocketAddr, BadRequest> {
+        connect_target(&method, &uri.parse().unwrap(), POD)
+    }
+
+    #[test]
+    fn accepts_this_pods_application_ports_only() {
+        assert_eq!(
+            target(Method::CONNECT, "10.0.0.5:8080"),
+            Ok("10.0.0.5:8080".parse().unwrap())
+        );
+        assert_eq!(
+            target(Method::GET, "10.0.0.5:8080"),
+            Err(BadRequest::Method("GET".into()))
+        );
+        assert!(matches!(
+            target(Method::CONNECT, "10.0.0.6:8080"),
+            Err(BadRequest::OtherPod { .. })
+        ));
+        assert!(matches!(
+            target(Method::CONNECT, "127.0.0.1:8080"),
+            Err(BadRequest::OtherPod { .. })
+        ));
+        for port in [15001, 15006, 15008] {
+            assert_eq!(
+                target(Method::CONNECT, &format!("10.0.0.5:{port}")),
+                Err(BadRequest::ProxyPort(port))
+            );
+        }
+        for uri in ["http://10.0.0.5:80/", "10.0.0.5", "web.foo:80", "/path"] {
+            assert!(
+                matches!(target(Method::CONNECT, uri), Err(BadRequest::Authority(_))),
+                "{uri}"
+            );
+        }
+    }
+}

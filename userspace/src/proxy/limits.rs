@@ -1,0 +1,345 @@
+//! What a peer can make the proxy hold, and for how long.
+//!
+//! Every phase a peer controls has a deadline ([`Limits`]' timeouts) and everything a peer
+//! makes the proxy hold is counted against a limit: per destination workload, per source
+//! (a verified identity, or an IP before one is known), and node-wide in file descriptors,
+//! with a reserve the data path never touches so the agent's own work (configuration, the
+//! CA, the admin API) always has descriptors. A count is a permit that gives itself back
+//! when dropped, so no error path can leak one.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::identity::SpiffeId;
+
+/// The limits and timeouts of the data path (`ambit run` flags of the same names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// TLS handshake on 15008, and the first `CONNECT` after it.
+    pub handshake_timeout: Duration,
+    /// Upstream TCP connect, and setting up an HBONE connection (TCP, TLS, HTTP/2).
+    pub connect_timeout: Duration,
+    /// An HBONE connection with no stream open for this long is closed (both sides).
+    pub hbone_idle_timeout: Duration,
+    /// Connections and HBONE streams held for one destination workload.
+    pub inbound_per_workload: usize,
+    /// The same, per source of one workload: a peer identity, or an IP without one.
+    pub inbound_per_source: usize,
+    /// Connections one workload's applications have open through the proxy.
+    pub outbound_per_workload: usize,
+    /// TLS handshakes in flight on one workload's HBONE listener.
+    pub handshakes_per_workload: usize,
+    /// The same, per source IP.
+    pub handshakes_per_source: usize,
+    /// Concurrent `CONNECT` streams on one HBONE connection.
+    pub streams_per_connection: u32,
+    /// Descriptors the data path leaves for the agent's own work.
+    pub fd_reserve: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            hbone_idle_timeout: Duration::from_secs(60),
+            inbound_per_workload: 16_384,
+            inbound_per_source: 1_024,
+            outbound_per_workload: 16_384,
+            handshakes_per_workload: 256,
+            handshakes_per_source: 32,
+            streams_per_connection: 100,
+            fd_reserve: 512,
+        }
+    }
+}
+
+/// Which limit refused something. Stable names: logs and connection records carry them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Exceeded {
+    #[error("limit reached: inbound connections of the workload (--max-inbound-per-workload)")]
+    InboundPerWorkload,
+    #[error("limit reached: inbound connections from this source (--max-inbound-per-source)")]
+    InboundPerSource,
+    #[error("limit reached: outbound connections of the workload (--max-outbound-per-workload)")]
+    OutboundPerWorkload,
+    #[error("limit reached: TLS handshakes of the workload (--max-handshakes-per-workload)")]
+    HandshakesPerWorkload,
+    #[error("limit reached: TLS handshakes from this source (--max-handshakes-per-source)")]
+    HandshakesPerSource,
+    #[error("limit reached: file descriptors of the data path (open-file limit less --fd-reserve)")]
+    Descriptors,
+}
+
+/// Who a count is charged to, within one workload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    Identity(SpiffeId),
+    Ip(IpAddr),
+}
+
+/// A count with a limit, lock-free.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicUsize);
+
+impl Gauge {
+    /// One more, unless `limit` are held already.
+    pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<GaugePermit> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GaugePermit {
+                gauge: Arc::clone(self),
+                count: 1,
+            })
+    }
+
+    /// `count` more, whatever the limit: for what must be held regardless.
+    pub fn add(self: &Arc<Self>, count: usize) -> GaugePermit {
+        self.0.fetch_add(count, Ordering::AcqRel);
+        GaugePermit {
+            gauge: Arc::clone(self),
+            count,
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Counts of a [`Gauge`], given back on drop.
+#[derive(Debug)]
+pub struct GaugePermit {
+    gauge: Arc<Gauge>,
+    count: usize,
+}
+
+impl Drop for GaugePermit {
+    fn drop(&mut self) {
+        self.gauge.0.fetch_sub(self.count, Ordering::AcqRel);
+    }
+}
+
+/// Counts per key with one limit for every key; keys at zero take no memory.
+#[derive(Debug)]
+pub struct Counts<K: Eq + Hash>(Mutex<HashMap<K, usize>>);
+
+impl<K: Eq + Hash> Default for Counts<K> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<K: Clone + Eq + Hash> Counts<K> {
+    /// One more for `key`, unless `limit` are held for it already.
+    pub fn try_acquire(self: &Arc<Self>, key: &K, limit: usize) -> Option<CountPermit<K>> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(key.clone()).or_default();
+        if *count >= limit {
+            if *count == 0 {
+                counts.remove(key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(CountPermit {
+            counts: Arc::clone(self),
+            key: key.clone(),
+        })
+    }
+
+    pub fn held(&self, key: &K) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// One count of a key of [`Counts`], given back on drop.
+#[derive(Debug)]
+pub struct CountPermit<K: Clone + Eq + Hash> {
+    counts: Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: Clone + Eq + Hash> Drop for CountPermit<K> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The counters of one workload, held by its listeners.
+#[derive(Debug, Default)]
+pub struct WorkloadCounters {
+    inbound: Arc<Gauge>,
+    inbound_by_source: Arc<Counts<Source>>,
+    outbound: Arc<Gauge>,
+    handshakes: Arc<Gauge>,
+    handshakes_by_source: Arc<Counts<IpAddr>>,
+}
+
+/// Permits held for one inbound connection or stream.
+#[derive(Debug)]
+pub struct InboundPermit {
+    _workload: GaugePermit,
+    _source: CountPermit<Source>,
+}
+
+/// Permits held for one TLS handshake in flight.
+#[derive(Debug)]
+pub struct HandshakePermit {
+    _workload: GaugePermit,
+    _source: CountPermit<IpAddr>,
+}
+
+impl WorkloadCounters {
+    pub fn inbound(&self, limits: &Limits, source: &Source) -> Result<InboundPermit, Exceeded> {
+        let workload = self
+            .inbound
+            .try_acquire(limits.inbound_per_workload)
+            .ok_or(Exceeded::InboundPerWorkload)?;
+        let source = self
+            .inbound_by_source
+            .try_acquire(source, limits.inbound_per_source)
+            .ok_or(Exceeded::InboundPerSource)?;
+        Ok(InboundPermit {
+            _workload: workload,
+            _source: source,
+        })
+    }
+
+    pub fn outbound(&self, limits: &Limits) -> Result<GaugePermit, Exceeded> {
+        self.outbound
+            .try_acquire(limits.outbound_per_workload)
+            .ok_or(Exceeded::OutboundPerWorkload)
+    }
+
+    pub fn handshake(&self, limits: &Limits, source: IpAddr) -> Result<HandshakePermit, Exceeded> {
+        let workload = self
+            .handshakes
+            .try_acquire(limits.handshakes_per_workload)
+            .ok_or(Exceeded::HandshakesPerWorkload)?;
+        let source = self
+            .handshakes_by_source
+            .try_acquire(&source, limits.handshakes_per_source)
+            .ok_or(Exceeded::HandshakesPerSource)?;
+        Ok(HandshakePermit {
+            _workload: workload,
+            _source: source,
+        })
+    }
+}
+
+/// Node-wide open descriptors: each socket the data path accepts or opens holds one, and
+/// each enrolled pod's listeners and namespace hold theirs. The data path may not take
+/// the last `reserve`.
+#[derive(Clone, Debug)]
+pub struct Descriptors {
+    held: Arc<Gauge>,
+    limit: usize,
+}
+
+/// Descriptors an enrolled pod holds whatever the load: three listeners, its namespace
+/// (twice: the file and its thread's), a netlink socket.
+pub const PER_POD_DESCRIPTORS: usize = 6;
+
+impl Descriptors {
+    /// `open_files` is the process's open-file limit, of which `in_use` are open already
+    /// (the runtime, the kernel maps, the admin listeners).
+    pub fn new(open_files: usize, in_use: usize, reserve: usize) -> Self {
+        let held = Arc::new(Gauge::default());
+        std::mem::forget(held.add(in_use));
+        Self {
+            held,
+            limit: open_files.saturating_sub(reserve),
+        }
+    }
+
+    /// One descriptor for the data path, unless only the reserve is left.
+    pub fn acquire(&self) -> Result<GaugePermit, Exceeded> {
+        self.held
+            .try_acquire(self.limit)
+            .ok_or(Exceeded::Descriptors)
+    }
+
+    /// The descriptors of one enrolled pod, held until the pod is released.
+    pub fn hold_for_pod(&self) -> GaugePermit {
+        self.held.add(PER_POD_DESCRIPTORS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permits_count_up_to_the_limit_and_give_back_on_drop() {
+        let limits = Limits {
+            inbound_per_workload: 3,
+            inbound_per_source: 2,
+            ..Limits::default()
+        };
+        let counters = WorkloadCounters::default();
+        let a = Source::Ip("10.0.0.1".parse().unwrap());
+        let b = Source::Ip("10.0.0.2".parse().unwrap());
+        let a1 = counters.inbound(&limits, &a).unwrap();
+        let _a2 = counters.inbound(&limits, &a).unwrap();
+        assert_eq!(
+            counters.inbound(&limits, &a).unwrap_err(),
+            Exceeded::InboundPerSource
+        );
+        let _b1 = counters.inbound(&limits, &b).unwrap();
+        assert_eq!(
+            counters.inbound(&limits, &b).unwrap_err(),
+            Exceeded::InboundPerWorkload
+        );
+        drop(a1);
+        assert_eq!(counters.inbound_by_source.held(&a), 1);
+        let _b2 = counters.inbound(&limits, &b).unwrap();
+        assert_eq!(counters.inbound.held(), 3);
+    }
+
+    #[test]
+    fn a_refused_source_count_gives_back_the_workload_count() {
+        let limits = Limits {
+            handshakes_per_source: 1,
+            ..Limits::default()
+        };
+        let counters = WorkloadCounters::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let _first = counters.handshake(&limits, ip).unwrap();
+        assert_eq!(
+            counters.handshake(&limits, ip).unwrap_err(),
+            Exceeded::HandshakesPerSource
+        );
+        assert_eq!(counters.handshakes.held(), 1);
+    }
+
+    #[test]
+    fn descriptors_keep_the_reserve() {
+        let descriptors = Descriptors::new(100, 10, 80);
+        let held: Vec<_> = (0..10).map(|_| descriptors.acquire().unwrap()).collect();
+        assert_eq!(descriptors.acquire().unwrap_err(), Exceeded::Descriptors);
+        drop(held);
+        let pod = descriptors.hold_for_pod();
+        assert_eq!(descriptors.held.held(), 10 + PER_POD_DESCRIPTORS);
+        drop(pod);
+        assert!(descriptors.acquire().is_ok());
+    }
+}
