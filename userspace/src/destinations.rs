@@ -73,7 +73,7 @@ impl Destinations {
                 services.insert(
                     SocketAddr::new(cluster_ip, port.port),
                     ServiceTarget {
-                        service: format!("{}/{}", service.namespace, service.name),
+                        service: service.key(),
                         target_port,
                         endpoints: endpoints.clone(),
                     },

@@ -262,6 +262,11 @@ impl Pod {
 }
 
 impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
         let ServiceDoc { metadata, spec } = shape("Service", doc)?;
         let namespace = metadata.namespace().to_owned();
