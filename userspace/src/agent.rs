@@ -169,6 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity.manager.clone(),
         trust_domain.clone(),
         args.node_name.clone(),
+        crate::routing::SavedSettings::new(&args.state_dir),
     );
     let ready = Arc::new(AtomicBool::new(false));
 

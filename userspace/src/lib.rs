@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod routing;
 pub mod state;
+mod state_file;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;

@@ -39,7 +39,7 @@ use crate::{
         outbound, socket,
     },
     redirect::{RedirectError, Redirector},
-    routing::{self, RoutingError},
+    routing::{self, RoutingError, SavedSettings},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,7 @@ pub struct WorkloadManager {
     identities: SecretManager,
     trust_domain: String,
     node_name: String,
+    saved_settings: SavedSettings,
     enrolled: BTreeMap<String, EnrolledPod>,
     /// Pods registered with the kernel programs whose listeners could not be set up: their
     /// traffic is refused (fail closed) until a retry succeeds or they leave the mesh.
@@ -153,6 +154,7 @@ impl WorkloadManager {
         identities: SecretManager,
         trust_domain: String,
         node_name: String,
+        saved_settings: SavedSettings,
     ) -> Self {
         Self {
             redirector,
@@ -160,6 +162,7 @@ impl WorkloadManager {
             identities,
             trust_domain,
             node_name,
+            saved_settings,
             enrolled: BTreeMap::new(),
             closed: BTreeMap::new(),
             table: WorkloadTable::default(),
@@ -294,7 +297,7 @@ impl WorkloadManager {
         let plaintext_listener =
             socket::listen(&netns, on_loopback(ports::INBOUND_PLAINTEXT)).await?;
         let hbone_listener = socket::listen(&netns, on_loopback(ports::INBOUND_HBONE)).await?;
-        routing::install(&netns).await?;
+        routing::install(&netns, &self.saved_settings).await?;
         self.redirector
             .serve(ip, hbone_listener.as_fd(), plaintext_listener.as_fd())?;
         self.closed.remove(&pod.key());
@@ -359,7 +362,8 @@ impl WorkloadManager {
             .pods
             .values()
             .any(|p| self.serves(snapshot, p) && p.netns == pod.netns);
-        if !same_netns && let Err(error) = routing::remove(&proxy.netns).await {
+        if !same_netns && let Err(error) = routing::remove(&proxy.netns, &self.saved_settings).await
+        {
             warn!(workload = %pod.key(), %error, "cannot remove the return path");
         }
         info!(workload = %pod.key(), "stopped serving");

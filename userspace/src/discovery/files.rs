@@ -56,15 +56,6 @@ pub enum FileError {
     ListDir { dir: PathBuf, source: io::Error },
 }
 
-/// The objects of one file.
-#[derive(Clone, Debug, Default)]
-struct FileObjects {
-    namespaces: Vec<Namespace>,
-    pods: Vec<Pod>,
-    services: Vec<Service>,
-    policies: Vec<PolicyObject>,
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Header {
@@ -74,8 +65,10 @@ struct Header {
     kind: Option<String>,
 }
 
-fn parse_file(file: &Path, text: &str) -> Result<FileObjects, FileError> {
-    let mut objects = FileObjects::default();
+/// The objects of one file's `text`; `file` names it in errors. When the file defines an
+/// object twice, the later definition wins.
+pub fn parse_file(file: &Path, text: &str) -> Result<Snapshot, FileError> {
+    let mut objects = Snapshot::default();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document_no = index + 1;
         let value = serde_yaml::Value::deserialize(document).map_err(|source| FileError::Yaml {
@@ -102,15 +95,19 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, FileError> {
             source,
         };
         match kind.as_str() {
-            "Namespace" => objects
-                .namespaces
-                .push(Namespace::from_yaml(value).map_err(object_error)?),
-            "Pod" => objects
-                .pods
-                .push(Pod::from_yaml(value).map_err(object_error)?),
-            "Service" => objects
-                .services
-                .push(Service::from_yaml(value).map_err(object_error)?),
+            "Namespace" => {
+                let namespace = Namespace::from_yaml(value).map_err(object_error)?;
+                objects.namespaces.insert(namespace.name.clone(), namespace);
+            }
+            "Pod" => {
+                if let Some(pod) = Pod::from_yaml(value).map_err(object_error)? {
+                    objects.pods.insert(pod.key(), pod);
+                }
+            }
+            "Service" => {
+                let service = Service::from_yaml(value).map_err(object_error)?;
+                objects.services.insert(service.key(), service);
+            }
             _ if policy::is_policy_kind(&api_version, &kind) => {
                 objects
                     .policies
@@ -146,7 +143,7 @@ fn is_config_file(path: &Path) -> bool {
 pub struct DirState {
     /// Raw bytes and parsed objects per file; the objects are from the last time the file
     /// parsed, which may be older than the bytes.
-    files: BTreeMap<PathBuf, (Vec<u8>, FileObjects)>,
+    files: BTreeMap<PathBuf, (Vec<u8>, Snapshot)>,
 }
 
 impl DirState {
@@ -213,17 +210,11 @@ impl DirState {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (_, objects) in self.files.values() {
-            for ns in &objects.namespaces {
-                snapshot.namespaces.insert(ns.name.clone(), ns.clone());
-            }
-            for pod in &objects.pods {
-                snapshot.pods.insert(pod.key(), pod.clone());
-            }
-            for svc in &objects.services {
-                let key = format!("{}/{}", svc.namespace, svc.name);
-                snapshot.services.insert(key, svc.clone());
-            }
-            snapshot.policies.extend(objects.policies.iter().cloned());
+            let objects = objects.clone();
+            snapshot.namespaces.extend(objects.namespaces);
+            snapshot.pods.extend(objects.pods);
+            snapshot.services.extend(objects.services);
+            snapshot.policies.extend(objects.policies);
         }
         snapshot
     }

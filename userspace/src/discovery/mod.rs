@@ -25,13 +25,47 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// True when `pod` is enrolled: its namespace carries `ambit.io/mesh=enabled` and the
-    /// pod did not opt out.
+    /// True when `pod` is enrolled: its namespace carries `ambit.io/mesh=enabled`, the
+    /// pod did not opt out, and it has a network namespace of its own (a `hostNetwork`
+    /// pod's would be the node's, and redirecting it would capture the node).
     pub fn is_enrolled(&self, pod: &Pod) -> bool {
         !pod.opted_out()
+            && !pod.host_network
             && self
                 .namespaces
                 .get(&pod.namespace)
                 .is_some_and(Namespace::mesh_enabled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(pods: &str) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{ambit.io/mesh: enabled}}}}\n{pods}"
+        );
+        std::fs::write(dir.path().join("c.yaml"), config).unwrap();
+        files::DirState::load_strict(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn host_network_pod_is_never_enrolled() {
+        let snapshot = snapshot(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: agent, namespace: foo}\nspec: {hostNetwork: true}\nstatus: {podIP: 192.168.1.5}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: app, namespace: foo}\nstatus: {podIP: 10.0.0.2}\n",
+        );
+        assert!(!snapshot.is_enrolled(&snapshot.pods["foo/agent"]));
+        assert!(snapshot.is_enrolled(&snapshot.pods["foo/app"]));
+    }
+
+    #[test]
+    fn completed_pod_is_not_in_the_snapshot() {
+        let snapshot = snapshot(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: job, namespace: foo}\nstatus: {podIP: 10.0.0.3, phase: Succeeded}\n",
+        );
+        assert!(snapshot.pods.is_empty());
     }
 }

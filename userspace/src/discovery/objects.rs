@@ -59,6 +59,9 @@ pub struct Pod {
     pub netns: Option<PathBuf>,
     /// `spec.nodeName`: the node running the pod; only that node's agent enrolls it.
     pub node_name: Option<String>,
+    /// `spec.hostNetwork`: the pod shares its node's network namespace and IP, which
+    /// every other such pod and the node itself use too, so that IP names no workload.
+    pub host_network: bool,
 }
 
 impl Pod {
@@ -109,6 +112,8 @@ struct PodSpec {
     service_account_name: Option<String>,
     #[serde(default)]
     node_name: Option<String>,
+    #[serde(default)]
+    host_network: bool,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +121,16 @@ struct PodSpec {
 struct PodStatus {
     #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
+    #[serde(default)]
+    phase: Option<String>,
+}
+
+impl PodStatus {
+    /// `Succeeded` or `Failed`: every container has stopped for good. The pod keeps its
+    /// `podIP` in the API, but the IP is free and may already belong to another pod.
+    fn completed(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
 }
 
 #[derive(Deserialize)]
@@ -205,12 +220,18 @@ impl Namespace {
 }
 
 impl Pod {
-    pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
+    /// The pod, or `None` for a completed one (`status.phase` `Succeeded` or `Failed`):
+    /// it runs nothing and its IP may have been given to another pod, so it is neither
+    /// enrolled nor a destination, as if deleted.
+    pub fn from_yaml(doc: serde_yaml::Value) -> Result<Option<Self>, ObjectError> {
         let PodDoc {
             metadata,
             spec,
             status,
         } = shape("Pod", doc)?;
+        if status.as_ref().is_some_and(PodStatus::completed) {
+            return Ok(None);
+        }
         let namespace = metadata.namespace().to_owned();
         let ip = match status.and_then(|s| s.pod_ip) {
             Some(value) => Some(parse_ip(
@@ -222,7 +243,7 @@ impl Pod {
             )?),
             None => None,
         };
-        Ok(Self {
+        Ok(Some(Self {
             namespace,
             ip,
             netns: metadata
@@ -232,14 +253,20 @@ impl Pod {
             name: metadata.name,
             labels: metadata.labels,
             node_name: spec.as_ref().and_then(|s| s.node_name.clone()),
+            host_network: spec.as_ref().is_some_and(|s| s.host_network),
             service_account: spec
                 .and_then(|s| s.service_account_name)
                 .unwrap_or_else(|| "default".to_owned()),
-        })
+        }))
     }
 }
 
 impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     pub fn from_yaml(doc: serde_yaml::Value) -> Result<Self, ObjectError> {
         let ServiceDoc { metadata, spec } = shape("Service", doc)?;
         let namespace = metadata.namespace().to_owned();
@@ -286,11 +313,35 @@ mod tests {
         let pod = Pod::from_yaml(yaml(
             "metadata: {name: p, annotations: {ambit.io/netns: /var/run/netns/x}}\nstatus: {podIP: 10.0.0.2}",
         ))
+        .unwrap()
         .unwrap();
         assert_eq!(pod.namespace, "default");
         assert_eq!(pod.service_account, "default");
         assert_eq!(pod.ip, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/x")));
+        assert!(!pod.host_network);
+    }
+
+    #[test]
+    fn pod_reads_host_network() {
+        let pod = Pod::from_yaml(yaml(
+            "metadata: {name: p}\nspec: {hostNetwork: true}\nstatus: {podIP: 192.168.1.5}",
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(pod.host_network);
+    }
+
+    #[test]
+    fn completed_pods_are_dropped() {
+        for phase in ["Succeeded", "Failed"] {
+            let doc = format!("metadata: {{name: p}}\nstatus: {{podIP: 10.0.0.2, phase: {phase}}}");
+            assert_eq!(Pod::from_yaml(yaml(&doc)).unwrap(), None, "{phase}");
+        }
+        for phase in ["Pending", "Running", "Unknown"] {
+            let doc = format!("metadata: {{name: p}}\nstatus: {{podIP: 10.0.0.2, phase: {phase}}}");
+            assert!(Pod::from_yaml(yaml(&doc)).unwrap().is_some(), "{phase}");
+        }
     }
 
     #[test]
@@ -324,6 +375,7 @@ mod tests {
         let mut pod = Pod::from_yaml(yaml(
             "metadata: {name: p, namespace: foo, labels: {app: web}}",
         ))
+        .unwrap()
         .unwrap();
         assert!(svc.selects(&pod));
         pod.namespace = "bar".into();

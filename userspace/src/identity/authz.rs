@@ -13,14 +13,18 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::{
+    digest::{SHA256, SHA256_OUTPUT_LEN, digest},
+    rand::{SecureRandom, SystemRandom},
+};
+use subtle::ConstantTimeEq;
 
 use super::{manager::Enrolled, spiffe::SpiffeId};
+use crate::state_file;
 
 /// An authenticated caller of the CA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +52,11 @@ pub enum AuthzError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("failed to restrict token file {path} to mode 0600: {source}")]
+    Restrict {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("token file {0} is empty")]
     EmptyToken(PathBuf),
     #[error("failed to generate a token")]
@@ -60,18 +69,34 @@ pub enum AuthzError {
     },
 }
 
+/// What a token is compared by: its SHA-256 digest. Comparing digests of fixed length in
+/// constant time tells a caller nothing of a token, not even its length, through timing.
+struct TokenDigest([u8; SHA256_OUTPUT_LEN]);
+
+impl TokenDigest {
+    fn of(token: &str) -> Self {
+        let mut bytes = [0; SHA256_OUTPUT_LEN];
+        bytes.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+        Self(bytes)
+    }
+
+    fn matches(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
 /// The embedded CA's authorizer: this node's token, this node's enrolled identities.
 pub struct NodeAuthorizer {
     node: String,
-    token: String,
+    token: TokenDigest,
     enrolled: Enrolled,
 }
 
 impl NodeAuthorizer {
-    pub fn new(node: &str, token: String, enrolled: Enrolled) -> Self {
+    pub fn new(node: &str, token: &str, enrolled: Enrolled) -> Self {
         Self {
             node: node.to_owned(),
-            token,
+            token: TokenDigest::of(token),
             enrolled,
         }
     }
@@ -85,7 +110,9 @@ impl NodeAuthorizer {
 
 impl Authorizer for NodeAuthorizer {
     fn authenticate(&self, token: &str) -> Option<Caller> {
-        constant_time_eq(token, &self.token).then(|| self.caller())
+        self.token
+            .matches(&TokenDigest::of(token))
+            .then(|| self.caller())
     }
 
     fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
@@ -99,7 +126,7 @@ pub struct GrantsAuthorizer {
 }
 
 struct Grant {
-    token: String,
+    token: TokenDigest,
     caller: String,
     identities: Vec<Pattern>,
 }
@@ -166,7 +193,7 @@ impl GrantsAuthorizer {
                 return Err(err(format!("caller {caller} is granted no identity")));
             }
             grants.push(Grant {
-                token: token.to_owned(),
+                token: TokenDigest::of(token),
                 caller: caller.to_owned(),
                 identities,
             });
@@ -177,9 +204,11 @@ impl GrantsAuthorizer {
 
 impl Authorizer for GrantsAuthorizer {
     fn authenticate(&self, token: &str) -> Option<Caller> {
+        let presented = TokenDigest::of(token);
+        // Stopping at the match reveals only which grant matched, which its holder knows.
         self.grants
             .iter()
-            .find(|g| constant_time_eq(token, &g.token))
+            .find(|g| g.token.matches(&presented))
             .map(|g| Caller {
                 name: g.caller.clone(),
             })
@@ -206,9 +235,22 @@ pub fn read_token(path: &Path) -> Result<String, AuthzError> {
     Ok(token.to_owned())
 }
 
-/// Reads the agent's token, creating a random one (mode 0600) on first start.
+/// Reads the agent's token, creating a random one on first start. The file is the agent's
+/// own secret and is kept at mode 0600, whatever mode it was found with. Its directory is
+/// created with mode 0700 when missing; an existing one may be the operator's
+/// (`--ca-token-file`) and is left as it is.
 pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
+    let err = |source| AuthzError::Write {
+        path: path.to_owned(),
+        source,
+    };
     if path.exists() {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            AuthzError::Restrict {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
         return read_token(path);
     }
     let mut bytes = [0u8; 32];
@@ -216,10 +258,6 @@ pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
         .fill(&mut bytes)
         .map_err(|_| AuthzError::Random)?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let err = |source| AuthzError::Write {
-        path: path.to_owned(),
-        source,
-    };
     if let Some(dir) = path.parent() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -227,28 +265,14 @@ pub fn ensure_token(path: &Path) -> Result<String, AuthzError> {
             .create(dir)
             .map_err(err)?;
     }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    file.write_all(token.as_bytes()).map_err(err)?;
+    state_file::write(path, token.as_bytes(), 0o600).map_err(err)?;
     Ok(token)
-}
-
-/// Token comparison whose time does not depend on where the strings differ.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{ManagerConfig, SecretManager};
 
     #[test]
     fn grants_file_entitles_exact_and_namespace_identities() {
@@ -269,6 +293,41 @@ mod tests {
         assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/shop/sa/cart")));
         assert!(!authz.entitled(&a, &id("spiffe://cluster.local/ns/other/sa/x")));
         assert!(authz.authenticate("t3").is_none());
+    }
+
+    #[test]
+    fn node_token_must_match_exactly() {
+        let (manager, _worker) = SecretManager::new(ManagerConfig::default());
+        let authz = NodeAuthorizer::new("node-a", "secret", manager.enrolled());
+        assert_eq!(authz.authenticate("secret"), Some(authz.caller()));
+        for wrong in ["", "secre", "secret ", "Secret", "secretsecret"] {
+            assert_eq!(authz.authenticate(wrong), None, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn new_token_file_is_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca/agent-token");
+        let token = ensure_token(&path).unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("ca")), 0o700);
+        assert_eq!(ensure_token(&path).unwrap(), token);
+    }
+
+    #[test]
+    fn existing_token_file_is_taken_back_to_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent-token");
+        fs::write(&path, "t0k3n\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(ensure_token(&path).unwrap(), "t0k3n");
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
     #[test]

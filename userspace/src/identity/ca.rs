@@ -5,8 +5,7 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,6 +19,7 @@ use rustls_pki_types::{CertificateDer, pem::PemObject};
 use time::OffsetDateTime;
 
 use super::spiffe::{SpiffeError, SpiffeId};
+use crate::state_file;
 
 /// Default and maximum workload certificate lifetime.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -117,6 +117,8 @@ impl Ca {
         let cert_path = dir.join(ROOT_CERT_FILE);
         match (key_path.exists(), cert_path.exists()) {
             (true, true) => {
+                // Whatever an older version or a restore left, the key is the agent's alone.
+                restrict(&dir, &key_path)?;
                 let plugged = PluggedCa {
                     cert: cert_path,
                     key: key_path,
@@ -126,16 +128,11 @@ impl Ca {
             }
             (false, false) => {
                 let (key_pem, cert_pem) = create_root(trust_domain)?;
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)
-                    .map_err(|source| CaError::Write {
-                        path: dir.clone(),
-                        source,
-                    })?;
-                write_private(&key_path, key_pem.as_bytes(), 0o600)?;
-                write_private(&cert_path, cert_pem.as_bytes(), 0o644)?;
+                state_file::private_dir(&dir).map_err(write_error(&dir))?;
+                state_file::write(&key_path, key_pem.as_bytes(), 0o600)
+                    .map_err(write_error(&key_path))?;
+                state_file::write(&cert_path, cert_pem.as_bytes(), 0o644)
+                    .map_err(write_error(&cert_path))?;
                 tracing::info!(dir = %dir.display(), "created a new mesh root");
                 Self::from_pem(&key_pem, &cert_pem, &[], &cert_path, trust_domain, max_ttl)
             }
@@ -393,24 +390,15 @@ fn pem_certs(path: &Path, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaE
         })
 }
 
-/// Writes `bytes` to `path` through a temporary file with `mode`, so a crash never
-/// leaves a truncated key and the key is never readable by others, not even briefly.
-fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let err = |source| CaError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(bytes).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+/// Takes the CA's own directory and root key back to modes 0700 and 0600.
+fn restrict(dir: &Path, key: &Path) -> Result<(), CaError> {
+    state_file::private_dir(dir).map_err(write_error(dir))?;
+    fs::set_permissions(key, fs::Permissions::from_mode(0o600)).map_err(write_error(key))
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
+    let path = path.to_owned();
+    move |source| CaError::Write { path, source }
 }
 
 fn to_pem(der: &CertificateDer<'_>) -> String {

@@ -39,8 +39,9 @@ pub enum CaClientError {
     },
     #[error("CA endpoint {endpoint} is not usable: {reason}")]
     Endpoint { endpoint: String, reason: String },
-    #[error("CA token {0:?} is not valid in a gRPC header")]
-    Token(String),
+    /// The token itself is left out: error messages end up in logs.
+    #[error("CA token is not valid in a gRPC header (it must be visible ASCII)")]
+    Token,
 }
 
 /// The embedded CA, called without a network hop. Entitlement is still checked, with the
@@ -107,7 +108,7 @@ impl GrpcCaClient {
             .connect_lazy();
         let authorization = format!("Bearer {token}")
             .parse()
-            .map_err(|_| CaClientError::Token(token.to_owned()))?;
+            .map_err(|_| CaClientError::Token)?;
         Ok(Self {
             endpoint: endpoint.to_owned(),
             channel,

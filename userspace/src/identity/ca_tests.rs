@@ -71,17 +71,38 @@ fn openssl_verifies_issued_chain_with_spiffe_uri_as_only_san() {
     );
 }
 
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
 #[test]
 fn root_survives_restart_with_private_key_mode_0600() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let first = test_ca(dir.path()).root().clone();
-    let mode = fs::metadata(dir.path().join("ca/root-key.pem"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(mode(&dir.path().join("ca/root-key.pem")), 0o600);
     assert_eq!(test_ca(dir.path()).root(), &first);
+}
+
+#[test]
+fn root_created_in_a_wide_directory_gets_private_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    fs::create_dir(&ca_dir).unwrap();
+    fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    test_ca(dir.path());
+    assert_eq!(mode(&ca_dir), 0o700);
+    assert_eq!(mode(&ca_dir.join("root-key.pem")), 0o600);
+    assert_eq!(mode(&ca_dir.join("root-cert.pem")), 0o644);
+}
+
+#[test]
+fn loaded_root_key_is_taken_back_to_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    test_ca(dir.path());
+    let key = dir.path().join("ca/root-key.pem");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    test_ca(dir.path());
+    assert_eq!(mode(&key), 0o600);
 }
 
 #[test]

@@ -155,7 +155,7 @@ pub async fn start(
     let ca = Arc::new(load_ca(&args.keys, state_dir)?);
     let token = authz::ensure_token(&token_file)?;
     let (manager, worker) = SecretManager::new(config);
-    let authorizer = Arc::new(NodeAuthorizer::new(node, token, manager.enrolled()));
+    let authorizer = Arc::new(NodeAuthorizer::new(node, &token, manager.enrolled()));
     worker.spawn(Arc::new(LocalCaClient::new(
         ca.clone(),
         authorizer.clone(),
