@@ -31,11 +31,10 @@ use super::{HboneError, request};
 use crate::{
     proxy::{
         Accepted, PodProxy, Shared,
-        admission::{self, Peer, Refusal},
+        admission::{self, EntryError, Peer},
         connections::{Direction, Path},
         forward::{self, Recheck},
         limits::{Gauge, GaugePermit, Source},
-        socket,
     },
     tls::MeshAcceptor,
 };
@@ -233,37 +232,20 @@ async fn open_stream(
         destination,
         Arc::clone(&pod.stats),
     );
-    let applied = shared.applied.borrow().clone();
-    let admitted = admission::admit(&applied, &pod, &peer, destination).and_then(|()| {
-        let permit = pod.counters.inbound(&shared.limits, &source)?;
-        let descriptor = shared.descriptors.acquire()?;
-        Ok::<_, Refusal>((permit, descriptor))
-    });
-    let permits = match admitted {
-        Ok(permits) => permits,
-        Err(refusal) => {
-            debug!(workload = %pod.key, %refusal, "HBONE stream refused");
-            record.finish(Some(refusal.to_string()));
-            return StatusCode::UNAUTHORIZED;
-        }
-    };
-    let upstream = match socket::connect(
-        &pod.netns,
-        destination,
-        socket::Source::Client(peer.ip),
-        shared.limits.connect_timeout,
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
+    let mut entered = match admission::enter(&shared, &pod, &peer, &source, destination).await {
+        Ok(entered) => entered,
         Err(error) => {
+            debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
             record.finish(Some(error.to_string()));
-            return StatusCode::SERVICE_UNAVAILABLE;
+            return match error {
+                EntryError::Refused(_) => StatusCode::UNAUTHORIZED,
+                EntryError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
         }
     };
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let _held = (open, permits);
+        let _open = open;
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
             Err(error) => return record.finish(Some(error.to_string())),
@@ -274,7 +256,7 @@ async fn open_stream(
             peer: &peer,
             destination,
         };
-        forward::relay(tunnel, upstream, &mut record, Some(recheck)).await;
+        forward::relay(tunnel, &mut entered.upstream, &mut record, Some(recheck)).await;
     });
     StatusCode::OK
 }
