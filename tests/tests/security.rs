@@ -900,3 +900,44 @@ fn inbound_connections_per_source_are_capped() {
         "once they closed, new connections get through: {again}"
     );
 }
+
+/// What the agent changed in a pod's namespace: the two sysctls and the policy rule of the
+/// return path (`ip rule` lists it with the proxy's transparent mark).
+fn pod_settings(pod: &Pod) -> (String, String, bool) {
+    let read = |args: &[&str]| {
+        let output = ambit_tests::check(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &pod.netns])
+                .args(args),
+        )
+        .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    (
+        read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+        read(&["cat", "/proc/sys/net/ipv4/fwmark_reflect"]),
+        read(&["ip", "rule", "show"]).contains("0xa3b0001"),
+    )
+}
+
+/// A pod that leaves the mesh gets back the sysctls and routes the agent set in its
+/// namespace, as they were before it was enrolled.
+#[test]
+fn a_pod_leaving_the_mesh_gets_its_settings_back() {
+    let mut mesh = mesh();
+    let pod = mesh.sleep[FOO].clone();
+    let enrolled = pod_settings(&pod);
+    assert_eq!(enrolled, ("1".into(), "1".into(), true), "while enrolled");
+    mesh.node
+        .label_pod(&pod, "ambit.io/mesh", "disabled")
+        .unwrap();
+    let left = within(Duration::from_secs(3), || {
+        redirection(&mesh.node, "foo", "sleep")["state"] == "opted-out"
+    });
+    assert!(left.is_some(), "foo/sleep did not leave the mesh");
+    assert_eq!(
+        pod_settings(&pod),
+        ("0".into(), "0".into(), false),
+        "after leaving the mesh, the namespace's defaults must be back"
+    );
+}
