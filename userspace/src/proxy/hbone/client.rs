@@ -258,6 +258,7 @@ async fn connect(pod: &PodProxy, shared: &Shared, key: &PoolKey) -> Result<Poole
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME)
+        .max_header_list_size(super::MAX_HEADERS)
         .handshake(TokioIo::new(tls))
         .await?;
     let gateway = key.gateway;

@@ -21,6 +21,9 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Larger DATA frames than the default 16 KiB mean fewer frames, headers and wake-ups.
 const MAX_FRAME: u32 = 1024 * 1024;
+/// A `CONNECT` and its answer carry a few short headers; a peer may not make the proxy
+/// buffer more (hyper's default is 16 MiB).
+const MAX_HEADERS: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

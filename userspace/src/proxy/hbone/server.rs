@@ -127,6 +127,7 @@ async fn serve_connection(
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME)
+        .max_header_list_size(super::MAX_HEADERS)
         .serve_connection(TokioIo::new(tls), service);
     let mut connection = std::pin::pin!(connection);
     let ended = activity.ended(
@@ -233,7 +234,7 @@ async fn open_stream(
         destination,
         Arc::clone(&pod.stats),
     );
-    let mut entered = match admission::enter(&shared, &pod, &peer, &source, destination).await {
+    let entered = match admission::enter(&shared, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
             debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
@@ -246,7 +247,9 @@ async fn open_stream(
     };
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let _open = open;
+        // Moved whole: the relay borrows only `upstream`, but the counts `entered` holds
+        // must live as long as the relay.
+        let (_open, mut entered) = (open, entered);
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
             Err(error) => return record.finish(Some(error.to_string())),
