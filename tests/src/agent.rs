@@ -1,5 +1,5 @@
-//! The agent under test: the real `ambit run` binary, one per node, with its own cgroup,
-//! pin directory and admin ports.
+//! The agent under test: the real `ambit run` binary, one per node, with its own cgroup
+//! (a child of the node's, see [`Node::agent_cgroup`]), pin directory and admin ports.
 
 use std::{
     fs::File,
@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::{
-    node::Node,
+    node::{AgentOptions, Node},
     run::{CurlResult, check},
 };
 
@@ -26,10 +26,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub(crate) fn start(node: &Node, extra: &[&std::ffi::OsStr]) -> anyhow::Result<Self> {
+    pub(crate) fn start(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
         let (admin, readiness) = (free_port()?, free_port()?);
         let log = node.config_dir.with_extension("agent.log");
-        let child = Command::new(&node.binaries.ambit)
+        // The shell joins the agent's cgroup, then becomes (exec) the agent, through
+        // `prlimit` when asked: the child's PID stays the agent's.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"echo $$ > "$1" && shift && exec "$@""#, "sh"])
+            .arg(node.agent_cgroup.join("cgroup.procs"));
+        if let Some(nofile) = options.nofile {
+            cmd.args(["prlimit", &format!("--nofile={nofile}:{nofile}"), "--"]);
+        }
+        let child = cmd
+            .arg(&node.binaries.ambit)
             .arg("run")
             .arg("--config-dir")
             .arg(&node.config_dir)
@@ -40,7 +49,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(node.state_dir())
             .args(["--node-name", &node.id])
-            .args(extra)
+            .args(&options.args)
             .args(["--admin-addr", &admin.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
             .env("RUST_LOG", "info,ambit=debug")
@@ -56,6 +65,7 @@ impl Agent {
             log,
         };
         agent.wait_ready()?;
+        agent.check_cgroup(node)?;
         Ok(agent)
     }
 
@@ -106,6 +116,26 @@ impl Agent {
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails unless the agent runs in [`Node::agent_cgroup`].
+    fn check_cgroup(&self, node: &Node) -> anyhow::Result<()> {
+        let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", self.pid()))?;
+        let expected = node
+            .agent_cgroup
+            .strip_prefix(crate::node::cgroup2_root()?)
+            .context("the agent cgroup is under the cgroup2 root")?;
+        // cgroup2's line: `0::/<path below the root>`.
+        let in_place = membership
+            .lines()
+            .any(|l| l.strip_prefix("0::") == Some(&format!("/{}", expected.display())));
+        if !in_place {
+            bail!(
+                "the agent is not in {}: {membership}",
+                node.agent_cgroup.display()
+            );
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{Binaries, CurlResult, Node, Pod};
+use crate::{AgentOptions, Binaries, CurlResult, Node, Pod};
 
 pub const HTTP_PORT: u16 = 8000;
 /// A second port every `httpbin` serves, for port-level policies.
@@ -25,6 +25,12 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn new(binaries: Binaries) -> anyhow::Result<Self> {
+        Self::with_agent(binaries, &AgentOptions::default())
+    }
+
+    /// The scenario with the agent started as `agent` says (extra flags, a descriptor
+    /// limit).
+    pub fn with_agent(binaries: Binaries, agent: &AgentOptions) -> anyhow::Result<Self> {
         let mut node = Node::new(binaries)?;
         let mut sleep = Vec::new();
         let mut httpbin = Vec::new();
@@ -36,7 +42,7 @@ impl Mesh {
             node.serve_http(&server, OTHER_PORT)?;
             httpbin.push(server);
         }
-        node.start_agent()?;
+        node.start_agent_opts(agent)?;
         let three = |pods: Vec<Pod>| pods.try_into().ok().context("three namespaces");
         Ok(Self {
             node,

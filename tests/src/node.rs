@@ -3,8 +3,9 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -25,6 +26,12 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 44, 0, 1);
 const JOINED_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 44, 0, 254);
 const JOINED_FIRST_HOST: u8 = 100;
 const PREFIX: u8 = 24;
+/// Every pod also gets two IPv6 addresses on `eth0`, derived from the last octet of its
+/// IPv4 address: `fd44::44:<octet>/64` and the link-local `fe80::44:<octet>/64`. Added with
+/// `nodad`, so they are usable at once (duplicate address detection would hold them back
+/// for a second or more): tests check that IPv6 cannot go around the mesh.
+const IPV6_PREFIX: [u16; 4] = [0xfd44, 0, 0, 0];
+const LINK_LOCAL_PREFIX: [u16; 4] = [0xfe80, 0, 0, 0];
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
@@ -42,11 +49,54 @@ pub struct Pod {
     pub veth: String,
     /// The id of the node the pod runs on (`spec.nodeName`).
     pub node: String,
+    /// `status.podIP` when it is not [`Pod::ip`] (see [`Node::set_pod_ip`]).
+    pub status_ip: Option<IpAddr>,
 }
 
 impl Pod {
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/var/run/netns").join(&self.netns)
+    }
+
+    /// The pod's unique-local IPv6 address, `fd44::44:<last octet of its IPv4>`.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        ipv6_host(IPV6_PREFIX, self.ip)
+    }
+
+    /// The pod's link-local IPv6 address, `fe80::44:<last octet of its IPv4>` (on `eth0`).
+    pub fn link_local(&self) -> Ipv6Addr {
+        ipv6_host(LINK_LOCAL_PREFIX, self.ip)
+    }
+
+    /// The address the configuration shows as `status.podIP`.
+    pub fn pod_ip(&self) -> IpAddr {
+        self.status_ip.unwrap_or(IpAddr::V4(self.ip))
+    }
+}
+
+fn ipv6_host(prefix: [u16; 4], ip: Ipv4Addr) -> Ipv6Addr {
+    let [p0, p1, p2, p3] = prefix;
+    Ipv6Addr::new(p0, p1, p2, p3, 0, 0, 0x44, u16::from(ip.octets()[3]))
+}
+
+/// How the test bed starts a node's agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// Extra `ambit run` arguments.
+    pub args: Vec<OsString>,
+    /// Starts the agent under `prlimit --nofile=N:N`: a hard limit the agent cannot raise
+    /// (it raises its soft limit to the hard one), to test what happens when its
+    /// descriptors run out.
+    pub nofile: Option<u64>,
+}
+
+impl AgentOptions {
+    /// Options with these `ambit run` arguments.
+    pub fn args(args: &[&str]) -> Self {
+        Self {
+            args: args.iter().map(OsString::from).collect(),
+            nofile: None,
+        }
     }
 }
 
@@ -56,7 +106,12 @@ pub struct Node {
     pub binaries: Binaries,
     /// `ip netns` name of the node namespace (holds the bridge).
     pub netns: String,
+    /// The cgroup the kernel programs attach to; the pods' processes run in it.
     pub cgroup: PathBuf,
+    /// The agent runs in this child of [`Node::cgroup`], as a DaemonSet's agent sits below
+    /// the cgroup the programs attach to in production: its own sockets go through the
+    /// programs, so every test exercises how the kernel tells the proxy from a pod.
+    pub agent_cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub config_dir: PathBuf,
     /// This node's address on the bridge, and the host number of its first pod.
@@ -108,9 +163,11 @@ impl Node {
             NEXT_NODE.fetch_add(1, Ordering::Relaxed)
         );
         let cgroup_root = cgroup2_root()?;
+        let cgroup = cgroup_root.join(format!("ambit-test-{id}"));
         let node = Self {
             netns: format!("ambit-{id}-node"),
-            cgroup: cgroup_root.join(format!("ambit-test-{id}")),
+            agent_cgroup: cgroup.join("agent"),
+            cgroup,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/ambit-test-{id}")),
             config_dir: std::env::temp_dir().join(format!("ambit-test-{id}")),
             id,
@@ -127,7 +184,19 @@ impl Node {
         ip(&["netns", "add", &node.netns])?;
         let n = node.netns.clone();
         ip(&["-n", &n, "link", "set", "lo", "up"])?;
-        ip(&["-n", &n, "link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: IPv6 neighbour discovery between pods must not depend on
+        // the bridge having seen MLD reports.
+        ip(&[
+            "-n",
+            &n,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         ip(&[
             "-n",
             &n,
@@ -138,8 +207,10 @@ impl Node {
             "br0",
         ])?;
         ip(&["-n", &n, "link", "set", "br0", "up"])?;
-        std::fs::create_dir_all(&node.cgroup)
-            .with_context(|| format!("cannot create cgroup {}", node.cgroup.display()))?;
+        for cgroup in [&node.cgroup, &node.agent_cgroup] {
+            std::fs::create_dir_all(cgroup)
+                .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        }
         std::fs::create_dir_all(&node.config_dir)?;
         node.write_config()?;
         Ok(node)
@@ -163,6 +234,21 @@ impl Node {
         service_account: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<Pod> {
+        let node = self.id.clone();
+        self.pod_on(&node, namespace, name, service_account, labels)
+    }
+
+    /// A pod whose `spec.nodeName` is `node`. With a node that has no agent here, this
+    /// node's agent treats it as a mesh pod elsewhere and tunnels to its IP on 15008, so
+    /// whatever listens there in the pod's namespace plays that node's proxy.
+    pub fn pod_on(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Pod> {
         let index = self.pods.len();
         let host_octet = u8::try_from(index)
             .ok()
@@ -180,7 +266,8 @@ impl Node {
                 .collect(),
             netns: format!("ambit-{}-p{index}", self.id),
             veth: format!("veth{index}"),
-            node: self.id.clone(),
+            node: node.to_owned(),
+            status_ip: None,
         };
         let (node, netns, veth) = (&self.netns, &pod.netns, pod.veth.clone());
         ip(&["netns", "add", netns])?;
@@ -200,6 +287,19 @@ impl Node {
             "dev",
             "eth0",
         ])?;
+        for v6 in [pod.ipv6(), pod.link_local()] {
+            ip(&[
+                "-n",
+                netns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         ip(&[
             "-n",
@@ -216,13 +316,43 @@ impl Node {
 
     /// Changes a pod's labels (e.g. `ambit.io/mesh=disabled`) in the YAML.
     pub fn label_pod(&mut self, pod: &Pod, key: &str, value: &str) -> anyhow::Result<()> {
-        let found = self
-            .pods
+        self.model(pod)?
+            .labels
+            .insert(key.to_owned(), value.to_owned());
+        self.write_config()
+    }
+
+    /// Sets label `key` to `value` on every pod of `namespace`, in one write.
+    pub fn label_namespace_pods(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        for pod in self.pods.iter_mut().filter(|p| p.namespace == namespace) {
+            pod.labels.insert(key.to_owned(), value.to_owned());
+        }
+        self.write_config()
+    }
+
+    /// Changes a pod's `spec.serviceAccountName` (its identity) in the YAML.
+    pub fn set_service_account(&mut self, pod: &Pod, account: &str) -> anyhow::Result<()> {
+        account.clone_into(&mut self.model(pod)?.service_account);
+        self.write_config()
+    }
+
+    /// Shows `ip` as the pod's `status.podIP` (its interfaces keep their addresses).
+    pub fn set_pod_ip(&mut self, pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
+        self.model(pod)?.status_ip = Some(ip);
+        self.write_config()
+    }
+
+    /// This node's record of `pod`.
+    fn model(&mut self, pod: &Pod) -> anyhow::Result<&mut Pod> {
+        self.pods
             .iter_mut()
             .find(|p| p.netns == pod.netns)
-            .context("no such pod")?;
-        found.labels.insert(key.to_owned(), value.to_owned());
-        self.write_config()
+            .context("no such pod")
     }
 
     /// The agent's state directory (its CA root survives agent restarts).
@@ -276,6 +406,13 @@ impl Node {
         self.serve(pod, &program, &[&port.to_string()], port)
     }
 
+    /// Starts `ambit-httpbin` on `[::]:port` in `pod`: dual-stack, it answers IPv4 and IPv6,
+    /// as an application listening on `::` does.
+    pub fn serve_http_dual_stack(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let program = self.binaries.httpbin.to_string_lossy().into_owned();
+        self.serve(pod, &program, &[&port.to_string(), "::"], port)
+    }
+
     /// Starts the server `program ARGS...` in `pod` and waits until something listens on
     /// `port` there; stopped when the node is dropped.
     pub fn serve(
@@ -300,7 +437,8 @@ impl Node {
             Some(pod) => self.command(pod, "curl"),
             None => self.node_command("curl"),
         };
-        cmd.args(["-sS", "--max-time", "3", "-w", "\n%{http_code}", url]);
+        // `-g`: brackets are an IPv6 literal (`http://[fd44::5]:8000/`), not a glob.
+        cmd.args(["-sS", "-g", "--max-time", "3", "-w", "\n%{http_code}", url]);
         let output = cmd.output().context("cannot run curl")?;
         Ok(CurlResult::from_output(&output))
     }
@@ -312,10 +450,18 @@ impl Node {
 
     /// Starts the agent with extra `ambit run` arguments.
     pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<&Agent> {
+        self.start_agent_opts(&AgentOptions {
+            args: args.iter().map(|a| a.to_os_string()).collect(),
+            nofile: None,
+        })
+    }
+
+    /// Starts the agent as `options` say.
+    pub fn start_agent_opts(&mut self, options: &AgentOptions) -> anyhow::Result<&Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let agent = Agent::start(self, args)?;
+        let agent = Agent::start(self, options)?;
         Ok(self.agent.insert(agent))
     }
 
@@ -388,18 +534,19 @@ impl Node {
             let labels: Vec<String> = pod
                 .labels
                 .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
+                // Quoted: a value such as `true` or `1` must stay a string.
+                .map(|(k, v)| format!("{k}: \"{v}\""))
                 .collect();
             write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: {}}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: \"{}\"}}\n",
                 pod.name,
                 pod.namespace,
                 labels.join(", "),
                 pod.netns_path().display(),
                 pod.service_account,
                 pod.node,
-                pod.ip
+                pod.pod_ip()
             )?;
         }
         self.write_file("pods.yaml", &pods)
@@ -437,6 +584,8 @@ impl Drop for Node {
         let _ = ip(&["netns", "del", &self.netns]);
         // Unpinning releases the kernel programs and maps of this node's agent.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // The child first: a cgroup with children cannot be removed.
+        let _ = std::fs::remove_dir(&self.agent_cgroup);
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_dir_all(self.state_dir());

@@ -14,17 +14,26 @@ pub struct Binaries {
     pub httpbin: PathBuf,
     /// `ambit-hold`: holds many idle connections open (server and client).
     pub hold: PathBuf,
+    /// `ambit-probe`: the clients real tools cannot play (marked sockets, a fast connect
+    /// loop, hundreds of idle connections) and a server that never answers.
+    pub probe: PathBuf,
 }
 
 impl Binaries {
-    /// Both binaries in one cargo target directory (`target/debug`, say).
+    /// The binaries in one cargo target directory (`target/debug`, say).
     pub fn in_dir(dir: &Path) -> anyhow::Result<Self> {
         let binaries = Self {
             ambit: dir.join("ambit"),
             httpbin: dir.join("ambit-httpbin"),
             hold: dir.join("ambit-hold"),
+            probe: dir.join("ambit-probe"),
         };
-        for path in [&binaries.ambit, &binaries.httpbin, &binaries.hold] {
+        for path in [
+            &binaries.ambit,
+            &binaries.httpbin,
+            &binaries.hold,
+            &binaries.probe,
+        ] {
             if !path.is_file() {
                 bail!(
                     "{} is missing: build with `cargo build -p ambit -p ambit-tests` (cargo xtask test does)",

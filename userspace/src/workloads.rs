@@ -74,6 +74,8 @@ pub enum Redirection {
     NotEnrolled,
     /// The pod is labelled `ambit.io/mesh=disabled`.
     OptedOut,
+    /// `spec.hostNetwork`: the pod shares the node's network, which is never meshed.
+    HostNetwork,
     /// Enrolled, and served by the agent of the node it runs on (`spec.nodeName`).
     OtherNode,
     /// Enrolled, but setting it up failed; retried.
@@ -205,6 +207,8 @@ impl WorkloadManager {
         for (key, pod) in &snapshot.pods {
             let redirection = if pod.opted_out() {
                 Redirection::OptedOut
+            } else if pod.host_network {
+                Redirection::HostNetwork
             } else if !snapshot.is_enrolled(pod) {
                 Redirection::NotEnrolled
             } else if !self.is_local(pod) {

@@ -1,8 +1,9 @@
 //! A small HTTP server for the test bed, in the spirit of httpbin: `/ip` answers the peer
 //! address it sees (`{"origin":"10.0.0.2"}`), `/headers` the request headers, anything
-//! else `200 ok`. Usage: `ambit-httpbin PORT`.
+//! else `200 ok`. Usage: `ambit-httpbin PORT [BIND_IP]`; `BIND_IP` defaults to
+//! `0.0.0.0`, and `::` listens dual-stack (IPv4 and IPv6).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::{
     Json, Router,
@@ -14,10 +15,15 @@ use serde_json::{Map, Value, json};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let port: u16 = std::env::args()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: ambit-httpbin PORT"))?
+    let mut args = std::env::args().skip(1);
+    let port: u16 = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: ambit-httpbin PORT [BIND_IP]"))?
         .parse()?;
+    let bind: IpAddr = match args.next() {
+        Some(ip) => ip.parse()?,
+        None => Ipv4Addr::UNSPECIFIED.into(),
+    };
     let app = Router::new()
         .route(
             "/ip",
@@ -36,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .fallback(any(|| async { "ok\n" }));
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    let listener = tokio::net::TcpListener::bind((bind, port)).await?;
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -8,6 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ambit_common::ports;
+use tokio::net::TcpStream;
 
 use crate::{
     identity::SpiffeId,
@@ -15,7 +16,11 @@ use crate::{
     state::Applied,
 };
 
-use super::{PodProxy, limits::Exceeded};
+use super::{
+    PodProxy, Shared,
+    limits::{Exceeded, GaugePermit, InboundPermit, Source},
+    socket::{self, SocketError},
+};
 
 /// Who is connecting, as far as the proxy could verify.
 #[derive(Clone, Debug)]
@@ -78,4 +83,49 @@ pub fn admit(
         .authorize(workload, &ctx)
         .map(drop)
         .map_err(Refusal::Denied)
+}
+
+/// An inbound connection let in: its connection to the application, and the counts it
+/// holds until dropped.
+pub struct Entered {
+    pub upstream: TcpStream,
+    _held: (InboundPermit, GaugePermit),
+}
+
+/// Why an inbound connection did not reach the application.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Upstream(#[from] SocketError),
+}
+
+/// What both inbound listeners do before relaying: [`admit`] against the configuration in
+/// force, count against the limits (`source` is who the connection is charged to), then
+/// connect to the application from inside the pod with the client's IP.
+pub async fn enter(
+    shared: &Shared,
+    pod: &PodProxy,
+    peer: &Peer,
+    source: &Source,
+    destination: SocketAddr,
+) -> Result<Entered, EntryError> {
+    admit(&shared.applied.borrow(), pod, peer, destination)?;
+    let permit = pod
+        .counters
+        .inbound(&shared.limits, source)
+        .map_err(Refusal::from)?;
+    let descriptor = shared.descriptors.acquire().map_err(Refusal::from)?;
+    let upstream = socket::connect(
+        &pod.netns,
+        destination,
+        socket::Source::Client(peer.ip),
+        shared.limits.connect_timeout,
+    )
+    .await?;
+    Ok(Entered {
+        upstream,
+        _held: (permit, descriptor),
+    })
 }

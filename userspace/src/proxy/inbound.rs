@@ -12,11 +12,10 @@ use tracing::debug;
 
 use super::{
     Accepted, PodProxy, Shared,
-    admission::{self, Peer, Refusal},
+    admission::{self, Peer},
     connections::{Direction, Path},
     forward::{self, Recheck},
     limits::Source,
-    socket,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +23,7 @@ pub enum InboundError {
     #[error("cannot read the destination of the accepted connection: {0}")]
     LocalAddr(std::io::Error),
     #[error(transparent)]
-    Refused(#[from] Refusal),
-    #[error(transparent)]
-    Upstream(#[from] socket::SocketError),
+    Entry(#[from] admission::EntryError),
 }
 
 /// Serves the pod's plaintext listener until the pod is released.
@@ -65,41 +62,21 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         identity: None,
         ip: client.ip(),
     };
-    let applied = shared.applied.borrow().clone();
-    let admitted = admission::admit(&applied, pod, &peer, destination).and_then(|()| {
-        let permit = pod.counters.inbound(&shared.limits, &Source::Ip(peer.ip))?;
-        let descriptor = shared.descriptors.acquire()?;
-        Ok((permit, descriptor))
-    });
-    let _permits = match admitted {
-        Ok(permits) => permits,
-        Err(refusal) => {
-            record.finish(Some(refusal.to_string()));
-            forward::reset(stream);
-            return Err(refusal.into());
-        }
-    };
-    let upstream = match socket::connect(
-        &pod.netns,
-        destination,
-        socket::Source::Client(peer.ip),
-        shared.limits.connect_timeout,
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            record.finish(Some(error.to_string()));
-            forward::reset(stream);
-            return Err(error.into());
-        }
-    };
+    let mut entered =
+        match admission::enter(shared, pod, &peer, &Source::Ip(peer.ip), destination).await {
+            Ok(entered) => entered,
+            Err(error) => {
+                record.finish(Some(error.to_string()));
+                forward::reset(stream);
+                return Err(error.into());
+            }
+        };
     let recheck = Recheck {
         applied: shared.applied.clone(),
         pod,
         peer: &peer,
         destination,
     };
-    forward::relay(stream, upstream, &mut record, Some(recheck)).await;
+    forward::relay(stream, &mut entered.upstream, &mut record, Some(recheck)).await;
     Ok(())
 }

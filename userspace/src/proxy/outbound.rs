@@ -73,6 +73,9 @@ pub fn decide(destinations: &Destinations, destination: SocketAddr, pick: usize)
             return Route::Refuse(format!("{} has no endpoints", service.service));
         }
         let endpoint = &service.endpoints[pick % service.endpoints.len()];
+        if let Some(conflict) = &endpoint.conflict {
+            return Route::Refuse(format!("{}: {conflict}", service.service));
+        }
         let target = SocketAddr::new(endpoint.ip, port);
         if endpoint.identity.is_none() {
             return Route::Direct(target);
@@ -87,11 +90,14 @@ pub fn decide(destinations: &Destinations, destination: SocketAddr, pick: usize)
         allowed.dedup();
         return hbone_route(endpoint.ip, target, allowed);
     }
-    match destinations
-        .pod(destination.ip())
-        .and_then(|p| p.identity.clone())
-    {
-        Some(identity) => hbone_route(destination.ip(), destination, vec![identity]),
+    match destinations.pod(destination.ip()) {
+        Some(endpoint) => match (&endpoint.conflict, &endpoint.identity) {
+            (Some(conflict), _) => Route::Refuse(conflict.clone()),
+            (None, Some(identity)) => {
+                hbone_route(destination.ip(), destination, vec![identity.clone()])
+            }
+            (None, None) => Route::Direct(destination),
+        },
         None => Route::Direct(destination),
     }
 }
@@ -229,6 +235,17 @@ metadata: {name: old, namespace: legacy, labels: {app: old}}
 status: {podIP: 10.0.0.21}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: impostor, namespace: legacy}
+status: {podIP: 10.0.0.31}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: claimant, namespace: foo}
+spec: {serviceAccountName: web}
+status: {podIP: 10.0.0.31}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: foo}
 spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: http}]}
@@ -304,6 +321,14 @@ spec: {clusterIP: 10.96.0.3, selector: {app: nothing}, ports: [{port: 80}]}
             ),
             // A port the service does not expose is not the service.
             ("10.96.0.1:82", 0, Route::Direct(addr("10.96.0.1:82"))),
+            // Two pods reached differently claim one IP: neither identity is expected.
+            (
+                "10.0.0.31:80",
+                0,
+                Route::Refuse(
+                    "10.0.0.31 is claimed by foo/claimant (spiffe://cluster.local/ns/foo/sa/web), legacy/impostor (not in the mesh); refusing rather than guess whose identity to expect".into(),
+                ),
+            ),
             // Never the pod's own loopback, where the proxy listens.
             (
                 "127.0.0.1:15006",

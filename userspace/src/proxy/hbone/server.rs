@@ -17,7 +17,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -25,17 +25,17 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::{HboneError, request};
 use crate::{
     proxy::{
         Accepted, PodProxy, Shared,
-        admission::{self, Peer, Refusal},
+        admission::{self, EntryError, Peer},
         connections::{Direction, Path},
         forward::{self, Recheck},
         limits::{Gauge, GaugePermit, Source},
-        socket,
     },
     tls::MeshAcceptor,
 };
@@ -233,37 +233,20 @@ async fn open_stream(
         destination,
         Arc::clone(&pod.stats),
     );
-    let applied = shared.applied.borrow().clone();
-    let admitted = admission::admit(&applied, &pod, &peer, destination).and_then(|()| {
-        let permit = pod.counters.inbound(&shared.limits, &source)?;
-        let descriptor = shared.descriptors.acquire()?;
-        Ok::<_, Refusal>((permit, descriptor))
-    });
-    let permits = match admitted {
-        Ok(permits) => permits,
-        Err(refusal) => {
-            debug!(workload = %pod.key, %refusal, "HBONE stream refused");
-            record.finish(Some(refusal.to_string()));
-            return StatusCode::UNAUTHORIZED;
-        }
-    };
-    let upstream = match socket::connect(
-        &pod.netns,
-        destination,
-        socket::Source::Client(peer.ip),
-        shared.limits.connect_timeout,
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
+    let mut entered = match admission::enter(&shared, &pod, &peer, &source, destination).await {
+        Ok(entered) => entered,
         Err(error) => {
+            debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
             record.finish(Some(error.to_string()));
-            return StatusCode::SERVICE_UNAVAILABLE;
+            return match error {
+                EntryError::Refused(_) => StatusCode::UNAUTHORIZED,
+                EntryError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
         }
     };
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let _held = (open, permits);
+        let _open = open;
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
             Err(error) => return record.finish(Some(error.to_string())),
@@ -274,7 +257,58 @@ async fn open_stream(
             peer: &peer,
             destination,
         };
-        forward::relay(tunnel, upstream, &mut record, Some(recheck)).await;
+        forward::relay(tunnel, &mut entered.upstream, &mut record, Some(recheck)).await;
     });
     StatusCode::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(60);
+
+    fn far() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(24 * 3600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_first_stream_ends_after_the_handshake_timeout() {
+        let activity = Activity::default();
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            activity.ended(FIRST, IDLE, far()).await,
+            "no request in time"
+        );
+        assert!(start.elapsed() >= FIRST && start.elapsed() < FIRST + Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_only_after_its_streams_have_been_idle() {
+        let activity = Arc::new(Activity::default());
+        let stream = activity.open();
+        let watcher = {
+            let activity = Arc::clone(&activity);
+            tokio::spawn(async move { activity.ended(FIRST, IDLE, far()).await })
+        };
+        tokio::time::sleep(IDLE * 3).await;
+        assert!(!watcher.is_finished(), "ended while a stream was open");
+        let closed = tokio::time::Instant::now();
+        drop(stream);
+        assert_eq!(watcher.await.unwrap(), "idle");
+        // Activity is looked at once a tick (at most a second).
+        assert!(closed.elapsed() >= IDLE - Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_when_the_client_certificate_expires() {
+        let activity = Activity::default();
+        let _stream = activity.open();
+        let expiry = SystemTime::now() + Duration::from_secs(5);
+        assert_eq!(
+            activity.ended(FIRST, IDLE, expiry).await,
+            "client certificate expired"
+        );
+    }
 }
