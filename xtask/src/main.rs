@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod debug;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -30,6 +31,8 @@ enum Command {
     Demo,
     /// Measure the mesh against direct pod-to-pod traffic on one node (as root).
     Bench(bench::Options),
+    /// Fuzz the parsers (cargo-fuzz, nightly) for a while; not part of `test`.
+    Fuzz(fuzz::Options),
     /// Inspect a running agent through its admin API.
     #[command(subcommand)]
     Debug(debug::Command),
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(opts) => test::test(&opts),
         Command::Demo => demo::demo(),
         Command::Bench(opts) => bench::bench(&opts),
+        Command::Fuzz(opts) => fuzz::fuzz(&opts),
         Command::Debug(cmd) => debug::debug(&cmd),
     };
     match result {
