@@ -18,6 +18,8 @@ pub enum BadRequest {
     OtherPod { target: SocketAddr, pod: IpAddr },
     #[error("target port {0} is one of the proxy's own listeners")]
     ProxyPort(u16),
+    #[error("target port 0 is not a port")]
+    PortZero,
 }
 
 /// The application address a `CONNECT` request asks for on the pod at `pod_ip`.
@@ -46,10 +48,13 @@ pub fn connect_target(
             pod: pod_ip,
         });
     }
-    if ports::is_listener(target.port()) {
-        return Err(BadRequest::ProxyPort(target.port()));
+    match target.port() {
+        0 => return Err(BadRequest::PortZero),
+        port if ports::is_listener(port) => return Err(BadRequest::ProxyPort(port)),
+        _ => {}
     }
-    Ok(target)
+    // Rebuilt from the pod's address: nothing else of the authority (an IPv6 scope) counts.
+    Ok(SocketAddr::new(pod_ip, target.port()))
 }
 
 #[cfg(test)]
@@ -86,6 +91,20 @@ mod tests {
                 Err(BadRequest::ProxyPort(port))
             );
         }
+        assert_eq!(
+            target(Method::CONNECT, "10.0.0.5:0"),
+            Err(BadRequest::PortZero)
+        );
+        let v6 = connect_target(
+            &Method::CONNECT,
+            &"[fd00::5%1]:80".parse().unwrap(),
+            "fd00::5".parse().unwrap(),
+        );
+        assert_eq!(
+            v6,
+            Ok("[fd00::5]:80".parse().unwrap()),
+            "the scope is dropped"
+        );
         for uri in ["http://10.0.0.5:80/", "10.0.0.5", "web.foo:80", "/path"] {
             assert!(
                 matches!(target(Method::CONNECT, uri), Err(BadRequest::Authority(_))),
