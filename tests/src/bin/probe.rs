@@ -10,6 +10,11 @@
 //! - `ambit-probe hammer ADDR --seconds S [--timeout-ms N]`: connect, send
 //!   `GET /ip HTTP/1.0`, read, close, as fast as it can for S seconds (at most 1,000,000
 //!   times). Prints `{"attempts", "connected", "answered"}`.
+//! - `ambit-probe crr ADDR --seconds S [--timeout-ms N]`: netperf's `TCP_CRR` against an
+//!   echo server (`ambit-hold serve`): connect, send one byte, read it back, close (the
+//!   client closes, with a reset so that no TIME_WAIT runs the client out of ports), again
+//!   and again for S seconds (at most 1,000,000 times). Prints `{"connections", "failed",
+//!   "per_second", "p50_us", "p99_us", "max_us"}`, times from connect to the reply.
 //! - `ambit-probe open ADDR N --hold-seconds S [--echo] [--timeout-ms N]`: opens N
 //!   connections at once and holds them idle, sending nothing unless `--echo` (then one
 //!   byte each, and waits for it to come back). Prints
@@ -33,6 +38,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const USAGE: &str = "usage: ambit-probe connect ADDR [--mark M] [--send TEXT] [--timeout-ms N]
        ambit-probe hammer ADDR --seconds S [--timeout-ms N]
+       ambit-probe crr ADDR --seconds S [--timeout-ms N]
        ambit-probe open ADDR N --hold-seconds S [--echo] [--timeout-ms N]
        ambit-probe sink PORT";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,6 +64,11 @@ fn main() -> anyhow::Result<()> {
             let addr = options.addr()?;
             let seconds = options.seconds.context("hammer needs --seconds")?;
             println!("{}", hammer(addr, seconds, options.timeout));
+        }
+        "crr" => {
+            let addr = options.addr()?;
+            let seconds = options.seconds.context("crr needs --seconds")?;
+            println!("{}", crr(addr, seconds, options.timeout));
         }
         "open" => {
             let addr = options.addr()?;
@@ -207,6 +218,43 @@ fn hammer(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json:
         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     }
     json!({ "attempts": attempts, "connected": connected, "answered": answered })
+}
+
+fn crr(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    let (mut times, mut failed) = (Vec::new(), 0u64);
+    while start.elapsed() < seconds && times.len() as u64 + failed < MAX_HAMMER_ATTEMPTS {
+        let begun = Instant::now();
+        match one_round_trip(addr, timeout) {
+            Ok(()) => times.push(begun.elapsed()),
+            Err(_) => failed += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    times.sort_unstable();
+    let at = |q: f64| {
+        let index = ((times.len() as f64 - 1.0) * q).round() as usize;
+        times.get(index).map(|d| d.as_secs_f64() * 1e6)
+    };
+    json!({
+        "connections": times.len(),
+        "failed": failed,
+        "per_second": times.len() as f64 / elapsed,
+        "p50_us": at(0.5),
+        "p99_us": at(0.99),
+        "max_us": at(1.0),
+    })
+}
+
+/// One `TCP_CRR` transaction: connect, one byte out, one byte back, close.
+fn one_round_trip(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte)?;
+    SockRef::from(&stream).set_linger(Some(Duration::ZERO))
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -90,6 +90,12 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small writes (a TLS record, a 1-byte reply) go out at once: with Nagle's
+                // algorithm a second small write waits for the peer's delayed ACK, up to
+                // 40 ms per short connection.
+                if let Err(error) = stream.set_nodelay(true) {
+                    debug!(workload = %pod.key, role, %peer, %error, "cannot set TCP_NODELAY");
+                }
                 let descriptor = match shared.descriptors.acquire() {
                     Ok(descriptor) => descriptor,
                     Err(exceeded) => {
