@@ -204,6 +204,11 @@ impl Bed {
         let (rate, cpu) = self.cpu(|| tools::wrk(node, client, ip, seconds))?;
         pass.insert(Figure::ConnectionRate, rate.per_second);
         pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
+        let (crr, cpu) = self.cpu(|| tools::crr(node, client, ip, seconds))?;
+        pass.insert(Figure::CrrRate, crr.per_second);
+        pass.insert(Figure::CrrMedian, crr.median_us);
+        pass.insert(Figure::CrrP99, crr.p99_us);
+        pass.insert(Figure::AgentCpuPerCrr, cpu * 1e6 / crr.connections);
 
         pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
         if first {

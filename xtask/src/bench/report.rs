@@ -36,24 +36,32 @@ pub enum Figure {
     RoundTripMedian,
     RoundTripP99,
     ConnectionRate,
+    CrrRate,
+    CrrMedian,
+    CrrP99,
     AgentCpu,
     AgentCpuPerGb,
     AgentCpuPerConnection,
+    AgentCpuPerCrr,
     AgentPeakRss,
     AgentIdleRss,
     AgentIdleRssPerConnection,
 }
 
 impl Figure {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 15] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::RoundTripMedian,
         Self::RoundTripP99,
         Self::ConnectionRate,
+        Self::CrrRate,
+        Self::CrrMedian,
+        Self::CrrP99,
         Self::AgentCpu,
         Self::AgentCpuPerGb,
         Self::AgentCpuPerConnection,
+        Self::AgentCpuPerCrr,
         Self::AgentPeakRss,
         Self::AgentIdleRss,
         Self::AgentIdleRssPerConnection,
@@ -71,12 +79,24 @@ impl Figure {
             Self::RoundTripMedian => ("round trip, median", "us", "round_trip_median_us"),
             Self::RoundTripP99 => ("round trip, p99", "us", "round_trip_p99_us"),
             Self::ConnectionRate => ("new connections", "conn/s", "connections_per_second"),
+            Self::CrrRate => (
+                "new connections, client closes",
+                "conn/s",
+                "crr_connections_per_second",
+            ),
+            Self::CrrMedian => ("connection time, median", "us", "crr_connection_median_us"),
+            Self::CrrP99 => ("connection time, p99", "us", "crr_connection_p99_us"),
             Self::AgentCpu => ("agent CPU, whole pass", "s", "agent_cpu_seconds"),
             Self::AgentCpuPerGb => ("agent CPU per GB, 1 stream", "ms/GB", "agent_cpu_ms_per_gb"),
             Self::AgentCpuPerConnection => (
                 "agent CPU per connection",
                 "us/conn",
                 "agent_cpu_us_per_connection",
+            ),
+            Self::AgentCpuPerCrr => (
+                "agent CPU per conn, client closes",
+                "us/conn",
+                "agent_cpu_us_per_crr_connection",
             ),
             Self::AgentPeakRss => ("agent peak RSS, pass", "MiB", "agent_peak_rss_mib"),
             Self::AgentIdleRss => ("agent RSS, idle conns held", "MiB", "agent_idle_rss_mib"),
@@ -106,6 +126,7 @@ impl Figure {
             Self::AgentCpu
                 | Self::AgentCpuPerGb
                 | Self::AgentCpuPerConnection
+                | Self::AgentCpuPerCrr
                 | Self::AgentIdleRssPerConnection
         )
     }

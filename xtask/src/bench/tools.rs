@@ -1,5 +1,6 @@
 //! The load tools, run inside a client pod, and the parsing of what they print: `iperf3`
-//! (throughput), `sockperf` (round trip), `wrk` (new connections) and `ambit-hold` (idle
+//! (throughput), `sockperf` (round trip), `wrk` (new connections, the server closes),
+//! `ambit-probe crr` (new connections, the client closes) and `ambit-hold` (idle
 //! connections). Every run is bounded by `timeout`; a tool that fails, or whose output
 //! lacks the figure, is an error naming the command line.
 
@@ -206,6 +207,56 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<ConnectionRate> {
     })
 }
 
+/// What `ambit-probe crr` measured: netperf's `TCP_CRR` (connect, 1-byte request, 1-byte
+/// reply, the client closes), one connection at a time, against `ambit-hold serve`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Crr {
+    pub per_second: f64,
+    pub connections: f64,
+    /// Connect to reply, per connection.
+    pub median_us: f64,
+    pub p99_us: f64,
+}
+
+/// `ambit-probe crr` from `client` to the server pod's echo server. The client closes each
+/// connection: the case `wrk` (where the server closes first) cannot show, such as a small
+/// write of the proxy's held back by Nagle's algorithm until the client's delayed ACK.
+pub fn crr(node: &Node, client: &Pod, server: Ipv4Addr, seconds: u32) -> anyhow::Result<Crr> {
+    let mut cmd = in_pod(
+        node,
+        client,
+        &node.binaries.probe.to_string_lossy(),
+        seconds,
+    );
+    cmd.args(["crr", &format!("{server}:{HOLD_PORT}")]).args([
+        "--seconds",
+        &seconds.to_string(),
+        "--timeout-ms",
+        "3000",
+    ]);
+    let output = ambit_tests::check(&mut cmd)?;
+    parse_crr(&String::from_utf8_lossy(&output.stdout)).with_context(|| command_line(&cmd))
+}
+
+pub fn parse_crr(json: &str) -> anyhow::Result<Crr> {
+    let report: Value = serde_json::from_str(json.trim()).context("output is not JSON")?;
+    let field = |name: &str| {
+        report[name]
+            .as_f64()
+            .with_context(|| format!("no {name} in {json}"))
+    };
+    // A failed connection means the path was broken: the rate would measure failures.
+    if field("failed")? > 0.0 {
+        bail!("ambit-probe crr saw failures: {json}");
+    }
+    Ok(Crr {
+        per_second: field("per_second")?,
+        connections: field("connections")?,
+        median_us: field("p50_us")?,
+        p99_us: field("p99_us")?,
+    })
+}
+
 /// `ambit-hold connect` in a client pod, holding its connections until dropped.
 pub struct Held {
     child: Child,
@@ -341,6 +392,22 @@ mod tests {
                 requests: 31481.0
             }
         );
+    }
+
+    #[test]
+    fn crr_report_and_failures() {
+        let json = r#"{"connections":2000,"failed":0,"max_us":3000.0,"p50_us":420.5,"p99_us":600.0,"per_second":1999.5}"#;
+        assert_eq!(
+            parse_crr(json).unwrap(),
+            Crr {
+                per_second: 1999.5,
+                connections: 2000.0,
+                median_us: 420.5,
+                p99_us: 600.0
+            }
+        );
+        let failed = json.replace(r#""failed":0"#, r#""failed":3"#);
+        assert!(parse_crr(&failed).is_err());
     }
 
     #[test]
