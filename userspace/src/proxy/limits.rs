@@ -255,19 +255,17 @@ pub struct Descriptors {
     limit: usize,
 }
 
-/// Descriptors an enrolled pod holds whatever the load: three listeners, its namespace
-/// (twice: the file and its thread's), a netlink socket.
-pub const PER_POD_DESCRIPTORS: usize = 6;
+/// Descriptors an enrolled pod holds whatever the load: its three listeners and the
+/// namespace its thread entered.
+pub const PER_POD_DESCRIPTORS: usize = 4;
 
 impl Descriptors {
     /// `open_files` is the process's open-file limit, of which `in_use` are open already
     /// (the runtime, the kernel maps, the admin listeners).
     pub fn new(open_files: usize, in_use: usize, reserve: usize) -> Self {
-        let held = Arc::new(Gauge::default());
-        std::mem::forget(held.add(in_use));
         Self {
-            held,
-            limit: open_files.saturating_sub(reserve),
+            held: Arc::default(),
+            limit: open_files.saturating_sub(in_use.saturating_add(reserve)),
         }
     }
 
@@ -338,7 +336,7 @@ mod tests {
         assert_eq!(descriptors.acquire().unwrap_err(), Exceeded::Descriptors);
         drop(held);
         let pod = descriptors.hold_for_pod();
-        assert_eq!(descriptors.held.held(), 10 + PER_POD_DESCRIPTORS);
+        assert_eq!(descriptors.held.held(), PER_POD_DESCRIPTORS);
         drop(pod);
         assert!(descriptors.acquire().is_ok());
     }
