@@ -15,7 +15,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -32,7 +32,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, SockMap},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -84,6 +84,8 @@ pub enum RedirectError {
     Ipv6(IpAddr),
     #[error("cannot find the agent's own cgroup: {0}")]
     OwnCgroup(io::Error),
+    #[error("cannot switch pinned link {} to this agent's program: {source}", path.display())]
+    Update { path: PathBuf, source: io::Error },
 }
 
 /// Loaded programs and the handles of their maps. One per agent.
@@ -125,10 +127,18 @@ impl Redirector {
             source,
         })?;
 
+        // Before any program runs: from its first connect on, the agent's own sockets must
+        // be told apart.
+        let own_cgroup = own_cgroup_id().map_err(RedirectError::OwnCgroup)?;
+        let mut proxy_cgroup: Array<MapData, u64> = take_map(&mut ebpf, PROXY_CGROUP_MAP)?;
+        proxy_cgroup
+            .set(0, own_cgroup, 0)
+            .map_err(map_error(PROXY_CGROUP_MAP))?;
         for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             connect.load().map_err(program_error(name))?;
-            attach_once(&links_dir, name, || {
+            let fd = program_fd(connect.fd(), name)?;
+            attach_once(&links_dir, name, fd, || {
                 let id = connect
                     .attach(&cgroup_file, CgroupAttachMode::Single)
                     .map_err(program_error(name))?;
@@ -137,7 +147,8 @@ impl Redirector {
         }
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
         sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
-        attach_once(&links_dir, SOCKOPS_PROGRAM, || {
+        let fd = program_fd(sockops.fd(), SOCKOPS_PROGRAM)?;
+        attach_once(&links_dir, SOCKOPS_PROGRAM, fd, || {
             let id = sockops
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(program_error(SOCKOPS_PROGRAM))?;
@@ -146,11 +157,6 @@ impl Redirector {
         let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         sk_lookup.load().map_err(program_error(SK_LOOKUP_PROGRAM))?;
 
-        let own_cgroup = own_cgroup_id().map_err(RedirectError::OwnCgroup)?;
-        let mut proxy_cgroup: Array<MapData, u64> = take_map(&mut ebpf, PROXY_CGROUP_MAP)?;
-        proxy_cgroup
-            .set(0, own_cgroup, 0)
-            .map_err(map_error(PROXY_CGROUP_MAP))?;
         let enrolled = take_map(&mut ebpf, ENROLLED_NETNS_MAP)?;
         let inbound_pods = take_map(&mut ebpf, INBOUND_PODS_MAP)?;
         let listeners = take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?;
@@ -188,7 +194,8 @@ impl Redirector {
         // dropped, whatever the maps say.
         let link_name = sk_lookup_link_name(netns_cookie);
         let program: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
-        attach_once(&self.links_dir, &link_name, || {
+        let fd = program_fd(program.fd(), SK_LOOKUP_PROGRAM)?;
+        attach_once(&self.links_dir, &link_name, fd, || {
             let id = program
                 .attach(netns.as_fd())
                 .map_err(program_error(SK_LOOKUP_PROGRAM))?;
@@ -348,23 +355,50 @@ fn ip_key(ip: IpAddr) -> Result<SockAddr, RedirectError> {
     }
 }
 
-/// Attaches with `attach` and pins the link as `name`, unless a link pinned under that
-/// name exists already (left by a previous agent), in which case it stays as it is.
+/// Attaches `program` with `attach` and pins the link as `name`; a link pinned under that
+/// name already (left by a previous agent, maybe of an older version) is kept and switched
+/// to `program` in one step, so the hook never runs without a program, nor keeps an old
+/// one.
 fn attach_once(
     links_dir: &Path,
     name: &str,
+    program: OwnedFd,
     attach: impl FnOnce() -> Result<FdLink, RedirectError>,
 ) -> Result<(), RedirectError> {
     let path = links_dir.join(name);
-    if PinnedLink::from_pin(&path).is_ok() {
-        info!(link = name, "re-adopted pinned link");
-        return Ok(());
+    match crate::sys::bpf_obj_get(&path) {
+        Ok(link) => {
+            crate::sys::bpf_link_update(&link, &program)
+                .map_err(|source| RedirectError::Update { path, source })?;
+            info!(
+                link = name,
+                "re-adopted pinned link, now running this agent's program"
+            );
+            Ok(())
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            attach()?.pin(&path).map_err(|source| RedirectError::Pin {
+                path,
+                source: source.into(),
+            })?;
+            Ok(())
+        }
+        Err(source) => Err(RedirectError::Update { path, source }),
     }
-    attach()?.pin(&path).map_err(|source| RedirectError::Pin {
-        path,
-        source: source.into(),
-    })?;
-    Ok(())
+}
+
+/// A descriptor of a loaded program of its own, so the program can be attached meanwhile.
+fn program_fd(
+    fd: Result<&ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<OwnedFd, RedirectError> {
+    let fd = fd.map_err(program_error(name))?;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| RedirectError::Update {
+            path: PathBuf::from(name),
+            source,
+        })
 }
 
 /// The first cgroup2 mount in /proc/mounts.

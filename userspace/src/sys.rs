@@ -1,4 +1,5 @@
-//! The agent's only `unsafe` code: socket options that `nix` and `socket2` do not wrap.
+//! The agent's only `unsafe` code: socket options that `nix` and `socket2` do not wrap, and
+//! the two `bpf(2)` commands on pinned links that aya does not offer.
 
 use std::{io, os::fd::AsFd, os::fd::AsRawFd};
 
@@ -38,4 +39,82 @@ pub fn register_kernel_logger(
         tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// `bpf(2)` commands that aya 0.14 does not offer for cgroup and `sk_lookup` links.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
+pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // `union bpf_attr` for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd. The kernel
+    // refuses non-zero bytes past the last field, so the padding is explicit.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised `bpf_attr` prefix for this command and
+    // outlives the call; `path` is NUL-terminated and alive; the kernel reads `size` bytes.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<ObjGet>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Points the BPF link `link` at `program` (`BPF_LINK_UPDATE`): the hook switches from the
+/// old program to the new one atomically, never running neither.
+pub fn bpf_link_update(link: &impl AsFd, program: &impl AsFd) -> io::Result<()> {
+    // `union bpf_attr` for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let fd = |f: &dyn AsFd| u32::try_from(f.as_fd().as_raw_fd()).unwrap_or(u32::MAX);
+    let attr = LinkUpdate {
+        link_fd: fd(link),
+        new_prog_fd: fd(program),
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as in `bpf_obj_get`; both descriptors are borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            size_of::<LinkUpdate>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

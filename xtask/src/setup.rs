@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "tcpdump",
+    "bpftool",
     // cargo xtask bench
     "iperf3",
     "sockperf",
