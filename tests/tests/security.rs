@@ -65,6 +65,18 @@ fn mesh() -> Mesh {
     Mesh::new(binaries()).expect("mesh")
 }
 
+/// The scenario, with the `httpbin` pods of namespaces `to` also serving on `[::]`.
+fn mesh_serving_dual_stack(to: &[usize]) -> Mesh {
+    let mut mesh = mesh();
+    for &to in to {
+        let pod = mesh.httpbin[to].clone();
+        mesh.node
+            .serve_http_dual_stack(&pod, DUAL_STACK_PORT)
+            .unwrap();
+    }
+    mesh
+}
+
 /// The scenario with these extra `ambit run` flags.
 fn mesh_with(args: &[&str]) -> Mesh {
     Mesh::with_agent(binaries(), &AgentOptions::args(args)).expect("mesh")
@@ -371,13 +383,7 @@ fn an_ipv4_mapped_address_is_meshed_like_ipv4() {
 /// towards a mesh pod, and towards anything else either refused or seen by the proxy.
 #[test]
 fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
-    let mut mesh = mesh();
-    for to in [BAR, LEGACY] {
-        let pod = mesh.httpbin[to].clone();
-        mesh.node
-            .serve_http_dual_stack(&pod, DUAL_STACK_PORT)
-            .unwrap();
-    }
+    let mesh = mesh_serving_dual_stack(&[BAR, LEGACY]);
     let (node, sleep) = (&mesh.node, &mesh.sleep[FOO]);
     let (bar, legacy) = (&mesh.httpbin[BAR], &mesh.httpbin[LEGACY]);
     // The test bed's IPv6 works: unenrolled pods reach each other both ways.
@@ -432,13 +438,7 @@ fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
 /// on `::`. Every IPv6 TCP connection arriving at an enrolled pod must be refused.
 #[test]
 fn ipv6_to_an_enrolled_pod_is_refused() {
-    let mut mesh = mesh();
-    for to in [FOO, LEGACY] {
-        let pod = mesh.httpbin[to].clone();
-        mesh.node
-            .serve_http_dual_stack(&pod, DUAL_STACK_PORT)
-            .unwrap();
-    }
+    let mesh = mesh_serving_dual_stack(&[FOO, LEGACY]);
     let (node, client) = (&mesh.node, &mesh.sleep[LEGACY]);
     let (server, legacy) = (&mesh.httpbin[FOO], &mesh.httpbin[LEGACY]);
     let result = curl(node, client, &v6_url(legacy.ipv6(), DUAL_STACK_PORT));
