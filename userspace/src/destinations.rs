@@ -151,7 +151,7 @@ fn endpoint(ip: IpAddr, claimants: Vec<(String, Option<SpiffeId>)>) -> Endpoint 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::files::DirState;
+    use crate::discovery::files::snapshot_of;
 
     const NAMESPACES: &str = "
 apiVersion: v1
@@ -165,10 +165,10 @@ metadata: {name: legacy}
 
     /// The destinations of `NAMESPACES` plus `objects`.
     fn destinations(objects: &str) -> Destinations {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("c.yaml"), format!("{NAMESPACES}{objects}")).unwrap();
-        let snapshot = DirState::load_strict(dir.path()).unwrap();
-        Destinations::new(&snapshot, "cluster.local")
+        Destinations::new(
+            &snapshot_of(&format!("{NAMESPACES}{objects}")),
+            "cluster.local",
+        )
     }
 
     /// A pod document; `spec` is a flow mapping's inside.

@@ -53,7 +53,7 @@ pub type AppliedRx = watch::Receiver<Arc<Applied>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::files::DirState;
+    use crate::discovery::files::snapshot_of;
 
     fn applied(pod_labels: &str, pod_ip: &str) -> Applied {
         let config = format!(
@@ -68,13 +68,7 @@ metadata: {{name: web, namespace: foo, labels: {pod_labels}}}
 status: {{podIP: {pod_ip}}}
 "
         );
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("c.yaml"), config).unwrap();
-        Applied::new(
-            DirState::load_strict(dir.path()).unwrap(),
-            "istio-system",
-            "cluster.local",
-        )
+        Applied::new(snapshot_of(&config), "istio-system", "cluster.local")
     }
 
     #[test]

@@ -146,6 +146,12 @@ pub struct DirState {
     files: BTreeMap<PathBuf, (Vec<u8>, Snapshot)>,
 }
 
+/// The snapshot of one YAML text, for unit tests of what is built from a configuration.
+#[cfg(test)]
+pub(crate) fn snapshot_of(yaml: &str) -> Snapshot {
+    parse_file(Path::new("test.yaml"), yaml).expect("test configuration parses")
+}
+
 impl DirState {
     /// Reads `dir` once and fails on the first bad file: for one-shot commands (`explain`)
     /// where there is no previous state to fall back on.

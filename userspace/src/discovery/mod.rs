@@ -43,12 +43,9 @@ mod tests {
     use super::*;
 
     fn snapshot(pods: &str) -> Snapshot {
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
+        files::snapshot_of(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{ambit.io/mesh: enabled}}}}\n{pods}"
-        );
-        std::fs::write(dir.path().join("c.yaml"), config).unwrap();
-        files::DirState::load_strict(dir.path()).unwrap()
+        ))
     }
 
     #[test]

@@ -206,7 +206,7 @@ async fn direct(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::files::DirState;
+    use crate::discovery::files::snapshot_of;
 
     const CONFIG: &str = "
 apiVersion: v1
@@ -262,10 +262,7 @@ spec: {clusterIP: 10.96.0.3, selector: {app: nothing}, ports: [{port: 80}]}
 ";
 
     fn destinations() -> Destinations {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
-        let snapshot = DirState::load_strict(dir.path()).unwrap();
-        Destinations::new(&snapshot, "cluster.local")
+        Destinations::new(&snapshot_of(CONFIG), "cluster.local")
     }
 
     fn addr(s: &str) -> SocketAddr {
