@@ -86,11 +86,16 @@ async fn serve_connection(
             return Err(exceeded.into());
         }
     };
-    let acceptor = pod
-        .acceptor
-        .get_or_try_init(|| MeshAcceptor::for_workload(&shared.identities, &pod.identity))
-        .await?;
-    let (tls, verified) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
+    // The deadline covers waiting for the pod's first certificate too: with the CA down,
+    // connections must not pile up waiting for it.
+    let handshake_done = async {
+        let acceptor = pod
+            .acceptor
+            .get_or_try_init(|| MeshAcceptor::for_workload(&shared.identities, &pod.identity))
+            .await?;
+        acceptor.accept(stream).await
+    };
+    let (tls, verified) = tokio::time::timeout(limits.handshake_timeout, handshake_done)
         .await
         .map_err(|_| HboneError::HandshakeTimeout(limits.handshake_timeout))??;
     drop(handshake);
