@@ -185,6 +185,25 @@ spec:
     to: [{operation: {ports: ["8000"]}}]
 "#;
 
+    /// Nothing in `bar` accepts connections from namespace `foo`.
+    pub const DENY_FOO_IN_BAR: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-foo, namespace: bar}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: ["foo"]}}]
+"#;
+
+    /// STRICT mutual TLS for namespace `bar`.
+    pub const BAR_STRICT: &str = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bar}
+spec: {mtls: {mode: STRICT}}
+";
+
     /// Nothing in `foo` accepts connections from namespace `bar`.
     pub const DENY_BAR: &str = r#"
 apiVersion: security.istio.io/v1

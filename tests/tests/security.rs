@@ -10,7 +10,11 @@ use std::{
 
 use ambit_tests::{
     AgentOptions, Binaries, CurlResult, Node, Pod,
-    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, policies::FOO_STRICT, within},
+    mesh::{
+        BAR, FOO, HTTP_PORT, LEGACY, Mesh,
+        policies::{BAR_STRICT, DENY_FOO_IN_BAR, FOO_STRICT},
+        within,
+    },
 };
 use serde_json::Value;
 
@@ -22,25 +26,6 @@ const HOLD_PORT: u16 = 9100;
 const PROXY_MARK: &str = "0x0a3b0000";
 const PROXY_TRANSPARENT_MARK: &str = "0x0a3b0001";
 const HTTP_GET: &str = "GET /ip HTTP/1.0\\r\\n\\r\\n";
-
-/// Nothing in `bar` accepts connections from namespace `foo`.
-const DENY_FOO_IN_BAR: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-foo, namespace: bar}
-spec:
-  action: DENY
-  rules:
-  - from: [{source: {namespaces: ["foo"]}}]
-"#;
-
-/// STRICT mutual TLS for namespace `bar`.
-const BAR_STRICT: &str = "
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: bar}
-spec: {mtls: {mode: STRICT}}
-";
 
 /// Pods of `namespace` labelled `locked: "true"` accept nothing.
 fn deny_locked(namespace: &str) -> String {
