@@ -295,3 +295,55 @@ async fn request(
         _stream: stream,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, time::Duration};
+
+    use http::Response;
+    use hyper::service::service_fn;
+
+    use super::*;
+
+    /// A pooled connection over an in-memory HTTP/2 connection, and the server task.
+    async fn pooled(not_after: SystemTime) -> (Pooled, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let service =
+                service_fn(|_| async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let pooled = Pooled {
+            sender,
+            streams: Arc::default(),
+            not_after,
+        };
+        (pooled, server)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_serves_until_its_server_certificate_expires_or_it_closes() {
+        let now = SystemTime::now();
+        let (pooled, server) = pooled(now + Duration::from_secs(60)).await;
+        assert!(pooled.usable(now));
+        assert!(
+            !pooled.usable(now + Duration::from_secs(61)),
+            "no new stream on a connection whose server certificate has expired"
+        );
+        server.abort();
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while pooled.usable(now) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection the peer closed is not reused");
+    }
+}
