@@ -24,8 +24,8 @@ use axum::{
 use tokio::net::TcpListener;
 
 use crate::{
+    explain::{self as policy_explain, ExplainArgs},
     identity::{CertsReport, SecretManager},
-    policy::explain::{self as policy_explain, ExplainArgs},
     proxy::connections::ConnectionLog,
     state::AppliedRx,
     workloads::WorkloadTable,
@@ -104,7 +104,7 @@ async fn certs(State(state): State<AdminState>) -> Json<CertsReport> {
 /// The same answer as `ambit explain --output json`, for the configuration in force.
 async fn explain(State(state): State<AdminState>, Query(args): Query<ExplainArgs>) -> Response {
     let applied = state.applied.borrow().clone();
-    match policy_explain::explain(&applied.snapshot, &applied.policies, &args) {
+    match policy_explain::explain(&applied, &args) {
         Ok(explanation) => Json(explanation).into_response(),
         Err(error) => (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
     }

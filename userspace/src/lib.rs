@@ -3,9 +3,11 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod agent;
 pub mod destinations;
 pub mod discovery;
+pub mod explain;
 pub mod identity;
 pub mod netns;
 pub mod policy;

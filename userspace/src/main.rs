@@ -1,10 +1,8 @@
 //! The `ambit` binary: the node agent and its one-shot commands. Dispatch only; each
 //! command lives in the library.
 
-use std::path::PathBuf;
-
-use ambit::policy::{engine::DEFAULT_ROOT_NAMESPACE, explain};
-use clap::{Parser, Subcommand, ValueEnum};
+use ambit::explain;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -22,38 +20,15 @@ enum Command {
     /// Run the node agent.
     Run(Box<ambit::agent::RunArgs>),
     /// Run the certificate authority (Istio's certificate API over gRPC) standalone.
-    Ca(ambit::identity::cli::CaArgs),
+    Ca(Box<ambit::identity::cli::CaArgs>),
     /// Explain whether a connection or request is allowed, and which policy decided.
-    Explain {
-        /// Directory of Kubernetes-style YAML (pods, namespaces, policies).
-        #[arg(long, value_name = "DIR")]
-        config_dir: PathBuf,
-        /// Namespace whose selector-less policies apply mesh-wide.
-        #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
-        root_namespace: String,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[command(flatten)]
-        args: explain::ExplainArgs,
-    },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Text,
-    Json,
+    Explain(Box<explain::ExplainCli>),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Command::Explain {
-        config_dir,
-        root_namespace,
-        output,
-        args,
-    } = &cli.command
-    {
-        let code = explain::run_cli(config_dir, root_namespace, args, *output == Output::Json);
+    if let Command::Explain(args) = &cli.command {
+        let code = explain::run_cli(args);
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(2));
     }
     tracing_subscriber::fmt()
@@ -77,7 +52,7 @@ fn main() -> std::process::ExitCode {
                     .await
                     .map_err(Into::into)
             }
-            Command::Explain { .. } => Ok(()),
+            Command::Explain(_) => Ok(()),
         }
     });
     match result {

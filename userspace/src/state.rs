@@ -7,6 +7,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use tokio::sync::watch;
 
 use crate::{
+    admission::protocol::{self, Protocol},
     destinations::Destinations,
     discovery::Snapshot,
     policy::{PolicyEngine, Workload},
@@ -16,8 +17,25 @@ pub struct Applied {
     pub snapshot: Snapshot,
     pub policies: PolicyEngine,
     pub destinations: Destinations,
-    /// Enrolled pods with an address, by `namespace/name`, as policies select them.
-    workloads: HashMap<String, (IpAddr, Workload)>,
+    /// Enrolled pods with an address, by `namespace/name`.
+    workloads: HashMap<String, Served>,
+}
+
+/// An enrolled pod as the data path decides for it.
+pub struct Served {
+    pub ip: IpAddr,
+    /// As policies select it.
+    pub workload: Workload,
+    /// `namespace/name` of the pod.
+    pub key: String,
+    /// What the Services selecting it declare, by workload port; absent ports are sniffed.
+    ports: HashMap<u16, Protocol>,
+}
+
+impl Served {
+    pub fn protocol(&self, port: u16) -> Protocol {
+        self.ports.get(&port).copied().unwrap_or(Protocol::Detect)
+    }
 }
 
 impl Applied {
@@ -29,7 +47,16 @@ impl Applied {
             .pods
             .iter()
             .filter(|(_, pod)| snapshot.is_enrolled(pod))
-            .filter_map(|(key, pod)| Some((key.clone(), (pod.ip?, Workload::from_pod(pod)))))
+            .filter_map(|(key, pod)| {
+                let ports = protocol::declared_ports(&snapshot, pod);
+                let served = Served {
+                    ip: pod.ip?,
+                    workload: Workload::from_pod(pod),
+                    key: key.clone(),
+                    ports,
+                };
+                Some((key.clone(), served))
+            })
             .collect();
         Self {
             snapshot,
@@ -39,12 +66,10 @@ impl Applied {
         }
     }
 
-    /// The pod `key` as policies select it now, if it is still enrolled at `ip`: what an
-    /// admission decision for a pod served at `ip` must use.
-    pub fn served_workload(&self, key: &str, ip: IpAddr) -> Option<&Workload> {
-        self.workloads
-            .get(key)
-            .and_then(|(at, workload)| (*at == ip).then_some(workload))
+    /// The pod `key` as it is now, if it is still enrolled at `ip`: what an admission
+    /// decision for a pod served at `ip` must use.
+    pub fn served(&self, key: &str, ip: IpAddr) -> Option<&Served> {
+        self.workloads.get(key).filter(|served| served.ip == ip)
     }
 }
 
@@ -75,7 +100,7 @@ status: {{podIP: {pod_ip}}}
     fn a_served_pod_is_seen_with_its_current_labels_at_its_current_address() {
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
         let now = applied("{app: web, locked: \"true\"}", "10.0.0.5");
-        let workload = now.served_workload("foo/web", ip).unwrap();
+        let workload = &now.served("foo/web", ip).unwrap().workload;
         assert_eq!(
             workload.labels.get("locked").map(String::as_str),
             Some("true")
@@ -83,14 +108,14 @@ status: {{podIP: {pod_ip}}}
         // Moved to another address, opted out, or gone: no longer served at `ip`.
         assert!(
             applied("{app: web}", "10.0.0.6")
-                .served_workload("foo/web", ip)
+                .served("foo/web", ip)
                 .is_none()
         );
         assert!(
             applied("{ambit.io/mesh: disabled}", "10.0.0.5")
-                .served_workload("foo/web", ip)
+                .served("foo/web", ip)
                 .is_none()
         );
-        assert!(now.served_workload("foo/other", ip).is_none());
+        assert!(now.served("foo/other", ip).is_none());
     }
 }

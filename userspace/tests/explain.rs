@@ -261,7 +261,7 @@ fn destination_outside_the_mesh_is_not_enforced() {
 
 #[test]
 fn query_string_form_deserializes() {
-    let args: ambit::policy::explain::ExplainArgs = serde_urlencoded::from_str(
+    let args: ambit::explain::ExplainArgs = serde_urlencoded::from_str(
         "from=foo/sleep&to=bar/httpbin&port=8000&method=GET&header=x-a%3D1&header=x-b%3D2%3D3",
     )
     .unwrap();
@@ -274,10 +274,9 @@ fn query_string_form_deserializes() {
             ("x-b".to_owned(), "2=3".to_owned())
         ]
     );
-    let error =
-        serde_urlencoded::from_str::<ambit::policy::explain::ExplainArgs>("to=a/b&port=x&from=a/c")
-            .unwrap_err()
-            .to_string();
+    let error = serde_urlencoded::from_str::<ambit::explain::ExplainArgs>("to=a/b&port=x&from=a/c")
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("port: \"x\" is not a port number"),
         "{error}"

@@ -270,6 +270,29 @@ impl AuthzSet {
         }
         decision
     }
+
+    /// True when a rule of any policy (enforced, audit or dry-run) could match a request to
+    /// `port` on its HTTP attributes: then requests to that port are worth parsing. Errs on
+    /// the side of parsing, which only costs time.
+    pub fn needs_http(&self, port: u16) -> bool {
+        self.enforced
+            .iter()
+            .chain(self.dry_run.iter())
+            .flat_map(|p| &p.spec.rules)
+            .any(|rule| rule_needs_http(rule, port))
+    }
+}
+
+fn rule_needs_http(rule: &Rule, port: u16) -> bool {
+    let reaches = |op: &Operation| clause(&op.ports, |p| *p == port);
+    if !rule.to.is_empty() && !rule.to.iter().any(reaches) {
+        return false;
+    }
+    rule.from.iter().any(|s| !s.request_principals.is_empty())
+        || rule.to.iter().any(|op| {
+            reaches(op) && !(op.hosts.is_empty() && op.methods.is_empty() && op.paths.is_empty())
+        })
+        || rule.when.iter().any(|c| c.key.is_http())
 }
 
 /// How a field that needs HTTP is treated on a connection without HTTP attributes.

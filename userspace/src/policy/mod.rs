@@ -1,14 +1,13 @@
 //! Istio's security API (`PeerAuthentication`, `RequestAuthentication`,
 //! `AuthorizationPolicy`): parsed and validated from YAML ([`parse`]), indexed per
 //! namespace and resolved per workload ([`PolicyEngine`]), evaluated per connection and
-//! per request ([`authz`]), and explained for people ([`explain`]).
+//! per request ([`authz`]).
 //!
 //! Decisions are pure functions of the policies and a [`RequestContext`]; this module
-//! opens no sockets and reads no files (except `explain::run_cli`, the offline command).
+//! opens no sockets, reads no files and depends on nothing above it.
 
 pub mod authz;
 pub mod engine;
-pub mod explain;
 pub mod jwt;
 pub mod model;
 pub mod parse;

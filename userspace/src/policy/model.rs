@@ -244,6 +244,20 @@ pub enum ConditionKey {
     ConnectionSni,
 }
 
+impl ConditionKey {
+    /// True for the request attributes, which only an HTTP request has.
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self,
+            Self::RequestHeader(_)
+                | Self::RequestPrincipal
+                | Self::RequestAudiences
+                | Self::RequestPresenter
+                | Self::RequestClaim(_)
+        )
+    }
+}
+
 /// `values` / `notValues`, typed by what the key compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConditionValues {

@@ -138,9 +138,31 @@ impl WorkloadPolicies {
             })
     }
 
+    /// Finds the request's token where the workload's rules look and verifies it.
+    /// `Ok(None)`: no token, or no RequestAuthentication applies.
+    pub fn authenticate_request(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<Option<JwtIdentity>, Denied> {
+        let values: Vec<(&str, &str)> = parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        self.authenticate(self.find_token(&values, path))
+    }
+
     /// The token the workload's RequestAuthentication rules would read from a request.
     pub fn find_token<'a>(&self, headers: &[(&'a str, &'a str)], path: &'a str) -> Option<&'a str> {
         jwt::find_token(&self.request_authn, headers, path)
+    }
+
+    /// True when requests to workload port `port` must be parsed: a RequestAuthentication
+    /// applies (a token must be verified wherever it is presented) or an authorization rule
+    /// looks at HTTP attributes there.
+    pub fn inspects_http(&self, port: u16) -> bool {
+        !self.request_authn.is_empty() || self.authz.needs_http(port)
     }
 
     /// Authorizes one connection or request (see [`super::authz`]).

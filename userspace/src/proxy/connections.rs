@@ -18,6 +18,8 @@ use super::copy::Traffic;
 
 /// Closed connections kept for inspection.
 const HISTORY: usize = 1024;
+/// The latest requests kept per connection authorized request by request.
+const REQUESTS_KEPT: usize = 16;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -56,6 +58,26 @@ pub struct ConnectionRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub error: Option<String>,
+    /// On a connection authorized request by request, the latest decisions (oldest first).
+    #[serde(skip_serializing_if = "VecDeque::is_empty")]
+    pub requests: VecDeque<RequestRecord>,
+}
+
+/// One request's decision, on a connection authorized request by request.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestRecord {
+    pub method: String,
+    /// The path as authorized and forwarded (normalized, without the query).
+    pub path: String,
+    /// What the client was answered: the application's status, or the proxy's own
+    /// (400, 401, 403, 503).
+    pub status: u16,
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy.
+    pub policy: Option<String>,
+    /// The index of the deciding rule in that policy.
+    pub rule: Option<usize>,
+    pub reason: String,
 }
 
 /// Counters of one workload, shared between its listeners and the admin API.
@@ -115,6 +137,7 @@ impl ConnectionLog {
             bytes_sent: 0,
             bytes_received: 0,
             error: None,
+            requests: VecDeque::new(),
         };
         let traffic = Arc::new(Traffic::default());
         self.lock().live.insert(id, (record, Arc::clone(&traffic)));
@@ -148,6 +171,15 @@ impl ConnectionLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn record_request(&self, id: u64, request: RequestRecord) {
+        if let Some((record, _)) = self.lock().live.get_mut(&id) {
+            if record.requests.len() == REQUESTS_KEPT {
+                record.requests.pop_front();
+            }
+            record.requests.push_back(request);
+        }
+    }
+
     fn close(&self, id: u64, sent: u64, received: u64, error: Option<String>) {
         let mut inner = self.lock();
         if let Some((mut record, _)) = inner.live.remove(&id) {
@@ -179,6 +211,14 @@ impl ConnectionGuard {
         &self.traffic
     }
 
+    /// A handle that adds request decisions to this connection's record.
+    pub fn requests(&self) -> RequestLog {
+        RequestLog {
+            log: Arc::clone(&self.log),
+            id: self.id,
+        }
+    }
+
     /// Closes the record with the bytes counted so far and `error`, if the connection
     /// ended with one.
     pub fn finish(&mut self, error: Option<String>) {
@@ -192,6 +232,19 @@ impl ConnectionGuard {
             .bytes_received
             .fetch_add(received, Ordering::Relaxed);
         self.log.close(self.id, sent, received, error);
+    }
+}
+
+/// Adds request decisions to one connection's record, from the tasks serving its requests.
+#[derive(Clone)]
+pub struct RequestLog {
+    log: Arc<ConnectionLog>,
+    id: u64,
+}
+
+impl RequestLog {
+    pub fn record(&self, request: RequestRecord) {
+        self.log.record_request(self.id, request);
     }
 }
 

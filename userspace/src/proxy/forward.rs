@@ -8,13 +8,11 @@ use tokio::{
 };
 use tracing::info;
 
-use super::{
-    PodProxy,
+use super::{PodProxy, connections::ConnectionGuard, copy::copy_both_ways};
+use crate::{
     admission::{self, Peer, Refusal},
-    connections::ConnectionGuard,
-    copy::copy_both_ways,
+    state::AppliedRx,
 };
-use crate::state::AppliedRx;
 
 /// What an inbound connection was admitted for, to ask again when the configuration
 /// changes.
@@ -23,18 +21,26 @@ pub struct Recheck<'a> {
     pub pod: &'a PodProxy,
     pub peer: &'a Peer,
     pub destination: SocketAddr,
+    /// Authorized as a whole (opaque TCP) rather than per request: the new configuration
+    /// must authorize the connection too, not only admit it.
+    pub whole: bool,
 }
 
 impl Recheck<'_> {
     /// Resolves when a new configuration refuses the connection; never otherwise.
-    async fn refused(mut self) -> Refusal {
+    pub async fn refused(mut self) -> Refusal {
         loop {
             if self.applied.changed().await.is_err() {
                 return std::future::pending().await;
             }
             let current = self.applied.borrow_and_update().clone();
-            if let Err(refusal) = admission::admit(&current, self.pod, self.peer, self.destination)
-            {
+            let (pod, peer) = (self.pod, self.peer);
+            let decided = admission::admit(&current, &pod.key, pod.ip, peer, self.destination)
+                .and_then(|admitted| match self.whole {
+                    true => admitted.authorize_whole(),
+                    false => Ok(()),
+                });
+            if let Err(refusal) = decided {
                 info!(workload = %self.pod.key, peer = %self.peer.ip, %refusal,
                     "closing a connection the configuration no longer admits");
                 return refusal;

@@ -1,29 +1,33 @@
-//! Inbound plaintext: connections from outside the mesh to an enrolled pod's IP, steered
-//! by `sk_lookup` to the pod's listener (15006). The accepted socket's local address is
-//! the destination the client asked for.
+//! Inbound: the plaintext listener, and what both inbound listeners do with a connection
+//! once it is admitted.
 //!
-//! accept → admit (PeerAuthentication mode of the port, then authorization, with no
-//! identity) → count against the limits → connect to the application with the client's
-//! IP → relay.
+//! The plaintext listener (15006) takes connections from outside the mesh to an enrolled
+//! pod's IP, steered by `sk_lookup`; the accepted socket's local address is the
+//! destination the client asked for. accept → admit with no identity (PeerAuthentication
+//! mode of the port, then authorization) → count against the limits → [`deliver`].
 
 use std::sync::Arc;
 
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::{
     Accepted, PodProxy, Shared,
-    admission::{self, Peer},
-    connections::{Direction, Path},
+    connections::{ConnectionGuard, Direction, Path},
+    entry::{self, Entered},
     forward::{self, Recheck},
+    l7,
     limits::Source,
 };
+use crate::admission::Peer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
     #[error("cannot read the destination of the accepted connection: {0}")]
     LocalAddr(std::io::Error),
     #[error(transparent)]
-    Entry(#[from] admission::EntryError),
+    Entry(#[from] entry::EntryError),
 }
 
 /// Serves the pod's plaintext listener until the pod is released.
@@ -35,15 +39,19 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         shared,
         |accepted, pod, shared| async move {
             let peer = accepted.peer;
-            if let Err(error) = handle(accepted, &pod, &shared).await {
-                debug!(workload = %pod.key, %peer, %error, "inbound connection refused or failed");
+            if let Err(error) = handle(accepted, pod, shared).await {
+                debug!(%peer, %error, "inbound connection refused or failed");
             }
         },
     )
     .await
 }
 
-async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(), InboundError> {
+async fn handle(
+    accepted: Accepted,
+    pod: Arc<PodProxy>,
+    shared: Shared,
+) -> Result<(), InboundError> {
     let Accepted {
         stream,
         peer: client,
@@ -62,21 +70,58 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         identity: None,
         ip: client.ip(),
     };
-    let mut entered =
-        match admission::enter(shared, pod, &peer, &Source::Ip(peer.ip), destination).await {
-            Ok(entered) => entered,
-            Err(error) => {
-                record.finish(Some(error.to_string()));
-                forward::reset(stream);
-                return Err(error.into());
-            }
-        };
-    let recheck = Recheck {
-        applied: shared.applied.clone(),
-        pod,
-        peer: &peer,
-        destination,
+    let entered = match entry::enter(&shared, &pod, &peer, &Source::Ip(peer.ip), destination).await
+    {
+        Ok(entered) => entered,
+        Err(error) => {
+            record.finish(Some(error.to_string()));
+            forward::reset(stream);
+            return Err(error.into());
+        }
     };
-    forward::relay(stream, &mut entered.upstream, &mut record, Some(recheck)).await;
+    deliver(stream, entered, pod, shared, None, &mut record).await;
     Ok(())
+}
+
+/// Serves an admitted connection until it ends: bytes relayed to the application when it
+/// was authorized as a whole, else request by request ([`l7`]). Either way it is closed
+/// when a new configuration refuses it. `forwarded_client_cert` is the client's identity
+/// for the application, on mutual TLS.
+pub async fn deliver<C>(
+    client: C,
+    entered: Entered,
+    pod: Arc<PodProxy>,
+    shared: Shared,
+    forwarded_client_cert: Option<HeaderValue>,
+    record: &mut ConnectionGuard,
+) where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Entered {
+        admission,
+        upstream,
+        held: _held,
+    } = entered;
+    match upstream {
+        Some(mut upstream) => {
+            let recheck = Recheck {
+                applied: shared.applied.clone(),
+                pod: &pod,
+                peer: &admission.peer,
+                destination: admission.destination,
+                whole: true,
+            };
+            forward::relay(client, &mut upstream, record, Some(recheck)).await;
+        }
+        None => {
+            let conn = l7::Connection::new(
+                Arc::clone(&pod),
+                shared,
+                &admission,
+                forwarded_client_cert,
+                record,
+            );
+            l7::serve(client, admission, conn, record).await;
+        }
+    }
 }

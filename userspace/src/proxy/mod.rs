@@ -1,15 +1,18 @@
 //! The data path, top down: the kernel redirects a pod's connection (`redirect`), a
 //! listener of that pod accepts it ([`outbound`], [`inbound`], [`hbone::server`]), the
-//! proxy finds where it was going and whether it may ([`admission`]), tunnels it between
-//! node proxies over mutual TLS ([`hbone`]) or forwards it ([`socket`]), and copies bytes
-//! both ways ([`forward`], [`copy`]), recording it in [`connections`].
+//! proxy finds where it was going and whether it may ([`entry`], deciding with
+//! [`crate::admission`]), tunnels it between node proxies over mutual TLS ([`hbone`]) or
+//! forwards it ([`socket`]), and copies bytes both ways ([`forward`], [`copy`]) or serves it
+//! request by request where policies look at HTTP ([`l7`]), recording it in
+//! [`connections`].
 
-pub mod admission;
 pub mod connections;
 pub mod copy;
+pub mod entry;
 pub mod forward;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod limits;
 pub mod outbound;
 pub mod socket;

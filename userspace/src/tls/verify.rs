@@ -31,6 +31,8 @@ use crate::identity::SpiffeId;
 pub struct PeerVerified {
     id: SpiffeId,
     not_after: SystemTime,
+    /// SHA-256 of the peer's leaf certificate (DER), as `X-Forwarded-Client-Cert` names it.
+    fingerprint: [u8; 32],
 }
 
 impl PeerVerified {
@@ -43,13 +45,24 @@ impl PeerVerified {
         self.not_after
     }
 
+    /// SHA-256 of the peer's leaf certificate (DER).
+    pub fn fingerprint(&self) -> &[u8; 32] {
+        &self.fingerprint
+    }
+
     pub(super) fn from_handshake(conn: &rustls::CommonState) -> Result<Self, TlsError> {
         let leaf = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or_else(|| TlsError::PeerIdentity("missing after the handshake".into()))?;
         let (id, not_after) = identity_and_expiry(leaf)?;
-        Ok(Self { id, not_after })
+        let mut fingerprint = [0; 32];
+        fingerprint.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+        Ok(Self {
+            id,
+            not_after,
+            fingerprint,
+        })
     }
 }
 

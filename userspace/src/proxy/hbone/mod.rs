@@ -23,7 +23,7 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 /// A `CONNECT` and its answer carry a few short headers; a peer may not make the proxy
 /// buffer more (hyper's default is 16 MiB).
-const MAX_HEADERS: u32 = 16 * 1024;
+pub const MAX_HEADERS: u32 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

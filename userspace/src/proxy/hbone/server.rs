@@ -7,9 +7,10 @@
 //! the idle timeout, or the first stream has not come within the handshake timeout, or the
 //! client's certificate expires; then `GOAWAY`. Per stream: only `CONNECT` to this pod's
 //! own application (400 otherwise) → admission with the peer's verified identity and the
-//! limits (401 if refused) → connect to the application from inside the pod with the
-//! client's IP (503 if it refuses) → 200, then relay until either side closes or a new
-//! configuration refuses the connection.
+//! limits (401 if refused) → for a connection authorized as a whole, connect to the
+//! application from inside the pod with the client's IP (503 if it refuses) → 200, then
+//! [`inbound::deliver`] until either side closes or a new configuration refuses the
+//! connection.
 
 use std::{
     convert::Infallible,
@@ -30,11 +31,12 @@ use tracing::debug;
 
 use super::{HboneError, request};
 use crate::{
+    admission::Peer,
     proxy::{
         Accepted, PodProxy, Shared,
-        admission::{self, EntryError, Peer},
         connections::{Direction, Path},
-        forward::{self, Recheck},
+        entry::{self, EntryError},
+        forward, inbound, l7,
         limits::{Gauge, GaugePermit, Source},
     },
     tls::MeshAcceptor,
@@ -104,18 +106,22 @@ async fn serve_connection(
         ip: client.ip(),
     });
     let source = Arc::new(Source::Identity(verified.id().clone()));
+    let forwarded_client_cert =
+        l7::forwarded_client_cert(&pod.identity, verified.fingerprint(), verified.id());
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = Arc::clone(&activity);
         service_fn(move |request| {
             let (pod, shared, peer) = (Arc::clone(&pod), shared.clone(), Arc::clone(&peer));
             let (source, open) = (Arc::clone(&source), activity.open());
+            let forwarded_client_cert = forwarded_client_cert.clone();
             async move {
                 let stream = Stream {
                     client,
                     peer,
                     source,
                     open,
+                    forwarded_client_cert,
                 };
                 let status = open_stream(request, stream, pod, shared).await;
                 let mut response = Response::new(Empty::<Bytes>::new());
@@ -206,6 +212,8 @@ struct Stream {
     /// The verified identity, which the stream is counted against.
     source: Arc<Source>,
     open: GaugePermit,
+    /// The peer's identity as the application sees it on HTTP requests.
+    forwarded_client_cert: Option<http::HeaderValue>,
 }
 
 /// Handles one `CONNECT` stream and returns the status to answer; on 200 the relay runs
@@ -221,6 +229,7 @@ async fn open_stream(
         peer,
         source,
         open,
+        forwarded_client_cert,
     } = stream;
     let destination = match request::connect_target(request.method(), request.uri(), pod.ip) {
         Ok(target) => target,
@@ -237,33 +246,33 @@ async fn open_stream(
         destination,
         Arc::clone(&pod.stats),
     );
-    let entered = match admission::enter(&shared, &pod, &peer, &source, destination).await {
+    let entered = match entry::enter(&shared, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
             debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
             record.finish(Some(error.to_string()));
             return match error {
-                EntryError::Refused(_) => StatusCode::UNAUTHORIZED,
+                EntryError::Refused(_) | EntryError::Limit(_) => StatusCode::UNAUTHORIZED,
                 EntryError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
         }
     };
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        // Moved whole: the relay borrows only `upstream`, but the counts `entered` holds
-        // must live as long as the relay.
-        let (_open, mut entered) = (open, entered);
+        let _open = open;
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
             Err(error) => return record.finish(Some(error.to_string())),
         };
-        let recheck = Recheck {
-            applied: shared.applied.clone(),
-            pod: &pod,
-            peer: &peer,
-            destination,
-        };
-        forward::relay(tunnel, &mut entered.upstream, &mut record, Some(recheck)).await;
+        inbound::deliver(
+            tunnel,
+            entered,
+            pod,
+            shared,
+            forwarded_client_cert,
+            &mut record,
+        )
+        .await;
     });
     StatusCode::OK
 }

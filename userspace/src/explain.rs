@@ -1,7 +1,9 @@
 //! `explain`: given a source, a destination and optional HTTP attributes, the decision
 //! and the policy and rule that made it. One function, [`explain`], serves both the
 //! offline command (`ambit explain --config-dir DIR ...`, via [`run_cli`]) and the
-//! agent's admin API (`/explain?from=foo/sleep&to=bar/httpbin&port=8000`).
+//! agent's admin API (`/explain?from=foo/sleep&to=bar/httpbin&port=8000`), and it asks
+//! the data path's own decision ([`crate::admission`]) with the question turned into a
+//! connection and, with HTTP options, a request.
 //!
 //! The query string form takes the flag names as keys (`from`, `from-ip`, `to`, `port`,
 //! `plaintext`, `method`, `path`, `host`, `jwt`) and repeats `header=K=V` once per
@@ -10,17 +12,21 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use serde::Serialize;
 
-use super::{
-    Action, MtlsMode, PolicyEngine, Workload,
-    authz::{Decision, HttpRequest, Reason, RequestContext, Verdict},
+use crate::{
+    admission::{self, Handling, Peer, Refusal, RequestDenied},
+    discovery::{Pod, Snapshot, files::DirState},
+    identity::SpiffeId,
+    policy::{
+        Action, Decision, MtlsMode, Reason, Verdict,
+        engine::{DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN},
+    },
+    state::Applied,
 };
-use crate::discovery::{Pod, Snapshot, files::DirState};
 
 /// Exit status of `ambit explain` for a bad config, an unknown pod or a bad value.
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -91,6 +97,8 @@ pub enum ExplainError {
     BadPodName(String),
     #[error("no pod {0} in the config")]
     UnknownPod(String),
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 impl TryFrom<Vec<(String, String)>> for ExplainArgs {
@@ -226,20 +234,30 @@ impl fmt::Display for Explanation {
     }
 }
 
-/// Answers `args` against the pods of `snapshot` and the policies of `engine`.
-pub fn explain(
-    snapshot: &Snapshot,
-    engine: &PolicyEngine,
-    args: &ExplainArgs,
-) -> Result<Explanation, ExplainError> {
-    let destination = find_pod(snapshot, &args.to)?;
-    let source = match (&args.from, args.from_ip) {
-        (Some(name), None) => Some(find_pod(snapshot, name)?),
-        (None, Some(ip)) => snapshot.pods.values().find(|p| p.ip == Some(ip)),
-        _ => return Err(ExplainError::AmbiguousSource),
-    };
-    if !snapshot.is_enrolled(destination) {
-        return Ok(Explanation {
+impl Explanation {
+    fn refused(refusal: &Refusal) -> Self {
+        let denied = |mtls, policy: Option<&crate::policy::PolicyRef>, reason: String| Self {
+            allowed: false,
+            mtls,
+            policy: policy.map(ToString::to_string),
+            action: None,
+            rule: None,
+            reason,
+            notes: Vec::new(),
+        };
+        match refusal {
+            Refusal::Denied { mtls, denied } => Self::from_decision(*mtls, &Err(denied.clone())),
+            Refusal::StrictMtls { port, policy } => denied(
+                Some(MtlsMode::Strict),
+                policy.as_ref(),
+                Reason::PlaintextToStrict { port: *port }.to_string(),
+            ),
+            other => denied(None, None, other.to_string()),
+        }
+    }
+
+    fn not_enrolled(pod: &Pod) -> Self {
+        Self {
             allowed: true,
             mtls: None,
             policy: None,
@@ -247,77 +265,103 @@ pub fn explain(
             rule: None,
             reason: format!(
                 "{} is not enrolled in the mesh: ambit enforces no policy for it",
-                destination.key()
+                pod.key()
             ),
             notes: Vec::new(),
-        });
+        }
     }
+}
+
+/// Answers `args` against the configuration `applied`, with the data path's decision.
+pub fn explain(applied: &Applied, args: &ExplainArgs) -> Result<Explanation, ExplainError> {
+    let snapshot = &applied.snapshot;
+    let destination = find_pod(snapshot, &args.to)?;
+    let source = match (&args.from, args.from_ip) {
+        (Some(name), None) => Some(find_pod(snapshot, name)?),
+        (None, Some(ip)) => snapshot.pods.values().find(|p| p.ip == Some(ip)),
+        _ => return Err(ExplainError::AmbiguousSource),
+    };
     let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let source_ip = source
-        .and_then(|p| p.ip)
-        .or(args.from_ip)
-        .unwrap_or(unspecified);
     // Only an enrolled source gets an identity; anything else arrives as plaintext.
-    let source_workload = source
+    let identity = source
         .filter(|p| !args.plaintext && snapshot.is_enrolled(p))
-        .map(Workload::from_pod);
-    let principal = source_workload
-        .as_ref()
-        .map(|w| w.principal(engine.trust_domain()));
-
-    let workload = Workload::from_pod(destination);
-    let policies = engine.resolve(&workload);
-    let (mode, mtls_policy) = policies.mtls().port(args.port);
-    if principal.is_none() && mode == MtlsMode::Strict {
-        return Ok(Explanation {
-            allowed: false,
-            mtls: Some(mode),
-            policy: mtls_policy.map(ToString::to_string),
-            action: None,
-            rule: None,
-            reason: Reason::PlaintextToStrict { port: args.port }.to_string(),
-            notes: Vec::new(),
+        .and_then(|p| {
+            SpiffeId::new(
+                applied.policies.trust_domain(),
+                &p.namespace,
+                &p.service_account,
+            )
+            .ok()
         });
-    }
+    let peer = Peer {
+        identity,
+        ip: source
+            .and_then(|p| p.ip)
+            .or(args.from_ip)
+            .unwrap_or(unspecified),
+    };
+    let Some(ip) = destination.ip.filter(|_| snapshot.is_enrolled(destination)) else {
+        return Ok(Explanation::not_enrolled(destination));
+    };
+    let admission =
+        match admission::admit(applied, &args.to, ip, &peer, SocketAddr::new(ip, args.port)) {
+            Ok(admission) => admission,
+            Err(Refusal::NotServed(_)) => return Ok(Explanation::not_enrolled(destination)),
+            Err(refusal) => return Ok(Explanation::refused(&refusal)),
+        };
+    let mtls = admission.mtls.0;
+    let request = args.request(ip)?;
+    Ok(match (&admission.handling, request) {
+        (Handling::Connection(permit), _) => Explanation::from_decision(mtls, &Ok(permit.clone())),
+        (Handling::Requests | Handling::Detect, Some(request)) => {
+            let (mut parts, ()) = request.into_parts();
+            match admission.authorize_request(&mut parts) {
+                Ok(permit) => Explanation::from_decision(mtls, &Ok(permit.0)),
+                Err(RequestDenied::Denied(denied)) => {
+                    Explanation::from_decision(mtls, &Err(denied))
+                }
+                Err(bad @ RequestDenied::BadRequest(_)) => {
+                    return Err(ExplainError::BadRequest(bad.to_string()));
+                }
+            }
+        }
+        // No HTTP options: the question is about the connection as opaque TCP.
+        (Handling::Requests | Handling::Detect, None) => match admission.authorize_connection() {
+            Ok(permit) => Explanation::from_decision(mtls, &Ok(permit)),
+            Err(refusal) => Explanation::refused(&refusal),
+        },
+    })
+}
 
-    let destination_ip = destination.ip.unwrap_or(unspecified);
-    let default_host = format!("{destination_ip}:{}", args.port);
-    let headers: Vec<(&str, &str)> = args
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let is_http = args.method.is_some()
-        || args.path.is_some()
-        || args.host.is_some()
-        || !headers.is_empty()
-        || args.jwt.is_some();
-    let path = args.path.as_deref().unwrap_or("/");
-    let token = args
-        .jwt
-        .as_deref()
-        .or_else(|| policies.find_token(&headers, path));
-    let jwt = match policies.authenticate(token) {
-        Ok(jwt) => jwt,
-        Err(denied) => return Ok(Explanation::from_decision(mode, &Err(denied))),
-    };
-    let ctx = RequestContext {
-        source_principal: principal.as_deref(),
-        source_namespace: source_workload.as_ref().map(|w| w.namespace.as_str()),
-        source_ip,
-        remote_ip: source_ip,
-        destination_ip,
-        destination_port: args.port,
-        sni: None,
-        http: is_http.then(|| HttpRequest {
-            method: args.method.as_deref().unwrap_or("GET"),
-            path,
-            host: args.host.as_deref().unwrap_or(&default_host),
-            headers: &headers,
-            jwt: jwt.as_ref(),
-        }),
-    };
-    Ok(Explanation::from_decision(mode, &policies.authorize(&ctx)))
+impl ExplainArgs {
+    /// The HTTP request the options describe, if any was given: the JWT as
+    /// `Authorization: Bearer`, the host defaulting to the destination's `ip:port`.
+    fn request(&self, destination: IpAddr) -> Result<Option<http::Request<()>>, ExplainError> {
+        let is_http = self.method.is_some()
+            || self.path.is_some()
+            || self.host.is_some()
+            || !self.headers.is_empty()
+            || self.jwt.is_some();
+        if !is_http {
+            return Ok(None);
+        }
+        let bad = |e: &dyn fmt::Display| ExplainError::BadRequest(e.to_string());
+        let host = match &self.host {
+            Some(host) => host.clone(),
+            None => SocketAddr::new(destination, self.port).to_string(),
+        };
+        let mut request = http::Request::builder()
+            .method(self.method.as_deref().unwrap_or("GET"))
+            .uri(self.path.as_deref().unwrap_or("/"))
+            .header(http::header::HOST, host);
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        if let Some(jwt) = &self.jwt {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {jwt}"));
+        }
+        request.body(()).map(Some).map_err(|e| bad(&e))
+    }
 }
 
 fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, ExplainError> {
@@ -330,18 +374,44 @@ fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, ExplainEr
     }
 }
 
+/// `ambit explain`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct ExplainCli {
+    /// Directory of Kubernetes-style YAML (pods, namespaces, services, policies).
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: std::path::PathBuf,
+    /// Namespace whose selector-less policies apply mesh-wide.
+    #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+    /// Trust domain of workload identities, as the agent is run with.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub args: ExplainArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
 /// `ambit explain`: loads `config_dir`, answers, prints (text or JSON) and returns the
 /// exit status: 0 ALLOW, 1 DENY, 2 bad input (message on stderr).
-pub fn run_cli(config_dir: &Path, root_namespace: &str, args: &ExplainArgs, json: bool) -> i32 {
-    let snapshot = match DirState::load_strict(config_dir) {
+pub fn run_cli(cli: &ExplainCli) -> i32 {
+    let snapshot = match DirState::load_strict(&cli.config_dir) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             eprintln!("ambit explain: bad config: {error}");
             return EXIT_BAD_INPUT;
         }
     };
-    let engine = PolicyEngine::new(&snapshot.policies, root_namespace);
-    let explanation = match explain(&snapshot, &engine, args) {
+    let applied = Applied::new(snapshot, &cli.root_namespace, &cli.trust_domain);
+    let args = &cli.args;
+    let json = cli.output == Output::Json;
+    let explanation = match explain(&applied, args) {
         Ok(explanation) => explanation,
         Err(error) => {
             eprintln!("ambit explain: {error}");

@@ -1,0 +1,82 @@
+//! One request on an admitted connection: its path made canonical (what is matched is what
+//! the application receives), its JWT verified where RequestAuthentication applies, then
+//! authorization with the request's attributes.
+
+use std::borrow::Cow;
+
+use http::{header, request::Parts};
+
+use super::Admission;
+use crate::policy::{Denied, HttpRequest, Permit};
+
+/// The request may go on; it was edited as the policies say (canonical path, token
+/// removed unless forwarded, JWT payload header).
+#[derive(Debug)]
+pub struct RequestPermit(pub Permit);
+
+/// Why a request is answered by the proxy instead of the application.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestDenied {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{}", .0.verdict().reason)]
+    Denied(Denied),
+}
+
+impl RequestDenied {
+    /// 400 for a malformed request, 401 for a rejected JWT, 403 for a policy denial.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Self::BadRequest(_) => http::StatusCode::BAD_REQUEST,
+            Self::Denied(denied) => http::StatusCode::from_u16(denied.http_status())
+                .unwrap_or(http::StatusCode::FORBIDDEN),
+        }
+    }
+
+    pub fn denied(&self) -> Option<&Denied> {
+        match self {
+            Self::Denied(denied) => Some(denied),
+            Self::BadRequest(_) => None,
+        }
+    }
+}
+
+impl Admission {
+    /// Decides one request, editing `parts` into what the application will receive.
+    pub fn authorize_request(&self, parts: &mut Parts) -> Result<RequestPermit, RequestDenied> {
+        let jwt = self
+            .policies
+            .authenticate_request(parts)
+            .map_err(RequestDenied::Denied)?;
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default();
+        // A value that is not UTF-8 is matched in its lossy form, so that presence and
+        // DENY rules still see the header.
+        let values: Vec<(&str, Cow<'_, str>)> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        let headers: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        let request = HttpRequest {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            host,
+            headers: &headers,
+            jwt: jwt.as_ref(),
+        };
+        self.policies
+            .authorize(&self.context(Some(request)))
+            .map(RequestPermit)
+            .map_err(RequestDenied::Denied)
+    }
+}

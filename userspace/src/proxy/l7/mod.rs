@@ -1,0 +1,305 @@
+//! Per-request authorization on an admitted inbound connection, for ports where the pod's
+//! policies look at HTTP attributes. hyper serves the client's HTTP/1.1 or HTTP/2; each
+//! request is decided against the configuration in force by the same function `explain`
+//! asks ([`Admission::authorize_request`]); a denied request is answered by the proxy
+//! (403 `RBAC: access denied`, 401 naming why a JWT was rejected, 400 for a malformed
+//! request; a gRPC client gets the matching gRPC status) and never reaches the application;
+//! an allowed one is forwarded over a connection to the application opened from inside the
+//! pod with the client's IP, and reused. An upgrade (WebSocket) is authorized as the
+//! request that asks for it, then relayed as bytes.
+//!
+//! On a port whose protocol is not declared, the first bytes decide: a client that does not
+//! speak HTTP is authorized as opaque TCP, where rules that need HTTP never allow.
+
+mod respond;
+mod rewind;
+mod upstream;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, request::Parts};
+use http_body_util::Either;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::{
+    PodProxy, Shared,
+    connections::{ConnectionGuard, RequestLog, RequestRecord},
+    entry,
+    forward::{self, Recheck},
+    hbone,
+};
+use crate::{
+    admission::protocol::Detected,
+    admission::{Admission, Handling, Peer, Refusal, RequestDenied},
+};
+pub use respond::forwarded_client_cert;
+use respond::{ACCESS_DENIED, Body};
+use upstream::{Upstream, UpstreamError};
+
+/// How long a client on a port of undeclared protocol has to send its first bytes before
+/// its connection is taken as opaque TCP (a protocol where the server speaks first).
+const DETECT_WITHIN: Duration = Duration::from_millis(500);
+/// HTTP/1 request head limit (request line and headers).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// One client connection served request by request.
+pub struct Connection {
+    pub pod: Arc<PodProxy>,
+    pub shared: Shared,
+    pub peer: Peer,
+    pub destination: SocketAddr,
+    /// The `X-Forwarded-Client-Cert` the application gets on a mutual TLS connection.
+    pub forwarded_client_cert: Option<HeaderValue>,
+    requests: RequestLog,
+    upstream: Upstream,
+}
+
+impl Connection {
+    pub fn new(
+        pod: Arc<PodProxy>,
+        shared: Shared,
+        admission: &Admission,
+        forwarded_client_cert: Option<HeaderValue>,
+        record: &ConnectionGuard,
+    ) -> Self {
+        Self {
+            pod,
+            shared,
+            peer: admission.peer.clone(),
+            destination: admission.destination,
+            forwarded_client_cert,
+            requests: record.requests(),
+            upstream: Upstream::default(),
+        }
+    }
+}
+
+/// Serves `client` per request (or, when it turns out not to speak HTTP on a port of
+/// undeclared protocol, as opaque TCP) until it closes or a new configuration refuses it.
+pub async fn serve<C>(
+    client: C,
+    admission: Admission,
+    conn: Connection,
+    record: &mut ConnectionGuard,
+) where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (client, detected) = match admission.handling {
+        Handling::Detect => match rewind::detect(client, DETECT_WITHIN).await {
+            Ok(detected) => detected,
+            Err(error) => return record.finish(Some(error.to_string())),
+        },
+        Handling::Requests | Handling::Connection(_) => (
+            rewind::Rewind::new(bytes::Bytes::new(), client),
+            Detected::Http1,
+        ),
+    };
+    let conn = Arc::new(conn);
+    let recheck = |whole| Recheck {
+        applied: conn.shared.applied.clone(),
+        pod: &conn.pod,
+        peer: &conn.peer,
+        destination: conn.destination,
+        whole,
+    };
+    if detected == Detected::Opaque {
+        if let Err(refusal) = admission.authorize_connection() {
+            return record.finish(Some(refusal.to_string()));
+        }
+        let upstream = entry::connect(&conn.shared, &conn.pod, &conn.peer, conn.destination);
+        match upstream.await {
+            Ok(mut upstream) => {
+                forward::relay(client, &mut upstream, record, Some(recheck(true))).await;
+            }
+            Err(error) => record.finish(Some(error.to_string())),
+        }
+        return;
+    }
+    let limits = &conn.shared.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.streams_per_connection)
+        .max_header_list_size(hbone::MAX_HEADERS);
+    let service = {
+        let conn = Arc::clone(&conn);
+        service_fn(move |request| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(handle(request, &conn).await) }
+        })
+    };
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let error = tokio::select! {
+        served = served => served.err().map(|e| e.to_string()),
+        refusal = recheck(false).refused() => Some(format!("closed: {refusal}")),
+    };
+    record.finish(error);
+}
+
+/// Why the proxy answers a request itself.
+#[derive(Debug, thiserror::Error)]
+enum Answer {
+    #[error(transparent)]
+    Request(#[from] RequestDenied),
+    /// The configuration in force no longer admits the connection.
+    #[error(transparent)]
+    Connection(#[from] Refusal),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Request(denied) => denied.status(),
+            Self::Connection(Refusal::NotServed(_)) | Self::Upstream(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Connection(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// What the client reads: Envoy's text for a denial, the reason for the rest.
+    fn message(&self) -> String {
+        match self.status() {
+            StatusCode::FORBIDDEN => ACCESS_DENIED.to_owned(),
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// Decides one request and answers it, from the application or from the proxy.
+async fn handle(mut request: Request<Incoming>, conn: &Connection) -> Response<Body> {
+    let grpc = respond::is_grpc(request.headers());
+    let upgrade = respond::wants_upgrade(request.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    let method = parts.method.to_string();
+    let (response, verdict) = match decide(conn, &mut parts) {
+        Ok(permit) => {
+            respond::prepare_headers(
+                &mut parts.headers,
+                upgrade,
+                conn.forwarded_client_cert.as_ref(),
+            );
+            let forwarded = Request::from_parts(parts_for_upstream(parts, conn), body);
+            let path = forwarded.uri().path().to_owned();
+            let response = match conn.upstream.send(conn, forwarded).await {
+                Ok(mut response) => {
+                    if let Some(downstream) = downstream_upgrade
+                        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        tunnel(downstream, hyper::upgrade::on(&mut response));
+                    }
+                    response.map(Either::Left)
+                }
+                Err(error) => {
+                    debug!(workload = %conn.pod.key, %error, "request to the application failed");
+                    let answer = Answer::from(error);
+                    respond::answer(answer.status(), &answer.message(), grpc)
+                }
+            };
+            (response, Ok((path, permit.0)))
+        }
+        Err(answer) => {
+            let response = respond::answer(answer.status(), &answer.message(), grpc);
+            (response, Err((parts.uri.path().to_owned(), answer)))
+        }
+    };
+    conn.requests
+        .record(request_record(method, response.status(), verdict));
+    response
+}
+
+/// Admits the connection again against the configuration in force, then decides the
+/// request, editing it into what the application will receive.
+fn decide(conn: &Connection, parts: &mut Parts) -> Result<crate::admission::RequestPermit, Answer> {
+    let admission = entry::admit(&conn.shared, &conn.pod, &conn.peer, conn.destination)?;
+    Ok(admission.authorize_request(parts)?)
+}
+
+/// The request as the application gets it: origin-form for HTTP/1, absolute for HTTP/2
+/// (its `:scheme` and `:authority`), defaulting to the destination address.
+fn parts_for_upstream(mut parts: Parts, conn: &Connection) -> Parts {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri = if parts.version == Version::HTTP_2 {
+        let authority = parts
+            .uri
+            .authority()
+            .map_or_else(|| conn.destination.to_string(), ToString::to_string);
+        let scheme = parts.uri.scheme_str().unwrap_or("http");
+        Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+    } else {
+        Uri::builder().path_and_query(path_and_query).build()
+    };
+    if let Ok(uri) = uri {
+        parts.uri = uri;
+    }
+    parts
+}
+
+/// Relays the two upgraded connections as bytes once both sides have switched.
+fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(downstream), Ok(upstream)) = tokio::join!(downstream, upstream) else {
+            return;
+        };
+        let mut downstream = TokioIo::new(downstream);
+        let mut upstream = TokioIo::new(upstream);
+        let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    });
+}
+
+fn request_record(
+    method: String,
+    status: StatusCode,
+    verdict: Result<(String, crate::policy::Permit), (String, Answer)>,
+) -> RequestRecord {
+    let (path, allowed, decided, reason) = match &verdict {
+        Ok((path, permit)) => (
+            path,
+            true,
+            Some(permit.verdict()),
+            permit.verdict().reason.to_string(),
+        ),
+        Err((path, answer)) => {
+            let decided = match answer {
+                Answer::Request(RequestDenied::Denied(denied))
+                | Answer::Connection(Refusal::Denied { denied, .. }) => Some(denied.verdict()),
+                _ => None,
+            };
+            (path, false, decided, answer.to_string())
+        }
+    };
+    RequestRecord {
+        method,
+        path: path.clone(),
+        status: status.as_u16(),
+        allowed,
+        policy: decided
+            .and_then(|v| v.policy.as_ref())
+            .map(ToString::to_string),
+        rule: decided.and_then(|v| v.rule),
+        reason,
+    }
+}
