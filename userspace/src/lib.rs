@@ -7,6 +7,7 @@ pub mod agent;
 pub mod destinations;
 pub mod discovery;
 pub mod identity;
+pub mod jwks;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

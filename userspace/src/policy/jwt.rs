@@ -79,8 +79,12 @@ pub enum JwtError {
         issuer: String,
         location: Option<String>,
     },
+    /// Boxed: a rejection travels in every `Denied`, which stays small.
     #[error("the keys of issuer {issuer:?} are unavailable: {source}")]
-    KeysUnavailable { issuer: String, source: KeysError },
+    KeysUnavailable {
+        issuer: String,
+        source: Box<KeysError>,
+    },
     #[error("issuer {0:?} has neither jwks nor jwksUri; OpenID discovery is not supported")]
     DiscoveryUnsupported(String),
     #[error(
@@ -328,7 +332,7 @@ fn verify(rule: &JwtRule, token: &str, settings: &JwtSettings) -> Result<JwtIden
                 .lookup(uri, header.kid.as_deref())
                 .map_err(|source| JwtError::KeysUnavailable {
                     issuer: issuer.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             &*remote
         }
