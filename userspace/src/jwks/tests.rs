@@ -121,7 +121,7 @@ fn test_tls() -> (tempfile::NamedTempFile, tokio_rustls::TlsAcceptor) {
 fn options() -> JwksOptions {
     JwksOptions {
         allow_private: true,
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_secs(1),
         retry: Duration::from_millis(100),
         min_refetch: Duration::from_millis(800),
         ..JwksOptions::default()
@@ -271,7 +271,11 @@ async fn a_body_over_the_cap_is_refused() {
 #[tokio::test]
 async fn a_server_that_does_not_answer_times_out() {
     let server = KeyServer::start("", None, true).await;
-    let client = Client::new(&options()).unwrap();
+    let client = Client::new(&JwksOptions {
+        timeout: Duration::from_millis(200),
+        ..options()
+    })
+    .unwrap();
     let error = client.fetch(&server.url("http")).await.unwrap_err();
     assert!(matches!(error, FetchError::Timeout(_)), "{error}");
 }

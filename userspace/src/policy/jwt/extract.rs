@@ -1,10 +1,11 @@
 //! Where a rule's token lives in a request and how it is taken out before forwarding,
 //! as Envoy's `jwt_authn` (Istio's data plane) does it: a rule reads `fromHeaders` (name,
-//! optional value prefix) then `fromParams`, or, when it names neither, `Authorization:
-//! Bearer` and the `access_token` query parameter. A header token is removed by removing
-//! the whole header; a query parameter token is left in place, because Envoy never
-//! removes it (its `JwtParamLocation::removeJwt` is a no-op) and rewriting the path
-//! would change what the application and path rules see compared with Istio.
+//! optional value prefix), then `fromParams`, then `fromCookies`, or, when it names none,
+//! `Authorization: Bearer` and the `access_token` query parameter. A header token is
+//! removed by removing the whole header; a query parameter or cookie token is left in
+//! place, because Envoy never removes those (its `removeJwt` for them is a no-op) and
+//! rewriting the path would change what the application and path rules see compared
+//! with Istio.
 
 use std::fmt;
 
@@ -23,6 +24,8 @@ pub(super) enum Location<'r> {
     Header { name: &'r str, prefix: &'r str },
     /// A query parameter, compared exactly.
     Param(&'r str),
+    /// A cookie of the `Cookie` header, compared exactly.
+    Cookie(&'r str),
 }
 
 impl fmt::Display for Location<'_> {
@@ -30,6 +33,7 @@ impl fmt::Display for Location<'_> {
         match self {
             Self::Header { name, .. } => write!(f, "header {name}"),
             Self::Param(name) => write!(f, "query parameter {name}"),
+            Self::Cookie(name) => write!(f, "cookie {name}"),
         }
     }
 }
@@ -40,7 +44,7 @@ impl PartialEq for Location<'_> {
             (Self::Header { name: a, prefix: p }, Self::Header { name: b, prefix: q }) => {
                 a.eq_ignore_ascii_case(b) && p == q
             }
-            (Self::Param(a), Self::Param(b)) => a == b,
+            (Self::Param(a), Self::Param(b)) | (Self::Cookie(a), Self::Cookie(b)) => a == b,
             _ => false,
         }
     }
@@ -49,7 +53,10 @@ impl PartialEq for Location<'_> {
 impl<'r> Location<'r> {
     /// The rule's locations, in the order they are searched.
     pub(super) fn of(rule: &'r JwtRule) -> Vec<Self> {
-        if rule.from_headers.is_empty() && rule.from_params.is_empty() {
+        if rule.from_headers.is_empty()
+            && rule.from_params.is_empty()
+            && rule.from_cookies.is_empty()
+        {
             return vec![
                 Self::Header {
                     name: DEFAULT_HEADER,
@@ -63,14 +70,22 @@ impl<'r> Location<'r> {
             prefix: h.prefix.as_deref().unwrap_or(""),
         });
         let params = rule.from_params.iter().map(|p| Self::Param(p));
-        headers.chain(params).collect()
+        let cookies = rule.from_cookies.iter().map(|c| Self::Cookie(c));
+        headers.chain(params).chain(cookies).collect()
     }
 
-    /// The token in one header, if this location reads it. An empty value holds no token.
+    /// The token in one header, if this location reads it (a cookie location reads
+    /// `Cookie` headers). An empty value holds no token.
     fn in_header<'v>(&self, name: &str, value: &'v str) -> Option<&'v str> {
         match self {
             Self::Header { name: want, prefix } if want.eq_ignore_ascii_case(name) => {
                 value.strip_prefix(prefix).filter(|t| !t.is_empty())
+            }
+            Self::Cookie(want) if name.eq_ignore_ascii_case("cookie") => {
+                value.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    (k == *want && !v.is_empty()).then_some(v)
+                })
             }
             _ => None,
         }
@@ -86,21 +101,23 @@ impl<'r> Location<'r> {
     }
 
     fn in_request(&self, parts: &Parts) -> Option<String> {
-        match self {
-            Self::Header { name, .. } => parts
-                .headers
-                .get_all(*name)
-                .iter()
-                // A value that is not UTF-8 cannot hold a JWT.
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|v| self.in_header(name, v))
-                .map(str::to_owned),
-            Self::Param(_) => self.in_query(parts.uri.query()?).map(str::to_owned),
-        }
+        let name = match self {
+            Self::Header { name, .. } => name,
+            Self::Cookie(_) => "cookie",
+            Self::Param(_) => return self.in_query(parts.uri.query()?).map(str::to_owned),
+        };
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            // A value that is not UTF-8 cannot hold a JWT.
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| self.in_header(name, v))
+            .map(str::to_owned)
     }
 
     /// Takes the token out of the request before forwarding (see the module doc for why
-    /// a query parameter stays).
+    /// a query parameter or cookie stays).
     pub(super) fn remove(&self, headers: &mut HeaderMap) {
         if let Self::Header { name, .. } = self {
             headers.remove(*name);

@@ -297,6 +297,23 @@ fn from_params_reads_the_query_and_leaves_the_token_there_as_envoy_does() {
 }
 
 #[test]
+fn from_cookies_reads_the_named_cookie() {
+    let e = engine(&request_authn_with(
+        "https://issuer",
+        "    fromCookies: [session]\n",
+    ));
+    let policies = e.resolve(&workload("foo", &[("app", "web")]));
+    let t = token(serde_json::json!({"iss": "https://issuer", "aud": "web"}));
+    let cookie = format!("a=1; session={t}");
+    let mut p = parts("/", &[("cookie", "other=2"), ("cookie", &cookie)]);
+    assert!(policies.authenticate_request(&mut p).unwrap().is_some());
+    assert_eq!(
+        policies.find_token(&[("Cookie", &cookie)], "/"),
+        Some(t.as_str())
+    );
+}
+
+#[test]
 fn default_locations_are_bearer_and_access_token() {
     let e = engine(&request_authn("https://issuer"));
     let policies = e.resolve(&workload("foo", &[("app", "web")]));
