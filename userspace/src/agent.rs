@@ -22,10 +22,12 @@ use crate::{
     discovery::{Snapshot, files},
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
+    jwks::{JwksFetcher, JwksOptions},
+    policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
     proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
     redirect::Redirector,
-    state::Applied,
+    state::{Applied, JwtSetup},
     workloads::WorkloadManager,
 };
 
@@ -63,6 +65,24 @@ pub struct RunArgs {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+/// How RequestAuthentication fetches `jwksUri` keys and checks token times.
+#[derive(Debug, clap::Args)]
+pub struct JwtArgs {
+    /// PEM bundle of CA certificates trusted for `https://` jwksUri, besides the node's
+    /// CA store.
+    #[arg(long)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Lets jwksUri reach loopback, link-local and cloud metadata addresses (refused by
+    /// default against SSRF).
+    #[arg(long)]
+    pub allow_private_jwks: bool,
+    /// Leeway on a JWT's `exp` and `nbf`.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub jwt_clock_skew: Duration,
 }
 
 /// Timeouts and limits of the data path: what one peer or one pod can make the proxy hold.
@@ -148,8 +168,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         error!("config rejected: {error}");
     }
     snapshot_tx.send_replace(initial.snapshot());
-    let applied =
-        |snapshot: Snapshot| Arc::new(Applied::new(snapshot, &args.root_namespace, &trust_domain));
+    let jwks = JwksFetcher::new(JwksOptions {
+        ca_file: args.jwt.jwks_ca_file.clone(),
+        allow_private: args.jwt.allow_private_jwks,
+        ..JwksOptions::default()
+    })?;
+    let jwt = JwtSetup {
+        keys: Arc::new(jwks.clone()),
+        clock_skew: args.jwt.jwt_clock_skew,
+    };
+    let applied = |snapshot: Snapshot| {
+        // Fetching starts before the engine that needs the keys is in force; URIs the
+        // snapshot no longer uses are dropped with their keys.
+        jwks.track(jwks_uris(&snapshot.policies));
+        Arc::new(Applied::new(
+            snapshot,
+            &args.root_namespace,
+            &trust_domain,
+            &jwt,
+        ))
+    };
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
     let connections = Arc::new(ConnectionLog::default());
     let limits = Limits::from(&args.limits);

@@ -25,7 +25,7 @@ use crate::{
         Action, Decision, MtlsMode, Reason, Verdict,
         engine::{DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN},
     },
-    state::Applied,
+    state::{Applied, JwtSetup},
 };
 
 /// Exit status of `ambit explain` for a bad config, an unknown pod or a bad value.
@@ -408,7 +408,13 @@ pub fn run_cli(cli: &ExplainCli) -> i32 {
             return EXIT_BAD_INPUT;
         }
     };
-    let applied = Applied::new(snapshot, &cli.root_namespace, &cli.trust_domain);
+    // Offline, keys behind a `jwksUri` are not fetched: tokens needing them are rejected.
+    let applied = Applied::new(
+        snapshot,
+        &cli.root_namespace,
+        &cli.trust_domain,
+        &JwtSetup::default(),
+    );
     let args = &cli.args;
     let json = cli.output == Output::Json;
     let explanation = match explain(&applied, args) {

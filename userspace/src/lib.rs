@@ -9,6 +9,7 @@ pub mod destinations;
 pub mod discovery;
 pub mod explain;
 pub mod identity;
+pub mod jwks;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -2,7 +2,7 @@
 //! destination index built from it, published together so a reader never pairs pods of one
 //! version with policies of another.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -10,8 +10,30 @@ use crate::{
     admission::protocol::{self, Protocol},
     destinations::Destinations,
     discovery::Snapshot,
-    policy::{PolicyEngine, Workload},
+    policy::{
+        PolicyEngine, Workload,
+        jwt::{DEFAULT_CLOCK_SKEW, NoRemoteKeys, RemoteKeys},
+    },
 };
+
+/// How the policy engine of every snapshot verifies JWTs.
+#[derive(Clone)]
+pub struct JwtSetup {
+    /// The keys of `jwksUri` rules (the agent's fetcher).
+    pub keys: Arc<dyn RemoteKeys>,
+    /// The leeway on `exp` and `nbf`.
+    pub clock_skew: Duration,
+}
+
+impl Default for JwtSetup {
+    /// No `jwksUri` keys (their tokens are rejected) and the default skew.
+    fn default() -> Self {
+        Self {
+            keys: Arc::new(NoRemoteKeys),
+            clock_skew: DEFAULT_CLOCK_SKEW,
+        }
+    }
+}
 
 pub struct Applied {
     pub snapshot: Snapshot,
@@ -39,9 +61,16 @@ impl Served {
 }
 
 impl Applied {
-    pub fn new(snapshot: Snapshot, root_namespace: &str, trust_domain: &str) -> Self {
-        let policies =
-            PolicyEngine::new(&snapshot.policies, root_namespace).with_trust_domain(trust_domain);
+    pub fn new(
+        snapshot: Snapshot,
+        root_namespace: &str,
+        trust_domain: &str,
+        jwt: &JwtSetup,
+    ) -> Self {
+        let policies = PolicyEngine::new(&snapshot.policies, root_namespace)
+            .with_trust_domain(trust_domain)
+            .with_remote_keys(Arc::clone(&jwt.keys))
+            .with_jwt_clock_skew(jwt.clock_skew);
         let destinations = Destinations::new(&snapshot, trust_domain);
         let workloads = snapshot
             .pods
@@ -93,7 +122,12 @@ metadata: {{name: web, namespace: foo, labels: {pod_labels}}}
 status: {{podIP: {pod_ip}}}
 "
         );
-        Applied::new(snapshot_of(&config), "istio-system", "cluster.local")
+        Applied::new(
+            snapshot_of(&config),
+            "istio-system",
+            "cluster.local",
+            &JwtSetup::default(),
+        )
     }
 
     #[test]

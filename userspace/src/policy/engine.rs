@@ -6,11 +6,13 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, PoisonError, RwLock},
+    time::Duration,
 };
 
 use super::{
     PolicyObject, PolicySpec,
     authz::{Decision, RequestContext},
+    jwt::{JwtSettings, RemoteKeys},
     model::{
         AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, RequestAuthentication, Selector,
     },
@@ -57,6 +59,9 @@ impl Workload {
 pub struct PolicyEngine {
     root_namespace: String,
     trust_domain: String,
+    /// Where `jwksUri` keys come from and the JWT clock skew; set before first use, since
+    /// resolved workloads keep a copy.
+    jwt: JwtSettings,
     namespaces: HashMap<String, NamespaceIndex>,
     cache: RwLock<HashMap<Workload, Arc<WorkloadPolicies>>>,
 }
@@ -168,6 +173,7 @@ impl PolicyEngine {
         Self {
             root_namespace: root_namespace.to_owned(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            jwt: JwtSettings::default(),
             namespaces,
             cache: RwLock::default(),
         }
@@ -176,6 +182,18 @@ impl PolicyEngine {
     /// Sets the trust domain used to name workloads (default `cluster.local`).
     pub fn with_trust_domain(mut self, trust_domain: &str) -> Self {
         trust_domain.clone_into(&mut self.trust_domain);
+        self
+    }
+
+    /// Verifies `jwksUri` tokens with keys from `keys`; without it they are rejected.
+    pub fn with_remote_keys(mut self, keys: Arc<dyn RemoteKeys>) -> Self {
+        self.jwt.remote = keys;
+        self
+    }
+
+    /// Sets the leeway on JWT `exp` and `nbf` (default [`super::jwt::DEFAULT_CLOCK_SKEW`]).
+    pub fn with_jwt_clock_skew(mut self, skew: Duration) -> Self {
+        self.jwt.clock_skew = skew;
         self
     }
 
@@ -219,6 +237,7 @@ impl PolicyEngine {
             local.peer.candidates(&root.peer.wide, w),
             local.request.candidates(&root.request.wide, w),
             local.authz.candidates(&root.authz.wide, w),
+            self.jwt.clone(),
         )
     }
 

@@ -107,9 +107,11 @@ pub struct JwtRule {
 pub enum JwtKeys {
     /// `jwks`: an inline key set, parsed at load so a bad one is rejected with its object.
     Inline(jsonwebtoken::jwk::JwkSet),
-    /// `jwksUri`: fetched at run time (not implemented yet: tokens for it are rejected).
+    /// `jwksUri` (`http://` or `https://` with a host, checked in parsing): fetched at run
+    /// time by the agent, looked up through [`super::jwt::RemoteKeys`].
     Uri(String),
-    /// Neither: Istio discovers keys through OpenID discovery on the issuer.
+    /// Neither: Istio discovers keys through OpenID discovery on the issuer. ambit does
+    /// not, so tokens of such a rule are rejected.
     Discovery,
 }
 

@@ -75,6 +75,10 @@ pub enum Problem {
     Conflict(&'static str),
     #[error("is not a valid JWKS: {0}")]
     InvalidJwks(String),
+    #[error("{0:?} is not an http:// or https:// URL with a host")]
+    InvalidJwksUri(String),
+    #[error("{0:?} is not a valid HTTP header name")]
+    InvalidHeaderName(String),
 }
 
 impl PolicyObject {
@@ -331,7 +335,13 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
                 Err(e) => return jwks.fail(Problem::InvalidJwks(e.to_string())),
             }
         }
-        (None, Some(uri)) => JwtKeys::Uri(uri.string()?.to_owned()),
+        (None, Some(uri)) => {
+            let text = uri.string()?;
+            if !is_fetchable_uri(text) {
+                return uri.fail(Problem::InvalidJwksUri(text.to_owned()));
+            }
+            JwtKeys::Uri(text.to_owned())
+        }
         (None, None) => JwtKeys::Discovery,
     };
     let mut from_headers = Vec::new();
@@ -339,7 +349,7 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
         for header in headers.items()? {
             let f = header.fields(&["name", "prefix"])?;
             from_headers.push(JwtHeader {
-                name: f.require("name")?.string()?.to_owned(),
+                name: header_name(&f.require("name")?)?,
                 prefix: optional_string(&f, "prefix")?,
             });
         }
@@ -369,9 +379,26 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
             Some(b) => b.boolean()?,
             None => false,
         },
-        output_payload_to_header: optional_string(&fields, "outputPayloadToHeader")?,
+        output_payload_to_header: fields
+            .get("outputPayloadToHeader")
+            .map(|n| header_name(&n))
+            .transpose()?,
         output_claim_to_headers,
     })
+}
+
+/// Parsed here so that the data path can name these headers without a fallible step.
+fn header_name(node: &Node<'_>) -> Res<String> {
+    let text = node.string()?;
+    match http::HeaderName::from_bytes(text.as_bytes()) {
+        Ok(_) => Ok(text.to_owned()),
+        Err(_) => node.fail(Problem::InvalidHeaderName(text.to_owned())),
+    }
+}
+
+fn is_fetchable_uri(text: &str) -> bool {
+    text.parse::<http::Uri>()
+        .is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some())
 }
 
 fn optional_string(fields: &Fields<'_, '_>, key: &str) -> Res<Option<String>> {

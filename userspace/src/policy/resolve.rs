@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::{
     authz::{AuthzSet, Decision, Denied, RequestContext, Verdict},
-    jwt::{self, JwtIdentity, RequestAuthn},
+    jwt::{self, JwtIdentity, JwtSettings, Rejected, RequestAuthn},
     model::{
         AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef, RequestAuthentication,
     },
@@ -46,6 +46,8 @@ impl<T> Candidates<'_, T> {
 pub struct WorkloadPolicies {
     mtls: MtlsResolution,
     request_authn: Vec<RequestAuthn>,
+    /// Keys of `jwksUri` rules and the clock skew, shared by the engine's workloads.
+    jwt: JwtSettings,
     authz: AuthzSet,
 }
 
@@ -73,6 +75,7 @@ pub(super) fn resolve(
     peer: Candidates<'_, PeerAuthentication>,
     request: Candidates<'_, RequestAuthentication>,
     authz: Candidates<'_, AuthorizationPolicy>,
+    jwt: JwtSettings,
 ) -> WorkloadPolicies {
     let mut set = AuthzSet::default();
     for policy in authz.all() {
@@ -86,6 +89,7 @@ pub(super) fn resolve(
     WorkloadPolicies {
         mtls: resolve_mtls(&peer),
         request_authn: request.all().cloned().collect(),
+        jwt,
         authz: set,
     }
 }
@@ -117,43 +121,40 @@ impl WorkloadPolicies {
         &self.mtls
     }
 
-    /// Verifies the request's JWT, if any. `Ok(None)`: no token, or no
-    /// RequestAuthentication applies (then a token is ignored, as in Istio). A token
-    /// that fails verification is denied (HTTP 401).
+    /// Finds the request's token where the workload's rules look (`fromHeaders` name and
+    /// prefix, `fromParams`, or the defaults `Authorization: Bearer` and `access_token`),
+    /// verifies it, and edits the request as the deciding rule says: the token removed
+    /// unless `forwardOriginalToken` (a header token only: Envoy leaves a query parameter
+    /// in place), the payload (the token's base64url payload segment, as Envoy sends it)
+    /// set in `outputPayloadToHeader`. Every rule's `outputPayloadToHeader` that the
+    /// client sent is removed first, so it can never be forged. `Ok(None)`: no token, or
+    /// no RequestAuthentication applies (then the request is left untouched, as in
+    /// Istio). A token that fails verification is denied (HTTP 401, the reason naming
+    /// why); keys that cannot be fetched always deny.
+    pub fn authenticate_request(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<Option<JwtIdentity>, Denied> {
+        if self.request_authn.is_empty() {
+            return Ok(None);
+        }
+        jwt::authenticate_request(&self.request_authn, &self.jwt, parts).map_err(rejected)
+    }
+
+    /// Verifies a token given on its own, wherever the rules would read it. For the
+    /// offline `explain` only; the data path uses [`Self::authenticate_request`].
     pub fn authenticate(&self, token: Option<&str>) -> Result<Option<JwtIdentity>, Denied> {
         let Some(token) = token else { return Ok(None) };
         if self.request_authn.is_empty() {
             return Ok(None);
         }
-        jwt::authenticate(&self.request_authn, token)
+        jwt::authenticate(&self.request_authn, &self.jwt, token)
             .map(Some)
-            .map_err(|(policy, error)| {
-                Denied(Verdict {
-                    policy,
-                    action: None,
-                    rule: None,
-                    reason: super::Reason::JwtRejected(error),
-                    notes: Vec::new(),
-                })
-            })
+            .map_err(rejected)
     }
 
-    /// Finds the request's token where the workload's rules look and verifies it.
-    /// `Ok(None)`: no token, or no RequestAuthentication applies.
-    pub fn authenticate_request(
-        &self,
-        parts: &mut http::request::Parts,
-    ) -> Result<Option<JwtIdentity>, Denied> {
-        let values: Vec<(&str, &str)> = parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-            .collect();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        self.authenticate(self.find_token(&values, path))
-    }
-
-    /// The token the workload's RequestAuthentication rules would read from a request.
+    /// The token [`Self::authenticate_request`] would read, over borrowed headers and a
+    /// path. For the offline `explain` only.
     pub fn find_token<'a>(&self, headers: &[(&'a str, &'a str)], path: &'a str) -> Option<&'a str> {
         jwt::find_token(&self.request_authn, headers, path)
     }
@@ -182,4 +183,14 @@ impl WorkloadPolicies {
             .chain(self.authz.enforced.iter().map(|p| &p.meta))
             .chain(self.authz.dry_run.iter().map(|p| &p.meta))
     }
+}
+
+fn rejected((policy, error): Rejected) -> Denied {
+    Denied(Verdict {
+        policy,
+        action: None,
+        rule: None,
+        reason: super::Reason::JwtRejected(error),
+        notes: Vec::new(),
+    })
 }
