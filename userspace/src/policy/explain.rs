@@ -333,7 +333,7 @@ fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, ExplainEr
 /// `ambit explain`: loads `config_dir`, answers, prints (text or JSON) and returns the
 /// exit status: 0 ALLOW, 1 DENY, 2 bad input (message on stderr).
 pub fn run_cli(config_dir: &Path, root_namespace: &str, args: &ExplainArgs, json: bool) -> i32 {
-    let snapshot = match DirState::load_strict(config_dir) {
+    let snapshot = match DirState::load_strict(config_dir, root_namespace) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             eprintln!("ambit explain: bad config: {error}");

@@ -75,6 +75,24 @@ pub enum Problem {
     Conflict(&'static str),
     #[error("is not a valid JWKS: {0}")]
     InvalidJwks(String),
+    #[error(
+        "{0:?}: regex path matching is refused (ambit never compiles a regex from configuration); \
+         only a literal path, `literal.*` or `.*literal` converts"
+    )]
+    RegexPath(String),
+    #[error("{0:?} contains '*', which a v1beta1 path cannot express literally")]
+    StarInPath(String),
+    #[error("names service {0}, which does not exist")]
+    UnknownService(String),
+    #[error("names service {0}, which has no selector, so it selects no workload")]
+    ServiceWithoutSelector(String),
+    #[error("names port {port:?}, which service {service} does not have")]
+    UnknownServicePort { service: String, port: String },
+    #[error(
+        "names a port of service {service} whose targetPort is the container port name {port:?}, \
+         which ambit cannot resolve; use a numeric targetPort"
+    )]
+    NamedTargetPort { service: String, port: String },
 }
 
 impl PolicyObject {
@@ -153,7 +171,7 @@ fn parse_body(kind: &str, fields: &Fields<'_, '_>) -> Res<PolicySpec> {
     })
 }
 
-fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
+pub(super) fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
     let metadata = fields.require("metadata")?;
     let meta = metadata.open_fields()?;
     let name = meta.require("name")?.string()?.to_owned();
@@ -188,6 +206,7 @@ fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
         name,
         creation_timestamp,
         dry_run,
+        converted_from: None,
     })
 }
 
@@ -320,20 +339,7 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
         "timeout",
     ])?;
     let issuer = fields.require("issuer")?.string()?.to_owned();
-    let keys = match (fields.get("jwks"), fields.get("jwksUri")) {
-        (Some(_), Some(uri)) => {
-            return uri.fail(Problem::Conflict("jwks and jwksUri are mutually exclusive"));
-        }
-        (Some(jwks), None) => {
-            let text = jwks.string()?;
-            match serde_json::from_str(text) {
-                Ok(set) => JwtKeys::Inline(set),
-                Err(e) => return jwks.fail(Problem::InvalidJwks(e.to_string())),
-            }
-        }
-        (None, Some(uri)) => JwtKeys::Uri(uri.string()?.to_owned()),
-        (None, None) => JwtKeys::Discovery,
-    };
+    let keys = jwt_keys(fields.get("jwks"), fields.get("jwksUri"))?;
     let mut from_headers = Vec::new();
     if let Some(headers) = fields.get("fromHeaders") {
         for header in headers.items()? {
@@ -374,14 +380,32 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
     })
 }
 
-fn optional_string(fields: &Fields<'_, '_>, key: &str) -> Res<Option<String>> {
+/// The keys of a JWT rule from its `jwks` and `jwksUri` fields.
+pub(super) fn jwt_keys(jwks: Option<Node<'_>>, uri: Option<Node<'_>>) -> Res<JwtKeys> {
+    Ok(match (jwks, uri) {
+        (Some(_), Some(uri)) => {
+            return uri.fail(Problem::Conflict("jwks and jwksUri are mutually exclusive"));
+        }
+        (Some(jwks), None) => {
+            let text = jwks.string()?;
+            match serde_json::from_str(text) {
+                Ok(set) => JwtKeys::Inline(set),
+                Err(e) => return jwks.fail(Problem::InvalidJwks(e.to_string())),
+            }
+        }
+        (None, Some(uri)) => JwtKeys::Uri(uri.string()?.to_owned()),
+        (None, None) => JwtKeys::Discovery,
+    })
+}
+
+pub(super) fn optional_string(fields: &Fields<'_, '_>, key: &str) -> Res<Option<String>> {
     fields
         .get(key)
         .map(|n| n.string().map(str::to_owned))
         .transpose()
 }
 
-fn string_list(fields: &Fields<'_, '_>, key: &str) -> Res<Vec<String>> {
+pub(super) fn string_list(fields: &Fields<'_, '_>, key: &str) -> Res<Vec<String>> {
     let Some(list) = fields.get(key) else {
         return Ok(Vec::new());
     };
