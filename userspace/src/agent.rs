@@ -163,7 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     // The first pass reads the directory before anything is reconciled, so a restarted
     // agent never releases pods only because it has not read them yet.
-    let mut initial = files::DirState::default();
+    let mut initial = files::DirState::new(&args.root_namespace);
     for error in initial.reload(&args.config_dir) {
         error!("config rejected: {error}");
     }
@@ -228,7 +228,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
 
-    tokio::spawn(files::watch_dir(args.config_dir.clone(), snapshot_tx));
+    tokio::spawn(files::watch_dir(
+        args.config_dir.clone(),
+        args.root_namespace.clone(),
+        snapshot_tx,
+    ));
 
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let mut shutdown = std::pin::pin!(shutdown_signal());

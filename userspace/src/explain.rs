@@ -401,7 +401,7 @@ pub enum Output {
 /// `ambit explain`: loads `config_dir`, answers, prints (text or JSON) and returns the
 /// exit status: 0 ALLOW, 1 DENY, 2 bad input (message on stderr).
 pub fn run_cli(cli: &ExplainCli) -> i32 {
-    let snapshot = match DirState::load_strict(&cli.config_dir) {
+    let snapshot = match DirState::load_strict(&cli.config_dir, &cli.root_namespace) {
         Ok(snapshot) => snapshot,
         Err(error) => {
             eprintln!("ambit explain: bad config: {error}");

@@ -17,7 +17,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{Namespace, Pod, Service, Snapshot, objects::ObjectError};
-use crate::policy::{self, PolicyError, PolicyObject};
+use crate::policy::{
+    self, PolicyError, PolicyObject,
+    legacy::{self, LegacyPolicy},
+};
 
 /// How often the directory is re-read even without a change notification (a safety net
 /// for file systems where inotify misses events).
@@ -52,6 +55,10 @@ pub enum FileError {
         document: usize,
         source: PolicyError,
     },
+    /// An Istio 1.1 policy that parsed but names something the configuration lacks;
+    /// it depends on other files, so it is left out while the rest applies.
+    #[error("{source} (policy left out until this is fixed)")]
+    Conversion { source: PolicyError },
     #[error("cannot list {}: {source}", dir.display())]
     ListDir { dir: PathBuf, source: io::Error },
 }
@@ -108,6 +115,17 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Snapshot, FileError> {
                 let service = Service::from_yaml(value).map_err(object_error)?;
                 objects.services.insert(service.key(), service);
             }
+            _ if legacy::is_legacy_kind(&api_version, &kind) => {
+                objects
+                    .legacy
+                    .push(LegacyPolicy::from_yaml(&kind, value).map_err(|source| {
+                        FileError::Policy {
+                            file: file.to_owned(),
+                            document: document_no,
+                            source,
+                        }
+                    })?)
+            }
             _ if policy::is_policy_kind(&api_version, &kind) => {
                 objects
                     .policies
@@ -139,24 +157,43 @@ fn is_config_file(path: &Path) -> bool {
 }
 
 /// The last good contents of a directory, file by file.
-#[derive(Default)]
 pub struct DirState {
+    /// Where a `MeshPolicy` goes when converted.
+    root_namespace: String,
     /// Raw bytes and parsed objects per file; the objects are from the last time the file
     /// parsed, which may be older than the bytes.
     files: BTreeMap<PathBuf, (Vec<u8>, Snapshot)>,
+    /// The union of `files` with Istio 1.1 policies converted, as of the last reload.
+    assembled: Snapshot,
+    /// The conversion errors of the last reload. A rescan runs every second, so these
+    /// are reported again only when they change.
+    conversion_errors: Vec<String>,
 }
 
 /// The snapshot of one YAML text, for unit tests of what is built from a configuration.
 #[cfg(test)]
 pub(crate) fn snapshot_of(yaml: &str) -> Snapshot {
-    parse_file(Path::new("test.yaml"), yaml).expect("test configuration parses")
+    let mut snapshot = parse_file(Path::new("test.yaml"), yaml).expect("test configuration parses");
+    let errors = snapshot.convert_legacy(crate::policy::engine::DEFAULT_ROOT_NAMESPACE);
+    assert!(errors.is_empty(), "test configuration converts: {errors:?}");
+    snapshot
 }
 
 impl DirState {
-    /// Reads `dir` once and fails on the first bad file: for one-shot commands (`explain`)
-    /// where there is no previous state to fall back on.
-    pub fn load_strict(dir: &Path) -> Result<Snapshot, FileError> {
-        let mut state = Self::default();
+    /// An empty state; `root_namespace` receives converted `MeshPolicy` objects.
+    pub fn new(root_namespace: &str) -> Self {
+        Self {
+            root_namespace: root_namespace.to_owned(),
+            files: BTreeMap::new(),
+            assembled: Snapshot::default(),
+            conversion_errors: Vec::new(),
+        }
+    }
+
+    /// Reads `dir` once and fails on the first bad file or policy: for one-shot commands
+    /// (`explain`) where there is no previous state to fall back on.
+    pub fn load_strict(dir: &Path, root_namespace: &str) -> Result<Snapshot, FileError> {
+        let mut state = Self::new(root_namespace);
         match state.reload(dir).into_iter().next() {
             Some(error) => Err(error),
             None => Ok(state.snapshot()),
@@ -208,12 +245,29 @@ impl DirState {
                 }
             }
         }
+        let mut assembled = self.union();
+        let conversion = assembled.convert_legacy(&self.root_namespace);
+        self.assembled = assembled;
+        let messages: Vec<String> = conversion.iter().map(ToString::to_string).collect();
+        if messages != self.conversion_errors {
+            self.conversion_errors = messages;
+            errors.extend(
+                conversion
+                    .into_iter()
+                    .map(|source| FileError::Conversion { source }),
+            );
+        }
         errors
     }
 
-    /// The union of all files. When two files define the same object, the one in the file
+    /// The configuration as of the last reload: the union of all files, Istio 1.1
+    /// policies converted. When two files define the same object, the one in the file
     /// that sorts last wins.
     pub fn snapshot(&self) -> Snapshot {
+        self.assembled.clone()
+    }
+
+    fn union(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (_, objects) in self.files.values() {
             let objects = objects.clone();
@@ -221,14 +275,16 @@ impl DirState {
             snapshot.pods.extend(objects.pods);
             snapshot.services.extend(objects.services);
             snapshot.policies.extend(objects.policies);
+            snapshot.legacy.extend(objects.legacy);
         }
         snapshot
     }
 }
 
-/// Follows `dir` and publishes a new [`Snapshot`] on `tx` whenever the objects change.
+/// Follows `dir` and publishes a new [`Snapshot`] on `tx` whenever the objects change;
+/// `root_namespace` receives converted `MeshPolicy` objects.
 /// Runs until `tx` has no receivers.
-pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>) {
+pub async fn watch_dir(dir: PathBuf, root_namespace: String, tx: watch::Sender<Snapshot>) {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     // Keep the watcher alive for the whole loop; without it we fall back to rescanning.
     let _watcher = match start_watcher(&dir, events_tx) {
@@ -238,7 +294,7 @@ pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>) {
             None
         }
     };
-    let mut state = DirState::default();
+    let mut state = DirState::new(&root_namespace);
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     loop {
         tokio::select! {
@@ -285,6 +341,7 @@ fn start_watcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::engine::DEFAULT_ROOT_NAMESPACE;
 
     const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo, labels: {ambit.io/mesh: enabled}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: foo}\nstatus: {podIP: 10.1.0.2}\n";
 
@@ -292,7 +349,7 @@ mod tests {
     fn multi_document_file_yields_every_object() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
-        let snapshot = DirState::load_strict(dir.path()).unwrap();
+        let snapshot = DirState::load_strict(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap();
         assert!(snapshot.namespaces["foo"].mesh_enabled());
         assert!(snapshot.is_enrolled(&snapshot.pods["foo/a"]));
     }
@@ -302,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
         std::fs::write(&file, GOOD).unwrap();
-        let mut state = DirState::default();
+        let mut state = DirState::new(DEFAULT_ROOT_NAMESPACE);
         assert!(state.reload(dir.path()).is_empty());
 
         std::fs::write(&file, "kind: Pod\nmetadata: [unclosed").unwrap();
@@ -324,7 +381,9 @@ mod tests {
             "---\napiVersion: v1\nmetadata: {name: x}\n",
         )
         .unwrap();
-        let message = DirState::load_strict(dir.path()).unwrap_err().to_string();
+        let message = DirState::load_strict(dir.path(), DEFAULT_ROOT_NAMESPACE)
+            .unwrap_err()
+            .to_string();
         assert!(
             message.ends_with("b.yaml: document 1: missing kind"),
             "{message}"
@@ -332,11 +391,34 @@ mod tests {
     }
 
     #[test]
+    fn legacy_policy_naming_no_service_is_left_out_and_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "apiVersion: authentication.istio.io/v1alpha1\nkind: Policy\nmetadata: {name: p, namespace: foo}\nspec: {targets: [{name: web}]}\n";
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), policy).unwrap();
+        let mut state = DirState::new(DEFAULT_ROOT_NAMESPACE);
+        let errors = state.reload(dir.path());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            "Policy foo/p: spec.targets[0].name: names service foo/web, which does not exist \
+             (policy left out until this is fixed)"
+        );
+        assert!(state.snapshot().pods.contains_key("foo/a"));
+        assert!(state.reload(dir.path()).is_empty(), "reported once");
+
+        let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: foo}\nspec: {selector: {app: web}}\n";
+        std::fs::write(dir.path().join("a.yaml"), format!("{GOOD}{service}")).unwrap();
+        assert!(state.reload(dir.path()).is_empty());
+        assert_eq!(state.snapshot().policies.len(), 1);
+    }
+
+    #[test]
     fn removed_file_drops_its_objects() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
         std::fs::write(&file, GOOD).unwrap();
-        let mut state = DirState::default();
+        let mut state = DirState::new(DEFAULT_ROOT_NAMESPACE);
         state.reload(dir.path());
         std::fs::remove_file(&file).unwrap();
         state.reload(dir.path());

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 pub use objects::{Namespace, Pod, Service};
 
-use crate::policy::PolicyObject;
+use crate::policy::{
+    PolicyError, PolicyObject,
+    legacy::{self, LegacyPolicy},
+};
 
 /// Everything the sources know at one moment. Cheap to compare, so consumers can skip
 /// reconciling when nothing changed.
@@ -22,9 +25,26 @@ pub struct Snapshot {
     /// By `namespace/name`.
     pub services: BTreeMap<String, Service>,
     pub policies: Vec<PolicyObject>,
+    /// Istio 1.1 authentication policies as read, waiting for [`Snapshot::convert_legacy`]
+    /// (which needs every Service) to turn them into `policies`.
+    pub legacy: Vec<LegacyPolicy>,
 }
 
 impl Snapshot {
+    /// Converts the `legacy` policies into `policies` (see [`legacy::convert`]); a
+    /// `MeshPolicy` lands in `root_namespace`. A policy that cannot be converted (its
+    /// target names no Service) is left out and returned as an error; the others apply.
+    pub fn convert_legacy(&mut self, root_namespace: &str) -> Vec<PolicyError> {
+        let mut errors = Vec::new();
+        for policy in std::mem::take(&mut self.legacy) {
+            match legacy::convert(&policy, self, root_namespace) {
+                Ok(objects) => self.policies.extend(objects),
+                Err(error) => errors.push(error),
+            }
+        }
+        errors
+    }
+
     /// True when `pod` is enrolled: its namespace carries `ambit.io/mesh=enabled`, the
     /// pod did not opt out, and it has a network namespace of its own (a `hostNetwork`
     /// pod's would be the node's, and redirecting it would capture the node).

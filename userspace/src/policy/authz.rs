@@ -77,10 +77,17 @@ impl Denied {
         &self.0
     }
 
-    /// 401 when authentication failed (a rejected JWT), 403 for an authorization denial.
+    /// 401 when authentication failed (a rejected JWT, or a missing one that a converted
+    /// Istio 1.1 policy requires), 403 for an authorization denial.
     pub fn http_status(&self) -> u16 {
+        let requires_token = self.0.policy.as_ref().is_some_and(|p| {
+            p.converted_from
+                .as_ref()
+                .is_some_and(|from| from.requires_token)
+        });
         match self.0.reason {
             Reason::JwtRejected(_) => 401,
+            Reason::DenyRuleMatched if requires_token => 401,
             _ => 403,
         }
     }

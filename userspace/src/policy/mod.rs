@@ -1,7 +1,8 @@
 //! Istio's security API (`PeerAuthentication`, `RequestAuthentication`,
 //! `AuthorizationPolicy`): parsed and validated from YAML ([`parse`]), indexed per
 //! namespace and resolved per workload ([`PolicyEngine`]), evaluated per connection and
-//! per request ([`authz`]).
+//! per request ([`authz`]). Istio 1.1's authentication policies are converted into these
+//! kinds ([`legacy`]).
 //!
 //! Decisions are pure functions of the policies and a [`RequestContext`]; this module
 //! opens no sockets, reads no files and depends on nothing above it.
@@ -9,6 +10,7 @@
 pub mod authz;
 pub mod engine;
 pub mod jwt;
+pub mod legacy;
 pub mod model;
 pub mod parse;
 pub mod resolve;
@@ -38,12 +40,14 @@ pub enum PolicySpec {
     AuthorizationPolicy(model::AuthorizationPolicy),
 }
 
-/// True for the kinds the policy engine parses. Any `security.istio.io` version is
-/// claimed here so that an unsupported version is reported instead of silently ignored.
+/// True for the kinds the policy engine parses, Istio 1.1's authentication kinds
+/// ([`legacy`]) included. Any version of them is claimed here so that an unsupported
+/// version is reported instead of silently ignored.
 pub fn is_policy_kind(api_version: &str, kind: &str) -> bool {
-    api_version.starts_with("security.istio.io/")
+    let security = api_version.starts_with("security.istio.io/")
         && matches!(
             kind,
             "PeerAuthentication" | "RequestAuthentication" | "AuthorizationPolicy"
-        )
+        );
+    security || legacy::is_legacy_kind(api_version, kind)
 }

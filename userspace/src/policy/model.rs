@@ -17,6 +17,9 @@ pub struct PolicyMeta {
     pub creation_timestamp: Option<String>,
     /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
     pub dry_run: bool,
+    /// Set when ambit made this object from an Istio 1.1 authentication policy, so that
+    /// every place that names a deciding policy also names the object the user wrote.
+    pub converted_from: Option<ConvertedFrom>,
 }
 
 impl PolicyMeta {
@@ -28,7 +31,49 @@ impl PolicyMeta {
 
 impl fmt::Display for PolicyMeta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        match &self.converted_from {
+            Some(from) => write!(f, " (from {from})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The `authentication.istio.io/v1alpha1` object a converted policy was made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvertedFrom {
+    pub kind: LegacyKind,
+    /// `namespace/name` of a `Policy`; `name` of the cluster-scoped `MeshPolicy`.
+    pub object: String,
+    /// True for the DENY policy that stands for a required end-user token: its denials
+    /// are authentication failures, answered with 401 as Istio 1.1 did.
+    pub requires_token: bool,
+}
+
+impl fmt::Display for ConvertedFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", LEGACY_API_VERSION, self.kind, self.object)
+    }
+}
+
+/// The API of Istio 1.1's authentication policies.
+pub const LEGACY_API_VERSION: &str = "authentication.istio.io/v1alpha1";
+
+/// The two kinds of Istio 1.1's authentication API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegacyKind {
+    /// Namespaced: its namespace, or the workloads of its `targets`.
+    Policy,
+    /// Cluster-scoped and always named `default`: the whole mesh.
+    MeshPolicy,
+}
+
+impl fmt::Display for LegacyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Policy => "Policy",
+            Self::MeshPolicy => "MeshPolicy",
+        })
     }
 }
 

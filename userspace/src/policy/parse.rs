@@ -79,6 +79,24 @@ pub enum Problem {
     InvalidJwksUri(String),
     #[error("{0:?} is not a valid HTTP header name")]
     InvalidHeaderName(String),
+    #[error(
+        "{0:?}: regex path matching is refused (ambit never compiles a regex from configuration); \
+         only a literal path, `literal.*` or `.*literal` converts"
+    )]
+    RegexPath(String),
+    #[error("{0:?} contains '*', which a v1beta1 path cannot express literally")]
+    StarInPath(String),
+    #[error("names service {0}, which does not exist")]
+    UnknownService(String),
+    #[error("names service {0}, which has no selector, so it selects no workload")]
+    ServiceWithoutSelector(String),
+    #[error("names port {port:?}, which service {service} does not have")]
+    UnknownServicePort { service: String, port: String },
+    #[error(
+        "names a port of service {service} whose targetPort is the container port name {port:?}, \
+         which ambit cannot resolve; use a numeric targetPort"
+    )]
+    NamedTargetPort { service: String, port: String },
 }
 
 impl PolicyObject {
@@ -157,7 +175,7 @@ fn parse_body(kind: &str, fields: &Fields<'_, '_>) -> Res<PolicySpec> {
     })
 }
 
-fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
+pub(super) fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
     let metadata = fields.require("metadata")?;
     let meta = metadata.open_fields()?;
     let name = meta.require("name")?.string()?.to_owned();
@@ -192,6 +210,7 @@ fn parse_meta(fields: &Fields<'_, '_>) -> Res<PolicyMeta> {
         name,
         creation_timestamp,
         dry_run,
+        converted_from: None,
     })
 }
 
@@ -324,26 +343,7 @@ fn parse_jwt_rule(node: &Node<'_>) -> Res<JwtRule> {
         "timeout",
     ])?;
     let issuer = fields.require("issuer")?.string()?.to_owned();
-    let keys = match (fields.get("jwks"), fields.get("jwksUri")) {
-        (Some(_), Some(uri)) => {
-            return uri.fail(Problem::Conflict("jwks and jwksUri are mutually exclusive"));
-        }
-        (Some(jwks), None) => {
-            let text = jwks.string()?;
-            match serde_json::from_str(text) {
-                Ok(set) => JwtKeys::Inline(set),
-                Err(e) => return jwks.fail(Problem::InvalidJwks(e.to_string())),
-            }
-        }
-        (None, Some(uri)) => {
-            let text = uri.string()?;
-            if !is_fetchable_uri(text) {
-                return uri.fail(Problem::InvalidJwksUri(text.to_owned()));
-            }
-            JwtKeys::Uri(text.to_owned())
-        }
-        (None, None) => JwtKeys::Discovery,
-    };
+    let keys = jwt_keys(fields.get("jwks"), fields.get("jwksUri"))?;
     let mut from_headers = Vec::new();
     if let Some(headers) = fields.get("fromHeaders") {
         for header in headers.items()? {
@@ -401,14 +401,38 @@ fn is_fetchable_uri(text: &str) -> bool {
         .is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some())
 }
 
-fn optional_string(fields: &Fields<'_, '_>, key: &str) -> Res<Option<String>> {
+/// The keys of a JWT rule from its `jwks` and `jwksUri` fields.
+pub(super) fn jwt_keys(jwks: Option<Node<'_>>, uri: Option<Node<'_>>) -> Res<JwtKeys> {
+    Ok(match (jwks, uri) {
+        (Some(_), Some(uri)) => {
+            return uri.fail(Problem::Conflict("jwks and jwksUri are mutually exclusive"));
+        }
+        (Some(jwks), None) => {
+            let text = jwks.string()?;
+            match serde_json::from_str(text) {
+                Ok(set) => JwtKeys::Inline(set),
+                Err(e) => return jwks.fail(Problem::InvalidJwks(e.to_string())),
+            }
+        }
+        (None, Some(uri)) => {
+            let text = uri.string()?;
+            if !is_fetchable_uri(text) {
+                return uri.fail(Problem::InvalidJwksUri(text.to_owned()));
+            }
+            JwtKeys::Uri(text.to_owned())
+        }
+        (None, None) => JwtKeys::Discovery,
+    })
+}
+
+pub(super) fn optional_string(fields: &Fields<'_, '_>, key: &str) -> Res<Option<String>> {
     fields
         .get(key)
         .map(|n| n.string().map(str::to_owned))
         .transpose()
 }
 
-fn string_list(fields: &Fields<'_, '_>, key: &str) -> Res<Vec<String>> {
+pub(super) fn string_list(fields: &Fields<'_, '_>, key: &str) -> Res<Vec<String>> {
     let Some(list) = fields.get(key) else {
         return Ok(Vec::new());
     };

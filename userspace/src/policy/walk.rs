@@ -148,6 +148,12 @@ impl<'a> Fields<'a, '_> {
             })
     }
 
+    /// True when the key is written, even with a null value (`mtls:` in Istio 1.1's
+    /// authentication policy means "mTLS with defaults", not "no mTLS").
+    pub fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
     /// The field or a `Missing` error naming it.
     pub fn require(&self, key: &str) -> Res<Node<'a>> {
         self.get(key).ok_or_else(|| self.missing(key))

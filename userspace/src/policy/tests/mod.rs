@@ -1,10 +1,12 @@
 //! Table-driven tests of the policy engine: the examples of Istio's security concept page
 //! (`examples`), every authorization rule (`authz`), PeerAuthentication resolution
-//! (`resolve`), JWT verification (`jwt`) and the validation messages (`parse`).
+//! (`resolve`), JWT verification (`jwt`), the validation messages (`parse`) and Istio
+//! 1.1's authentication policies (`legacy`).
 
 mod authz;
 mod examples;
 mod jwt;
+mod legacy;
 mod parse;
 mod resolve;
 

@@ -144,7 +144,7 @@ fn files_loader_prefixes_file_and_document() {
         format!("{AP}spec: {{}}\n---\n{AP}spec: {{action: NOPE}}\n"),
     )
     .unwrap();
-    let message = crate::discovery::files::DirState::load_strict(dir.path())
+    let message = crate::discovery::files::DirState::load_strict(dir.path(), "istio-system")
         .unwrap_err()
         .to_string();
     assert!(
