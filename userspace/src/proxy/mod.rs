@@ -10,6 +10,7 @@ pub mod copy;
 pub mod forward;
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod limits;
 pub mod outbound;
 pub mod socket;
