@@ -1,5 +1,10 @@
 //! Which policies apply to one workload, by Istio's scope rules: mesh (root namespace,
-//! no selector), namespace (no selector) and workload (selector matching its labels).
+//! no selector), namespace (no selector) and workload (selector matching its labels; for
+//! RequestAuthentication and AuthorizationPolicy, a selector in the root namespace also
+//! selects workloads of every namespace, while Istio ignores a PeerAuthentication with a
+//! selector in the root namespace: `ComposePeerAuthentication` and the istio/api note
+//! "PeerAuthentication policies with workload selectors are ignored when deployed in the
+//! root namespace").
 //!
 //! - PeerAuthentication: the narrowest scope that sets a mode wins; within a scope the
 //!   oldest policy (creation time, then name) is the only one considered; UNSET
@@ -13,7 +18,7 @@
 use std::sync::Arc;
 
 use super::{
-    authz::{AuthzSet, Decision, Denied, RequestContext, Verdict},
+    authz::{AuthzSet, Decision, Denied, RequestContext, TrustDomains, Verdict},
     jwt::{self, JwtIdentity, RequestAuthn},
     model::{
         AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef, RequestAuthentication,
@@ -28,7 +33,8 @@ pub(super) struct Candidates<'a, T> {
     pub mesh: &'a [Arc<Named<T>>],
     /// Policies without selector in the workload's namespace.
     pub namespace: &'a [Arc<Named<T>>],
-    /// Policies of the workload's namespace whose selector matches it.
+    /// Policies whose selector matches it, oldest first: of its namespace and, for the
+    /// kinds where Istio allows it, of the root namespace.
     pub workload: Vec<&'a Arc<Named<T>>>,
 }
 
@@ -73,8 +79,12 @@ pub(super) fn resolve(
     peer: Candidates<'_, PeerAuthentication>,
     request: Candidates<'_, RequestAuthentication>,
     authz: Candidates<'_, AuthorizationPolicy>,
+    trust: Arc<TrustDomains>,
 ) -> WorkloadPolicies {
-    let mut set = AuthzSet::default();
+    let mut set = AuthzSet {
+        trust,
+        ..AuthzSet::default()
+    };
     for policy in authz.all() {
         let target = if policy.meta.dry_run {
             &mut set.dry_run

@@ -3,10 +3,12 @@
 //! (`resolve`), JWT verification (`jwt`) and the validation messages (`parse`).
 
 mod authz;
+mod bypass;
 mod examples;
 mod jwt;
 mod parse;
 mod resolve;
+mod scope;
 
 use std::collections::BTreeMap;
 
