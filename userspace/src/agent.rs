@@ -148,8 +148,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         error!("config rejected: {error}");
     }
     snapshot_tx.send_replace(initial.snapshot());
-    let applied =
-        |snapshot: Snapshot| Arc::new(Applied::new(snapshot, &args.root_namespace, &trust_domain));
+    let aliases = &args.identity.trust_domain_aliases;
+    let applied = |snapshot: Snapshot| {
+        let mut applied = Applied::new(snapshot, &args.root_namespace, &trust_domain);
+        applied.policies = applied.policies.with_trust_domain_aliases(aliases);
+        Arc::new(applied)
+    };
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
     let connections = Arc::new(ConnectionLog::default());
     let limits = Limits::from(&args.limits);

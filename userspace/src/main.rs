@@ -31,6 +31,9 @@ enum Command {
         /// Namespace whose selector-less policies apply mesh-wide.
         #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
+        /// An alias of the trust domain, as `ambit run --trust-domain-alias` (repeatable).
+        #[arg(long = "trust-domain-alias", value_name = "TRUST_DOMAIN")]
+        trust_domain_aliases: Vec<String>,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
         #[command(flatten)]
@@ -49,11 +52,18 @@ fn main() -> std::process::ExitCode {
     if let Command::Explain {
         config_dir,
         root_namespace,
+        trust_domain_aliases,
         output,
         args,
     } = &cli.command
     {
-        let code = explain::run_cli(config_dir, root_namespace, args, *output == Output::Json);
+        let code = explain::run_cli(
+            config_dir,
+            root_namespace,
+            trust_domain_aliases,
+            args,
+            *output == Output::Json,
+        );
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(2));
     }
     tracing_subscriber::fmt()

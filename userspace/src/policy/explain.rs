@@ -332,7 +332,13 @@ fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, ExplainEr
 
 /// `ambit explain`: loads `config_dir`, answers, prints (text or JSON) and returns the
 /// exit status: 0 ALLOW, 1 DENY, 2 bad input (message on stderr).
-pub fn run_cli(config_dir: &Path, root_namespace: &str, args: &ExplainArgs, json: bool) -> i32 {
+pub fn run_cli(
+    config_dir: &Path,
+    root_namespace: &str,
+    trust_domain_aliases: &[String],
+    args: &ExplainArgs,
+    json: bool,
+) -> i32 {
     let snapshot = match DirState::load_strict(config_dir) {
         Ok(snapshot) => snapshot,
         Err(error) => {
@@ -340,7 +346,8 @@ pub fn run_cli(config_dir: &Path, root_namespace: &str, args: &ExplainArgs, json
             return EXIT_BAD_INPUT;
         }
     };
-    let engine = PolicyEngine::new(&snapshot.policies, root_namespace);
+    let engine = PolicyEngine::new(&snapshot.policies, root_namespace)
+        .with_trust_domain_aliases(trust_domain_aliases);
     let explanation = match explain(&snapshot, &engine, args) {
         Ok(explanation) => explanation,
         Err(error) => {

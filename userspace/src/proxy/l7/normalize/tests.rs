@@ -116,11 +116,18 @@ fn headers(lines: &[(&str, &str)]) -> HeaderMap {
     map
 }
 
+/// (case name, header lines, expectation).
+type FramingCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Result<(), FramingError>,
+);
+
 #[test]
 fn check_framing_table() {
     use FramingError::*;
     let te = |v: &str| UnsupportedTransferEncoding { value: v.into() };
-    let cases: &[(&str, &[(&str, &str)], Result<(), FramingError>)] = &[
+    let cases: &[FramingCase] = &[
         ("no body", &[("host", "a")], Ok(())),
         ("content-length", &[("content-length", "12")], Ok(())),
         ("chunked", &[("transfer-encoding", "chunked")], Ok(())),
