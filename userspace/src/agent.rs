@@ -27,7 +27,7 @@ use crate::{
     proxy::limits::{Descriptors, Limits},
     proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
     redirect::Redirector,
-    state::{Applied, JwtSetup},
+    state::{Applied, PolicySettings},
     workloads::WorkloadManager,
 };
 
@@ -173,20 +173,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         allow_private: args.jwt.allow_private_jwks,
         ..JwksOptions::default()
     })?;
-    let jwt = JwtSetup {
-        keys: Arc::new(jwks.clone()),
+    let settings = PolicySettings {
+        trust_domain_aliases: args.identity.trust_domain_aliases.clone(),
+        jwt_keys: Arc::new(jwks.clone()),
         clock_skew: args.jwt.jwt_clock_skew,
+        ..PolicySettings::new(&args.root_namespace, &trust_domain)
     };
     let applied = |snapshot: Snapshot| {
         // Fetching starts before the engine that needs the keys is in force; URIs the
         // snapshot no longer uses are dropped with their keys.
         jwks.track(jwks_uris(&snapshot.policies));
-        Arc::new(Applied::new(
-            snapshot,
-            &args.root_namespace,
-            &trust_domain,
-            &jwt,
-        ))
+        Arc::new(Applied::new(snapshot, &settings))
     };
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
     let connections = Arc::new(ConnectionLog::default());

@@ -25,7 +25,7 @@ use crate::{
         Action, Decision, MtlsMode, Reason, Verdict,
         engine::{DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN},
     },
-    state::{Applied, JwtSetup},
+    state::{Applied, PolicySettings},
 };
 
 /// Exit status of `ambit explain` for a bad config, an unknown pod or a bad value.
@@ -320,7 +320,7 @@ pub fn explain(applied: &Applied, args: &ExplainArgs) -> Result<Explanation, Exp
                 Err(RequestDenied::Denied(denied)) => {
                     Explanation::from_decision(mtls, &Err(denied))
                 }
-                Err(bad @ RequestDenied::BadRequest(_)) => {
+                Err(bad @ RequestDenied::BadPath(_)) => {
                     return Err(ExplainError::BadRequest(bad.to_string()));
                 }
             }
@@ -386,6 +386,9 @@ pub struct ExplainCli {
     /// Trust domain of workload identities, as the agent is run with.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// An alias of the trust domain, as `ambit run --trust-domain-alias` (repeatable).
+    #[arg(long = "trust-domain-alias", value_name = "TRUST_DOMAIN")]
+    pub trust_domain_aliases: Vec<String>,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(flatten)]
@@ -409,12 +412,11 @@ pub fn run_cli(cli: &ExplainCli) -> i32 {
         }
     };
     // Offline, keys behind a `jwksUri` are not fetched: tokens needing them are rejected.
-    let applied = Applied::new(
-        snapshot,
-        &cli.root_namespace,
-        &cli.trust_domain,
-        &JwtSetup::default(),
-    );
+    let settings = PolicySettings {
+        trust_domain_aliases: cli.trust_domain_aliases.clone(),
+        ..PolicySettings::new(&cli.root_namespace, &cli.trust_domain)
+    };
+    let applied = Applied::new(snapshot, &settings);
     let args = &cli.args;
     let json = cli.output == Output::Json;
     let explanation = match explain(&applied, args) {

@@ -16,20 +16,29 @@ use crate::{
     },
 };
 
-/// How the policy engine of every snapshot verifies JWTs.
+/// How the policies of every snapshot are read: the mesh's names, and how JWTs are
+/// verified.
 #[derive(Clone)]
-pub struct JwtSetup {
+pub struct PolicySettings {
+    /// Whose selector-less policies apply mesh-wide.
+    pub root_namespace: String,
+    pub trust_domain: String,
+    /// Trust domains whose principals count as the local one's (Istio's migration).
+    pub trust_domain_aliases: Vec<String>,
     /// The keys of `jwksUri` rules (the agent's fetcher).
-    pub keys: Arc<dyn RemoteKeys>,
+    pub jwt_keys: Arc<dyn RemoteKeys>,
     /// The leeway on `exp` and `nbf`.
     pub clock_skew: Duration,
 }
 
-impl Default for JwtSetup {
-    /// No `jwksUri` keys (their tokens are rejected) and the default skew.
-    fn default() -> Self {
+impl PolicySettings {
+    /// No aliases, no `jwksUri` keys (their tokens are rejected) and the default skew.
+    pub fn new(root_namespace: &str, trust_domain: &str) -> Self {
         Self {
-            keys: Arc::new(NoRemoteKeys),
+            root_namespace: root_namespace.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            trust_domain_aliases: Vec::new(),
+            jwt_keys: Arc::new(NoRemoteKeys),
             clock_skew: DEFAULT_CLOCK_SKEW,
         }
     }
@@ -61,17 +70,13 @@ impl Served {
 }
 
 impl Applied {
-    pub fn new(
-        snapshot: Snapshot,
-        root_namespace: &str,
-        trust_domain: &str,
-        jwt: &JwtSetup,
-    ) -> Self {
-        let policies = PolicyEngine::new(&snapshot.policies, root_namespace)
-            .with_trust_domain(trust_domain)
-            .with_remote_keys(Arc::clone(&jwt.keys))
-            .with_jwt_clock_skew(jwt.clock_skew);
-        let destinations = Destinations::new(&snapshot, trust_domain);
+    pub fn new(snapshot: Snapshot, settings: &PolicySettings) -> Self {
+        let policies = PolicyEngine::new(&snapshot.policies, &settings.root_namespace)
+            .with_trust_domain(&settings.trust_domain)
+            .with_trust_domain_aliases(&settings.trust_domain_aliases)
+            .with_remote_keys(Arc::clone(&settings.jwt_keys))
+            .with_jwt_clock_skew(settings.clock_skew);
+        let destinations = Destinations::new(&snapshot, &settings.trust_domain);
         let workloads = snapshot
             .pods
             .iter()
@@ -124,9 +129,7 @@ status: {{podIP: {pod_ip}}}
         );
         Applied::new(
             snapshot_of(&config),
-            "istio-system",
-            "cluster.local",
-            &JwtSetup::default(),
+            &PolicySettings::new("istio-system", "cluster.local"),
         )
     }
 

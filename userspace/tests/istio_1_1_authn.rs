@@ -5,15 +5,21 @@
 //! A step's outcome is what the task's `curl` prints: 200, 401, or 000 when plaintext
 //! reaches a STRICT port (the proxy refuses the connection).
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use ambit::{
+    admission::{self, Peer, Refusal},
     discovery::{Snapshot, files::DirState},
+    identity::SpiffeId,
     policy::{
-        HttpRequest, MtlsMode, PolicyEngine, PolicySpec, RequestContext, Workload,
+        MtlsMode, PolicyEngine, PolicySpec, Workload,
         legacy::converted_yaml,
         model::{JwtKeys, LegacyKind},
     },
+    state::{Applied, PolicySettings},
 };
 
 const ROOT: &str = "istio-system";
@@ -102,37 +108,38 @@ impl Mesh {
         self.status(pod, Some("cluster.local/ns/foo/sa/sleep"), path, token)
     }
 
-    /// The per-request steps of the data path: read and verify the token, authorize.
+    /// The data path's decision for one request (`crate::admission`, as both inbound
+    /// listeners and `explain` ask it): admit the connection, then the request.
     fn status(&self, pod: &str, principal: Option<&str>, path: &str, token: Option<&str>) -> u16 {
-        let policies = self.engine.resolve(&self.workload(pod));
-        let bearer = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = bearer
-            .iter()
-            .map(|b| ("authorization", b.as_str()))
-            .collect();
-        let jwt = match policies.authenticate(policies.find_token(&headers, path)) {
-            Ok(jwt) => jwt,
-            Err(denied) => return denied.http_status(),
-        };
-        let ctx = RequestContext {
-            source_principal: principal,
-            source_namespace: principal.map(|_| "foo"),
-            source_ip: "10.0.3.20".parse().unwrap(),
-            remote_ip: "10.0.3.20".parse().unwrap(),
-            destination_ip: self.snapshot.pods[pod].ip.unwrap(),
-            destination_port: HTTPBIN,
-            sni: None,
-            http: Some(HttpRequest {
-                method: "GET",
-                path,
-                host: "httpbin.foo:8000",
-                headers: &headers,
-                jwt: jwt.as_ref(),
+        let applied = Applied::new(
+            self.snapshot.clone(),
+            &PolicySettings::new(ROOT, "cluster.local"),
+        );
+        let peer = Peer {
+            identity: principal.map(|p| {
+                let id = format!("spiffe://{p}");
+                id.parse::<SpiffeId>().unwrap()
             }),
+            ip: "10.0.3.20".parse().unwrap(),
         };
-        match policies.authorize(&ctx) {
+        let ip = self.snapshot.pods[pod].ip.unwrap();
+        let admitted = admission::admit(&applied, pod, ip, &peer, SocketAddr::new(ip, HTTPBIN));
+        let admission = match admitted {
+            Ok(admission) => admission,
+            Err(Refusal::StrictMtls { .. }) => return 0,
+            Err(Refusal::Denied { denied, .. }) => return denied.http_status(),
+            Err(other) => panic!("{pod} not admitted: {other}"),
+        };
+        let mut request = http::Request::builder()
+            .uri(path)
+            .header("host", "httpbin.foo:8000");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+        match admission.authorize_request(&mut parts) {
             Ok(_) => 200,
-            Err(denied) => denied.http_status(),
+            Err(denied) => denied.status().as_u16(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! connection, or per request where the pod's policies look at HTTP attributes on that
 //! port ([`Handling`]); [`Admission::authorize_request`] decides a request.
 
+pub mod normalize;
 pub mod protocol;
 mod request;
 

@@ -4,9 +4,12 @@
 
 use std::borrow::Cow;
 
-use http::{header, request::Parts};
+use http::{Uri, header, request::Parts};
 
-use super::Admission;
+use super::{
+    Admission,
+    normalize::{self, PathError},
+};
 use crate::policy::{Denied, HttpRequest, Permit};
 
 /// The request may go on; it was edited as the policies say (canonical path, token
@@ -18,7 +21,7 @@ pub struct RequestPermit(pub Permit);
 #[derive(Debug, thiserror::Error)]
 pub enum RequestDenied {
     #[error("bad request: {0}")]
-    BadRequest(String),
+    BadPath(#[from] PathError),
     #[error("{}", .0.verdict().reason)]
     Denied(Denied),
 }
@@ -27,7 +30,7 @@ impl RequestDenied {
     /// 400 for a malformed request, 401 for a rejected JWT, 403 for a policy denial.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            Self::BadRequest(_) => http::StatusCode::BAD_REQUEST,
+            Self::BadPath(_) => http::StatusCode::BAD_REQUEST,
             Self::Denied(denied) => http::StatusCode::from_u16(denied.http_status())
                 .unwrap_or(http::StatusCode::FORBIDDEN),
         }
@@ -36,7 +39,7 @@ impl RequestDenied {
     pub fn denied(&self) -> Option<&Denied> {
         match self {
             Self::Denied(denied) => Some(denied),
-            Self::BadRequest(_) => None,
+            Self::BadPath(_) => None,
         }
     }
 }
@@ -44,6 +47,7 @@ impl RequestDenied {
 impl Admission {
     /// Decides one request, editing `parts` into what the application will receive.
     pub fn authorize_request(&self, parts: &mut Parts) -> Result<RequestPermit, RequestDenied> {
+        normalize_uri(&mut parts.uri)?;
         let jwt = self
             .policies
             .authenticate_request(parts)
@@ -79,4 +83,20 @@ impl Admission {
             .map(RequestPermit)
             .map_err(RequestDenied::Denied)
     }
+}
+
+/// Replaces the path of `uri` with its normalized form ([`normalize::normalize_path`]),
+/// keeping its scheme, authority and query.
+fn normalize_uri(uri: &mut Uri) -> Result<(), PathError> {
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let normalized = normalize::normalize_path(target)?;
+    if normalized.path_and_query() == target {
+        return Ok(());
+    }
+    // A normalized target only has bytes the original had, and `/`, so rebuilding cannot
+    // fail; if it ever did, the request is refused rather than matched un-normalized.
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = normalized.path_and_query().parse().ok();
+    *uri = Uri::from_parts(parts).map_err(|_| PathError::NotOriginForm)?;
+    Ok(())
 }

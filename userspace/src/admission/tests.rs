@@ -41,8 +41,7 @@ spec:
 fn applied(extra: &str) -> Applied {
     Applied::new(
         snapshot_of(&format!("{PODS}{extra}")),
-        "istio-system",
-        "cluster.local",
+        &crate::state::PolicySettings::new("istio-system", "cluster.local"),
     )
 }
 

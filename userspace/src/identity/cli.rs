@@ -89,6 +89,10 @@ pub struct IdentityArgs {
     /// Lifetime asked for workload certificates (capped by the CA).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
+    /// A former (or future) trust domain of this mesh: peers whose certificates name it
+    /// are accepted, and policy principals written with it match (repeatable).
+    #[arg(long = "trust-domain-alias", value_name = "TRUST_DOMAIN")]
+    pub trust_domain_aliases: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +136,7 @@ pub async fn start(
 ) -> Result<Identity, StartError> {
     let config = ManagerConfig {
         ttl: args.cert_ttl,
+        trust_domain_aliases: args.trust_domain_aliases.clone(),
         ..ManagerConfig::default()
     };
     let token_file = args

@@ -158,6 +158,7 @@ async fn manager_keeps_certificate_while_grpc_ca_is_down_and_recovers() {
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_millis(800),
         request_timeout: Duration::from_secs(2),
+        ..ManagerConfig::default()
     };
     let manager = SecretManager::spawn(Arc::new(grpc_client(dir.path(), addr, "any")), config);
     let default = id(DEFAULT);

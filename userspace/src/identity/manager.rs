@@ -43,6 +43,10 @@ pub struct ManagerConfig {
     pub max_backoff: Duration,
     /// A CA call that takes longer counts as a failure.
     pub request_timeout: Duration,
+    /// Trust domains whose identities peers may present besides the workloads' own
+    /// (`--trust-domain-alias`, Istio's trust domain migration); handed to the TLS
+    /// verifiers with each workload's root.
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Default for ManagerConfig {
@@ -52,6 +56,7 @@ impl Default for ManagerConfig {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            trust_domain_aliases: Vec::new(),
         }
     }
 }
@@ -91,6 +96,8 @@ struct Shared {
     slots: Mutex<HashMap<SpiffeId, Slot>>,
     /// Source of [`Slot::generation`]; never reused, even after a slot is removed.
     generations: AtomicU64,
+    /// [`ManagerConfig::trust_domain_aliases`].
+    trust_domain_aliases: Vec<String>,
 }
 
 struct Slot {
@@ -155,6 +162,7 @@ impl SecretManager {
         let shared = Arc::new(Shared {
             slots: Mutex::new(HashMap::new()),
             generations: AtomicU64::new(0),
+            trust_domain_aliases: config.trust_domain_aliases.clone(),
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let pending = PendingWorker {
@@ -163,6 +171,11 @@ impl SecretManager {
             commands: rx,
         };
         (Self { shared, commands }, pending)
+    }
+
+    /// Trust domains accepted from peers besides each workload's own.
+    pub fn trust_domain_aliases(&self) -> &[String] {
+        &self.shared.trust_domain_aliases
     }
 
     /// A pod with identity `id` enrolled on this node. The first one starts a request.

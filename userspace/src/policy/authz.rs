@@ -44,7 +44,8 @@ pub struct RequestContext<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct HttpRequest<'a> {
     pub method: &'a str,
-    /// As received; the query string is ignored when matching `paths`.
+    /// The path as `proxy::l7::normalize::normalize_path` made it: policies assume a
+    /// normalized path. A query string left in is ignored when matching `paths`.
     pub path: &'a str,
     /// `Host` / `:authority`.
     pub host: &'a str,
@@ -245,18 +246,74 @@ pub struct AuthzSet {
     pub(super) enforced: ByAction,
     /// Policies annotated `istio.io/dry-run: "true"`.
     pub(super) dry_run: ByAction,
+    /// The trust domains principals are matched across.
+    pub(super) trust: Arc<TrustDomains>,
+}
+
+/// The local trust domain and its aliases (`--trust-domain-alias`): identities that differ
+/// only in which of these they name are one identity, as in Istio's trust domain
+/// migration (istio.io "Trust Domain Migration"; `pilot/pkg/security/trustdomain`).
+///
+/// Istio rewrites each policy principal `<td>/ns/<ns>/sa/<sa>` whose `<td>` is one of
+/// these or `cluster.local` (which Istio reads as "the local trust domain") into one
+/// principal per trust domain here. Matching at request time is the same: a peer whose
+/// trust domain is one of these also matches a principal written with any other of them
+/// or with `cluster.local`. A peer of any other trust domain matches only as written.
+/// Unlike Istio, which leaves principals of other than five segments untouched, a prefix
+/// or suffix pattern (`old-td/ns/foo/*`) is matched across the domains too.
+#[derive(Debug, Default)]
+pub(super) struct TrustDomains(Vec<String>);
+
+impl TrustDomains {
+    /// `local` first, then `aliases`.
+    pub(super) fn new(local: &str, aliases: &[String]) -> Self {
+        let mut domains = vec![local.to_owned()];
+        for alias in aliases {
+            if !domains.contains(alias) {
+                domains.push(alias.clone());
+            }
+        }
+        Self(domains)
+    }
+
+    pub(super) fn aliases(&self) -> &[String] {
+        self.0.get(1..).unwrap_or_default()
+    }
+
+    /// `m` matches `principal`, or `principal` in another of these trust domains.
+    fn principal_matches(&self, m: &StringMatch, principal: Option<&str>) -> bool {
+        let Some(principal) = principal else {
+            return false;
+        };
+        if m.matches(Some(principal)) {
+            return true;
+        }
+        let Some((domain, rest)) = principal.split_once('/') else {
+            return false;
+        };
+        if !self.0.iter().any(|d| d == domain) {
+            return false;
+        }
+        self.0
+            .iter()
+            .map(String::as_str)
+            .chain([super::engine::DEFAULT_TRUST_DOMAIN])
+            .filter(|d| *d != domain)
+            .any(|d| m.matches_joined(d, rest))
+    }
 }
 
 impl AuthzSet {
     /// Evaluates `ctx`. Allocates only to report AUDIT or dry-run notes.
     pub fn evaluate(&self, ctx: &RequestContext<'_>) -> Decision {
-        let mut decision = decide(&[&self.enforced], ctx);
+        let trust = &self.trust;
+        let mut decision = decide(&[&self.enforced], ctx, trust);
         let notes = &mut match &mut decision {
             Ok(Permit(v)) | Err(Denied(v)) => v,
         }
         .notes;
         for policy in &self.enforced.audit {
-            if let Some(rule) = first_match(policy, ctx, HttpOnly::NeverMatches) {
+            if let Some(rule) = first_match(policy, ctx, trust, Side::Allow) {
                 notes.push(Note::Audit {
                     policy: policy.meta.clone(),
                     rule,
@@ -264,7 +321,7 @@ impl AuthzSet {
             }
         }
         if !self.dry_run.is_empty() {
-            let (allowed, shadow) = match decide(&[&self.enforced, &self.dry_run], ctx) {
+            let (allowed, shadow) = match decide(&[&self.enforced, &self.dry_run], ctx, trust) {
                 Ok(Permit(v)) => (true, v),
                 Err(Denied(v)) => (false, v),
             };
@@ -302,16 +359,19 @@ fn rule_needs_http(rule: &Rule, port: u16) -> bool {
         || rule.when.iter().any(|c| c.key.is_http())
 }
 
-/// How a field that needs HTTP is treated on a connection without HTTP attributes.
+/// Which way a rule fails closed, by its policy's action: what an attribute in doubt
+/// (an HTTP field on a TCP connection, one of several lines of a header) does.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum HttpOnly {
-    /// ALLOW and AUDIT: the rule cannot match (fail closed).
-    NeverMatches,
-    /// DENY and CUSTOM: the field is dropped and the rest of the rule applies.
-    Ignored,
+enum Side {
+    /// ALLOW and AUDIT: a doubt never matches. A field that needs HTTP makes the rule
+    /// unmatchable on TCP; a header condition must hold for every line of the header.
+    Allow,
+    /// DENY and CUSTOM: a doubt matches. A field that needs HTTP is dropped on TCP (the
+    /// rest of the rule applies); a header condition holding for any line is enough.
+    Deny,
 }
 
-fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>) -> Decision {
+fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>, trust: &TrustDomains) -> Decision {
     let verdict = |policy: &AuthzPolicy, rule, reason| Verdict {
         policy: Some(policy.meta.clone()),
         action: Some(policy.spec.action),
@@ -320,7 +380,7 @@ fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>) -> Decision {
         notes: Vec::new(),
     };
     for policy in sets.iter().flat_map(|s| &s.custom) {
-        if let Some(rule) = first_match(policy, ctx, HttpOnly::Ignored) {
+        if let Some(rule) = first_match(policy, ctx, trust, Side::Deny) {
             let provider = policy.spec.provider.clone().unwrap_or_default();
             return Err(Denied(verdict(
                 policy,
@@ -330,7 +390,7 @@ fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>) -> Decision {
         }
     }
     for policy in sets.iter().flat_map(|s| &s.deny) {
-        if let Some(rule) = first_match(policy, ctx, HttpOnly::Ignored) {
+        if let Some(rule) = first_match(policy, ctx, trust, Side::Deny) {
             return Err(Denied(verdict(policy, Some(rule), Reason::DenyRuleMatched)));
         }
     }
@@ -347,7 +407,7 @@ fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>) -> Decision {
     let mut policies = 0;
     for policy in allow {
         policies += 1;
-        if let Some(rule) = first_match(policy, ctx, HttpOnly::NeverMatches) {
+        if let Some(rule) = first_match(policy, ctx, trust, Side::Allow) {
             return Ok(Permit(verdict(
                 policy,
                 Some(rule),
@@ -373,43 +433,64 @@ fn decide(sets: &[&ByAction], ctx: &RequestContext<'_>) -> Decision {
     }))
 }
 
-fn first_match(policy: &AuthzPolicy, ctx: &RequestContext<'_>, http: HttpOnly) -> Option<usize> {
+fn first_match(
+    policy: &AuthzPolicy,
+    ctx: &RequestContext<'_>,
+    trust: &TrustDomains,
+    side: Side,
+) -> Option<usize> {
     policy
         .spec
         .rules
         .iter()
-        .position(|rule| rule_matches(rule, ctx, http))
+        .position(|rule| rule_matches(rule, ctx, trust, side))
 }
 
-fn rule_matches(rule: &Rule, ctx: &RequestContext<'_>, http: HttpOnly) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, ctx, http)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, ctx, http)))
-        && rule.when.iter().all(|c| condition_matches(c, ctx, http))
+fn rule_matches(rule: &Rule, ctx: &RequestContext<'_>, trust: &TrustDomains, side: Side) -> bool {
+    (rule.from.is_empty()
+        || rule
+            .from
+            .iter()
+            .any(|s| source_matches(s, ctx, trust, side)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, ctx, side)))
+        && rule
+            .when
+            .iter()
+            .all(|c| condition_matches(c, ctx, trust, side))
 }
 
-fn source_matches(source: &Source, ctx: &RequestContext<'_>, http: HttpOnly) -> bool {
-    clause(&source.principals, |m| m.matches(ctx.source_principal))
-        && clause(&source.namespaces, |m| m.matches(ctx.source_namespace))
+fn source_matches(
+    source: &Source,
+    ctx: &RequestContext<'_>,
+    trust: &TrustDomains,
+    side: Side,
+) -> bool {
+    clause(&source.principals, |m| {
+        trust.principal_matches(m, ctx.source_principal)
+    }) && clause(&source.namespaces, |m| m.matches(ctx.source_namespace))
         && clause(&source.ip_blocks, |net| net.contains(&ctx.source_ip))
         && clause(&source.remote_ip_blocks, |net| net.contains(&ctx.remote_ip))
-        && http_clause(&source.request_principals, ctx, http, |req, m| {
+        && http_clause(&source.request_principals, ctx, side, |req, m| {
             m.matches(req.jwt.map(|j| j.principal.as_str()))
         })
 }
 
-fn operation_matches(op: &Operation, ctx: &RequestContext<'_>, http: HttpOnly) -> bool {
+fn operation_matches(op: &Operation, ctx: &RequestContext<'_>, side: Side) -> bool {
     clause(&op.ports, |p| *p == ctx.destination_port)
-        && http_clause(&op.hosts, ctx, http, |req, m| {
-            m.matches_ignore_case(req.host)
-        })
-        && http_clause(&op.methods, ctx, http, |req, m| m.matches(Some(req.method)))
-        && http_clause(&op.paths, ctx, http, |req, m| {
+        && http_clause(&op.hosts, ctx, side, |req, m| host_matches(m, req.host))
+        && http_clause(&op.methods, ctx, side, |req, m| m.matches(Some(req.method)))
+        && http_clause(&op.paths, ctx, side, |req, m| {
             let path = req.path.split_once('?').map_or(req.path, |(p, _)| p);
             m.matches(Some(path))
         })
 }
 
-fn condition_matches(cond: &Condition, ctx: &RequestContext<'_>, http: HttpOnly) -> bool {
+fn condition_matches(
+    cond: &Condition,
+    ctx: &RequestContext<'_>,
+    trust: &TrustDomains,
+    side: Side,
+) -> bool {
     match (&cond.values, &cond.key) {
         (ConditionValues::Ips(c), key) => {
             let ip = match key {
@@ -422,24 +503,26 @@ fn condition_matches(cond: &Condition, ctx: &RequestContext<'_>, http: HttpOnly)
         (ConditionValues::Ports(c), _) => clause(c, |p| *p == ctx.destination_port),
         (ConditionValues::Strings(c), key) => match key {
             ConditionKey::SourceNamespace => clause(c, |m| m.matches(ctx.source_namespace)),
-            ConditionKey::SourcePrincipal => clause(c, |m| m.matches(ctx.source_principal)),
+            ConditionKey::SourcePrincipal => {
+                clause(c, |m| trust.principal_matches(m, ctx.source_principal))
+            }
             ConditionKey::ConnectionSni => clause(c, |m| m.matches(ctx.sni)),
-            ConditionKey::RequestHeader(name) => http_clause(c, ctx, http, |req, m| {
-                req.headers
-                    .iter()
-                    .any(|(k, v)| k.eq_ignore_ascii_case(name) && m.matches(Some(v)))
-            }),
-            ConditionKey::RequestPrincipal => http_clause(c, ctx, http, |req, m| {
+            ConditionKey::RequestHeader(name) => match &ctx.http {
+                _ if c.is_empty() => true,
+                Some(req) => header_clause(c, req, name, side),
+                None => side == Side::Deny,
+            },
+            ConditionKey::RequestPrincipal => http_clause(c, ctx, side, |req, m| {
                 m.matches(req.jwt.map(|j| j.principal.as_str()))
             }),
-            ConditionKey::RequestAudiences => http_clause(c, ctx, http, |req, m| {
+            ConditionKey::RequestAudiences => http_clause(c, ctx, side, |req, m| {
                 req.jwt
                     .is_some_and(|j| j.audiences.iter().any(|a| m.matches(Some(a))))
             }),
-            ConditionKey::RequestPresenter => http_clause(c, ctx, http, |req, m| {
+            ConditionKey::RequestPresenter => http_clause(c, ctx, side, |req, m| {
                 m.matches(req.jwt.and_then(|j| j.presenter.as_deref()))
             }),
-            ConditionKey::RequestClaim(path) => http_clause(c, ctx, http, |req, m| {
+            ConditionKey::RequestClaim(path) => http_clause(c, ctx, side, |req, m| {
                 req.jwt
                     .is_some_and(|j| j.claim_matches(path, |v| m.matches(Some(v))))
             }),
@@ -452,6 +535,59 @@ fn condition_matches(cond: &Condition, ctx: &RequestContext<'_>, http: HttpOnly)
     }
 }
 
+/// A `request.headers[name]` condition, on each line of the header on its own: a client
+/// that repeats a header must not pick the line the policy sees while the application
+/// reads another. So in ALLOW every line must satisfy `values`/`notValues`, and in DENY
+/// one line that does is enough. Envoy instead matches the lines joined with `,`, where
+/// an extra line defeats a DENY on `values` (`x: admin` plus `x: y` is `admin,y`) and an
+/// ALLOW on `notValues`. A header without any line is matched as absent.
+fn header_clause(c: &Clause<StringMatch>, req: &HttpRequest<'_>, name: &str, side: Side) -> bool {
+    let holds = |value: Option<&str>| clause(c, |m| m.matches(value));
+    let mut lines = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| Some(*v))
+        .peekable();
+    if lines.peek().is_none() {
+        return holds(None);
+    }
+    match side {
+        Side::Allow => lines.all(holds),
+        Side::Deny => lines.any(holds),
+    }
+}
+
+/// `hosts`: without regard to ASCII case (RFC 4343; Istio since GHSA-7774-7vr3-cc8j), and
+/// with or without the authority's port and a trailing dot.
+///
+/// Istio matches the whole `:authority`, so `hosts: [a.com]` misses `a.com:8080` and
+/// operators are told to add `a.com:*` (istio/istio#44080); a DENY or `notHosts` on
+/// `a.com` is then bypassed by adding a port or a final dot (`a.com.`). ambit matches
+/// the pattern against the authority as sent and against its bare host name, a superset
+/// of Istio's matches: a pattern naming a port (`a.com:8080`, `a.com:*`) still needs
+/// that port. Matching the bare name in ALLOW reaches nothing more, since the port in
+/// the authority never changes where the proxy sends the request.
+fn host_matches(m: &StringMatch, authority: &str) -> bool {
+    m.matches_ignore_case(authority) || m.matches_ignore_case(bare_host(authority))
+}
+
+/// `authority` without its `:port` (when all digits) and one final dot.
+fn bare_host(authority: &str) -> &str {
+    let host = match authority.rsplit_once(':') {
+        // `[v6]:port` or `name:port`; a colon inside an unbracketed IPv6 is no port.
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (host.ends_with(']') || !host.contains(':')) =>
+        {
+            host
+        }
+        _ => authority,
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 /// `any` (if set) has a match and `not` has none. A missing attribute matches no value,
 /// so it fails a positive clause and passes a negative one, as in Envoy.
 fn clause<T>(c: &Clause<T>, test: impl Fn(&T) -> bool) -> bool {
@@ -462,7 +598,7 @@ fn clause<T>(c: &Clause<T>, test: impl Fn(&T) -> bool) -> bool {
 fn http_clause<T>(
     c: &Clause<T>,
     ctx: &RequestContext<'_>,
-    http: HttpOnly,
+    side: Side,
     test: impl Fn(&HttpRequest<'_>, &T) -> bool,
 ) -> bool {
     if c.is_empty() {
@@ -470,7 +606,7 @@ fn http_clause<T>(
     }
     match &ctx.http {
         Some(req) => clause(c, |v| test(req, v)),
-        None => http == HttpOnly::Ignored,
+        None => side == Side::Deny,
     }
 }
 
@@ -484,6 +620,20 @@ impl StringMatch {
             Self::Prefix(s) => value.starts_with(s.as_str()),
             Self::Suffix(s) => value.ends_with(s.as_str()),
             Self::Presence => !value.is_empty(),
+        }
+    }
+
+    /// As [`Self::matches`] on `{first}/{rest}`, without building that string.
+    fn matches_joined(&self, first: &str, rest: &str) -> bool {
+        let len = first.len() + 1 + rest.len();
+        let joined = || first.bytes().chain([b'/']).chain(rest.bytes());
+        match self {
+            Self::Exact(s) => len == s.len() && joined().eq(s.bytes()),
+            Self::Prefix(s) => len >= s.len() && joined().zip(s.bytes()).all(|(a, b)| a == b),
+            Self::Suffix(s) => {
+                len >= s.len() && joined().rev().zip(s.bytes().rev()).all(|(a, b)| a == b)
+            }
+            Self::Presence => true,
         }
     }
 

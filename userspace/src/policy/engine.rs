@@ -11,6 +11,7 @@ use std::{
 
 use super::{
     PolicyObject, PolicySpec,
+    authz::TrustDomains,
     authz::{Decision, RequestContext},
     jwt::{JwtSettings, RemoteKeys},
     model::{
@@ -20,7 +21,9 @@ use super::{
 };
 use crate::discovery::Pod;
 
-/// Istio's default root namespace: its selector-less policies apply mesh-wide.
+/// Istio's default root namespace: its selector-less policies apply mesh-wide, and its
+/// AuthorizationPolicies and RequestAuthentications with a selector apply to matching
+/// workloads of every namespace.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// The trust domain of identities when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -62,6 +65,8 @@ pub struct PolicyEngine {
     /// Where `jwksUri` keys come from and the JWT clock skew; set before first use, since
     /// resolved workloads keep a copy.
     jwt: JwtSettings,
+    /// `trust_domain` and its aliases, shared with every resolved workload.
+    trust_domains: Arc<TrustDomains>,
     namespaces: HashMap<String, NamespaceIndex>,
     cache: RwLock<HashMap<Workload, Arc<WorkloadPolicies>>>,
 }
@@ -127,16 +132,38 @@ impl<T: Selected> Scoped<T> {
         }
     }
 
-    fn candidates<'a>(&'a self, mesh: &'a [Arc<Named<T>>], w: &Workload) -> Candidates<'a, T> {
-        Candidates {
-            mesh,
-            namespace: &self.wide,
-            workload: self
-                .selected
-                .iter()
-                .filter(|p| p.spec.selector().is_some_and(|s| s.matches(&w.labels)))
-                .collect(),
-        }
+    /// The policies of this namespace whose selector matches `w`.
+    fn selecting<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Arc<Named<T>>> {
+        self.selected
+            .iter()
+            .filter(|p| p.spec.selector().is_some_and(|s| s.matches(&w.labels)))
+    }
+}
+
+/// What may apply to `w` from its namespace (`local`) and the root namespace (`root`,
+/// empty when `w` lives there). `root_selectors`: whether a root-namespace policy with a
+/// selector applies (AuthorizationPolicy and RequestAuthentication, not
+/// PeerAuthentication, which Istio ignores there even for the root's own workloads).
+fn candidates<'a, T: Selected>(
+    local: &'a Scoped<T>,
+    root: &'a Scoped<T>,
+    w: &'a Workload,
+    in_root: bool,
+    root_selectors: bool,
+) -> Candidates<'a, T> {
+    let mut workload: Vec<_> = if in_root && !root_selectors {
+        Vec::new()
+    } else {
+        local.selecting(w).collect()
+    };
+    if !in_root && root_selectors {
+        workload.extend(root.selecting(w));
+    }
+    workload.sort_by(|a, b| a.meta.age_key().cmp(&b.meta.age_key()));
+    Candidates {
+        mesh: &root.wide,
+        namespace: &local.wide,
+        workload,
     }
 }
 
@@ -144,7 +171,9 @@ static EMPTY_INDEX: std::sync::LazyLock<NamespaceIndex> =
     std::sync::LazyLock::new(NamespaceIndex::default);
 
 impl PolicyEngine {
-    /// Indexes `policies`. Selector-less policies in `root_namespace` apply mesh-wide.
+    /// Indexes `policies`. Selector-less policies in `root_namespace` apply mesh-wide; its
+    /// AuthorizationPolicies and RequestAuthentications with a selector apply to the
+    /// workloads they select in every namespace.
     pub fn new(policies: &[PolicyObject], root_namespace: &str) -> Self {
         let mut namespaces: HashMap<String, NamespaceIndex> = HashMap::new();
         for object in policies {
@@ -174,14 +203,17 @@ impl PolicyEngine {
             root_namespace: root_namespace.to_owned(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             jwt: JwtSettings::default(),
+            trust_domains: Arc::new(TrustDomains::new(DEFAULT_TRUST_DOMAIN, &[])),
             namespaces,
             cache: RwLock::default(),
         }
     }
 
-    /// Sets the trust domain used to name workloads (default `cluster.local`).
+    /// Sets the trust domain used to name workloads (default `cluster.local`). Call it
+    /// before [`Self::with_trust_domain_aliases`], which it resets.
     pub fn with_trust_domain(mut self, trust_domain: &str) -> Self {
         trust_domain.clone_into(&mut self.trust_domain);
+        self.trust_domains = Arc::new(TrustDomains::new(trust_domain, &[]));
         self
     }
 
@@ -195,6 +227,18 @@ impl PolicyEngine {
     pub fn with_jwt_clock_skew(mut self, skew: Duration) -> Self {
         self.jwt.clock_skew = skew;
         self
+    }
+
+    /// Makes `aliases` aliases of the trust domain: principals written with any of them,
+    /// with the trust domain or with `cluster.local` match peers of any of them (Istio's
+    /// `trustDomainAliases`, see [`TrustDomains`]).
+    pub fn with_trust_domain_aliases(mut self, aliases: &[String]) -> Self {
+        self.trust_domains = Arc::new(TrustDomains::new(&self.trust_domain, aliases));
+        self
+    }
+
+    pub fn trust_domain_aliases(&self) -> &[String] {
+        self.trust_domains.aliases()
     }
 
     pub fn root_namespace(&self) -> &str {
@@ -228,15 +272,17 @@ impl PolicyEngine {
 
     fn resolve_uncached(&self, w: &Workload) -> WorkloadPolicies {
         let local = self.namespaces.get(&w.namespace).unwrap_or(&EMPTY_INDEX);
+        let in_root = w.namespace == self.root_namespace;
         let root = match self.namespaces.get(&self.root_namespace) {
             // In the root namespace its selector-less policies are namespace policies.
-            Some(root) if w.namespace != self.root_namespace => root,
+            Some(root) if !in_root => root,
             _ => &EMPTY_INDEX,
         };
         resolve::resolve(
-            local.peer.candidates(&root.peer.wide, w),
-            local.request.candidates(&root.request.wide, w),
-            local.authz.candidates(&root.authz.wide, w),
+            candidates(&local.peer, &root.peer, w, in_root, false),
+            candidates(&local.request, &root.request, w, in_root, true),
+            candidates(&local.authz, &root.authz, w, in_root, true),
+            self.trust_domains.clone(),
             self.jwt.clone(),
         )
     }

@@ -262,28 +262,6 @@ pub(super) fn authenticate_request(
     Ok(Some(identity))
 }
 
-/// Verifies `token` against the rule of its issuer, wherever it was found. Only the
-/// offline `explain` needs this (its `--jwt` names no location); the data path uses
-/// [`authenticate_request`].
-pub(super) fn authenticate(
-    policies: &[RequestAuthn],
-    settings: &JwtSettings,
-    token: &str,
-) -> Result<JwtIdentity, Rejected> {
-    let issuer = issuer_of(token)?;
-    let (policy, rule) = rule_for(policies, &issuer, None)?;
-    verify(rule, token, settings).map_err(|e| (Some(policy.clone()), e))
-}
-
-/// The token [`authenticate_request`] would read, over borrowed headers and a path.
-pub(super) fn find_token<'a>(
-    policies: &[RequestAuthn],
-    headers: &[(&'a str, &'a str)],
-    path: &'a str,
-) -> Option<&'a str> {
-    extract::find_in_pairs(policies, headers, path)
-}
-
 fn rules(policies: &[RequestAuthn]) -> impl Iterator<Item = &JwtRule> {
     policies.iter().flat_map(|p| &p.spec.jwt_rules)
 }

@@ -1,5 +1,10 @@
 //! Which policies apply to one workload, by Istio's scope rules: mesh (root namespace,
-//! no selector), namespace (no selector) and workload (selector matching its labels).
+//! no selector), namespace (no selector) and workload (selector matching its labels; for
+//! RequestAuthentication and AuthorizationPolicy, a selector in the root namespace also
+//! selects workloads of every namespace, while Istio ignores a PeerAuthentication with a
+//! selector in the root namespace: `ComposePeerAuthentication` and the istio/api note
+//! "PeerAuthentication policies with workload selectors are ignored when deployed in the
+//! root namespace").
 //!
 //! - PeerAuthentication: the narrowest scope that sets a mode wins; within a scope the
 //!   oldest policy (creation time, then name) is the only one considered; UNSET
@@ -13,7 +18,7 @@
 use std::sync::Arc;
 
 use super::{
-    authz::{AuthzSet, Decision, Denied, RequestContext, Verdict},
+    authz::{AuthzSet, Decision, Denied, RequestContext, TrustDomains, Verdict},
     jwt::{self, JwtIdentity, JwtSettings, Rejected, RequestAuthn},
     model::{
         AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef, RequestAuthentication,
@@ -28,7 +33,8 @@ pub(super) struct Candidates<'a, T> {
     pub mesh: &'a [Arc<Named<T>>],
     /// Policies without selector in the workload's namespace.
     pub namespace: &'a [Arc<Named<T>>],
-    /// Policies of the workload's namespace whose selector matches it.
+    /// Policies whose selector matches it, oldest first: of its namespace and, for the
+    /// kinds where Istio allows it, of the root namespace.
     pub workload: Vec<&'a Arc<Named<T>>>,
 }
 
@@ -75,9 +81,13 @@ pub(super) fn resolve(
     peer: Candidates<'_, PeerAuthentication>,
     request: Candidates<'_, RequestAuthentication>,
     authz: Candidates<'_, AuthorizationPolicy>,
+    trust: Arc<TrustDomains>,
     jwt: JwtSettings,
 ) -> WorkloadPolicies {
-    let mut set = AuthzSet::default();
+    let mut set = AuthzSet {
+        trust,
+        ..AuthzSet::default()
+    };
     for policy in authz.all() {
         let target = if policy.meta.dry_run {
             &mut set.dry_run
@@ -139,24 +149,6 @@ impl WorkloadPolicies {
             return Ok(None);
         }
         jwt::authenticate_request(&self.request_authn, &self.jwt, parts).map_err(rejected)
-    }
-
-    /// Verifies a token given on its own, wherever the rules would read it. For the
-    /// offline `explain` only; the data path uses [`Self::authenticate_request`].
-    pub fn authenticate(&self, token: Option<&str>) -> Result<Option<JwtIdentity>, Denied> {
-        let Some(token) = token else { return Ok(None) };
-        if self.request_authn.is_empty() {
-            return Ok(None);
-        }
-        jwt::authenticate(&self.request_authn, &self.jwt, token)
-            .map(Some)
-            .map_err(rejected)
-    }
-
-    /// The token [`Self::authenticate_request`] would read, over borrowed headers and a
-    /// path. For the offline `explain` only.
-    pub fn find_token<'a>(&self, headers: &[(&'a str, &'a str)], path: &'a str) -> Option<&'a str> {
-        jwt::find_token(&self.request_authn, headers, path)
     }
 
     /// True when requests to workload port `port` must be parsed: a RequestAuthentication

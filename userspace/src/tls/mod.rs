@@ -41,8 +41,8 @@ pub enum TlsError {
     Handshake(std::io::Error),
     #[error("peer certificate {0}")]
     PeerIdentity(String),
-    #[error("peer {peer} is in trust domain {peer_domain}, not ours ({ours})", peer_domain = .peer.trust_domain())]
-    ForeignTrustDomain { peer: SpiffeId, ours: String },
+    #[error("peer {peer} is in trust domain {peer_domain}, not ours ({})", .ours.join(", "), peer_domain = .peer.trust_domain())]
+    ForeignTrustDomain { peer: SpiffeId, ours: Vec<String> },
     #[error("server identity {peer} is not allowed for this destination (allowed: {})", display_list(.allowed))]
     NotAllowed {
         peer: SpiffeId,
@@ -72,11 +72,14 @@ fn display_list(ids: &[SpiffeId]) -> String {
         .join(", ")
 }
 
-/// The roots a peer's chain must reach and the trust domain its identity must be in.
+/// The roots a peer's chain must reach and the trust domains its identity may be in:
+/// ours first, then its aliases.
+///
+/// Invariant: `trust_domains` is never empty (enforced by [`TrustBundle::new`]).
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     roots: Arc<RootCertStore>,
-    trust_domain: String,
+    trust_domains: Vec<String>,
 }
 
 impl TrustBundle {
@@ -90,8 +93,23 @@ impl TrustBundle {
         }
         Ok(Self {
             roots: Arc::new(store),
-            trust_domain: trust_domain.to_owned(),
+            trust_domains: vec![trust_domain.to_owned()],
         })
+    }
+
+    /// Also accepts peers of the trust domains `aliases` (Istio's trust domain migration:
+    /// workloads of the old and the new domain talk to each other under one root).
+    pub fn with_aliases(mut self, aliases: &[String]) -> Self {
+        for alias in aliases {
+            if !self.trust_domains.contains(alias) {
+                self.trust_domains.push(alias.clone());
+            }
+        }
+        self
+    }
+
+    fn contains(&self, trust_domain: &str) -> bool {
+        self.trust_domains.iter().any(|d| d == trust_domain)
     }
 }
 
@@ -229,7 +247,8 @@ async fn resolver_and_trust(
     id: &SpiffeId,
 ) -> Result<(CertResolver, TrustBundle), TlsError> {
     let first = manager.fetch(id).await.map_err(TlsError::Certificate)?;
-    let trust = TrustBundle::new([first.root().clone()], id.trust_domain())?;
+    let trust = TrustBundle::new([first.root().clone()], id.trust_domain())?
+        .with_aliases(manager.trust_domain_aliases());
     let resolver = CertResolver::new(manager.subscribe(id).map_err(TlsError::Certificate)?);
     Ok((resolver, trust))
 }

@@ -32,10 +32,15 @@ struct Mesh {
 }
 
 fn mesh(ttl: Duration) -> Mesh {
+    mesh_with_aliases(ttl, &[])
+}
+
+fn mesh_with_aliases(ttl: Duration, aliases: &[&str]) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca_in(dir.path(), ttl);
     let config = ManagerConfig {
         ttl,
+        trust_domain_aliases: aliases.iter().map(|a| a.to_string()).collect(),
         ..ManagerConfig::default()
     };
     let manager = local_manager(ca.clone(), config);
@@ -277,6 +282,50 @@ async fn openssl_client_cert_from_another_trust_domain_is_refused() {
     let out = s_client(addr, &mesh.root_pem(), Some(&files), &["-ign_eof"]).await;
     assert!(!out.contains("peer="), "{out}");
     assert!(out.contains("alert certificate unknown"), "{out}");
+}
+
+#[tokio::test]
+async fn openssl_client_cert_from_an_aliased_trust_domain_is_accepted() {
+    let mesh = mesh_with_aliases(Duration::from_secs(3600), &["old.domain"]);
+    let addr = echo_server(mesh.acceptor(SERVER).await).await;
+    let old_td =
+        Ca::load_or_create(mesh.dir.path(), "old.domain", Duration::from_secs(3600)).unwrap();
+    let old_client = "spiffe://old.domain/ns/client/sa/curl";
+    let files = mesh.client_files(&old_td, old_client, "aliased-td");
+    let out = s_client(addr, &mesh.root_pem(), Some(&files), &["-ign_eof"]).await;
+    assert!(out.contains(&format!("peer={old_client}")), "{out}");
+}
+
+/// A server still certified in the old trust domain, under the same root, is the same
+/// workload to a client whose bundle has that domain as an alias, and a stranger to one
+/// without it.
+#[tokio::test]
+async fn client_accepts_a_server_of_an_aliased_trust_domain_as_the_same_workload() {
+    let ours = mesh_with_aliases(Duration::from_secs(3600), &["old.domain"]);
+    let old_ca = Arc::new(
+        Ca::load_or_create(ours.dir.path(), "old.domain", Duration::from_secs(3600)).unwrap(),
+    );
+    let old = Mesh {
+        manager: local_manager(
+            old_ca.clone(),
+            ManagerConfig {
+                trust_domain_aliases: vec!["cluster.local".into()],
+                ..ManagerConfig::default()
+            },
+        ),
+        ca: old_ca,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let addr = echo_server(
+        old.acceptor("spiffe://old.domain/ns/default/sa/default")
+            .await,
+    )
+    .await;
+    let connector = ours.connector(CLIENT, &[SERVER]).await;
+    one_exchange(&connector, addr).await.unwrap();
+    let without_alias = mesh(Duration::from_secs(3600));
+    let connector = without_alias.connector(CLIENT, &[SERVER]).await;
+    assert!(one_exchange(&connector, addr).await.is_err());
 }
 
 #[tokio::test]

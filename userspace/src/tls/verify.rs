@@ -24,7 +24,7 @@ use super::{TlsError, TrustBundle, uri_san};
 use crate::identity::SpiffeId;
 
 /// Proof that the peer of a completed handshake holds `id`: its chain reached the mesh
-/// root and its certificate names `id` in our trust domain. Only this module builds one,
+/// root and its certificate names `id` in our trust domain or one of its aliases. Only this module builds one,
 /// and only from a connection configured by [`super::MeshAcceptor`] or
 /// [`super::MeshConnector`], whose verifiers did those checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,23 +88,32 @@ fn reject(err: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }
 
-fn in_domain(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, rustls::Error> {
+fn in_domain(cert: &CertificateDer<'_>, trust: &TrustBundle) -> Result<SpiffeId, rustls::Error> {
     let (id, _) = identity_and_expiry(cert).map_err(reject)?;
-    if id.trust_domain() != trust_domain {
+    if !trust.contains(id.trust_domain()) {
         return Err(reject(TlsError::ForeignTrustDomain {
             peer: id,
-            ours: trust_domain.to_owned(),
+            ours: trust.trust_domains.clone(),
         }));
     }
     Ok(id)
 }
 
+/// Secure naming across aliases: `id` is `allowed`, or names the same namespace and
+/// service account in another trust domain of the bundle (a server not yet, or no
+/// longer, re-issued in the trust domain the destination index names).
+fn is_allowed(id: &SpiffeId, allowed: &[SpiffeId]) -> bool {
+    allowed.iter().any(|a| {
+        a == id || (a.namespace() == id.namespace() && a.service_account() == id.service_account())
+    })
+}
+
 /// Server side: a client certificate is mandatory, must chain to the mesh root and name a
-/// workload in our trust domain.
+/// workload in our trust domain or one of its aliases.
 #[derive(Debug)]
 pub(super) struct MeshClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
+    trust: TrustBundle,
 }
 
 impl MeshClientVerifier {
@@ -117,7 +126,7 @@ impl MeshClientVerifier {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         Ok(Self {
             inner,
-            trust_domain: trust.trust_domain.clone(),
+            trust: trust.clone(),
         })
     }
 }
@@ -136,7 +145,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        in_domain(end_entity, &self.trust_domain)?;
+        in_domain(end_entity, &self.trust)?;
         Ok(verified)
     }
 
@@ -167,8 +176,7 @@ impl ClientCertVerifier for MeshClientVerifier {
 /// of those allowed to run the destination.
 #[derive(Debug)]
 pub(super) struct SecureNamingVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    trust_domain: String,
+    trust: TrustBundle,
     allowed: Vec<SpiffeId>,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -180,8 +188,7 @@ impl SecureNamingVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Self {
         Self {
-            roots: trust.roots.clone(),
-            trust_domain: trust.trust_domain.clone(),
+            trust: trust.clone(),
             allowed,
             algorithms: provider.signature_verification_algorithms,
         }
@@ -200,13 +207,15 @@ impl ServerCertVerifier for SecureNamingVerifier {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.trust.roots,
             intermediates,
             now,
             self.algorithms.all,
         )?;
-        let id = in_domain(end_entity, &self.trust_domain)?;
-        if !self.allowed.contains(&id) {
+        // Only reached for an identity in the bundle, so matching namespace and service
+        // account across trust domains never lets a foreign domain through.
+        let id = in_domain(end_entity, &self.trust)?;
+        if !is_allowed(&id, &self.allowed) {
             return Err(reject(TlsError::NotAllowed {
                 peer: id,
                 allowed: self.allowed.clone(),

@@ -18,6 +18,7 @@ fn config(ttl_secs: u64) -> ManagerConfig {
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(8),
         request_timeout: Duration::from_secs(5),
+        ..ManagerConfig::default()
     }
 }
 

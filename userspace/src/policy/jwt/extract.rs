@@ -142,21 +142,6 @@ pub(super) fn find_in_request<'r>(
     })
 }
 
-/// The same search over borrowed headers and a path with its query string.
-pub(super) fn find_in_pairs<'a>(
-    policies: &[RequestAuthn],
-    headers: &[(&'a str, &'a str)],
-    path: &'a str,
-) -> Option<&'a str> {
-    let query = path.split_once('?').map(|(_, q)| q);
-    rules(policies).flat_map(Location::of).find_map(|location| {
-        headers
-            .iter()
-            .find_map(|(k, v)| location.in_header(k, v))
-            .or_else(|| location.in_query(query?))
-    })
-}
-
 fn rules(policies: &[RequestAuthn]) -> impl Iterator<Item = &JwtRule> {
     policies.iter().flat_map(|p| &p.spec.jwt_rules)
 }

@@ -93,10 +93,10 @@ fn every_field_parses_in_camel_case() {
 #[test]
 fn snake_case_spellings_parse_the_same() {
     let camel = spec(
-        "  peers: [{mtls: {allowTls: true}}]\n  peerIsOptional: true\n  originIsOptional: true\n  principalBinding: USE_PEER\n  origins:\n  - jwt: {issuer: i, jwksUri: u, jwtHeaders: [h], jwtParams: [q], triggerRules: [{excludedPaths: [{exact: /a}], includedPaths: [{prefix: /b}]}]}\n",
+        "  peers: [{mtls: {allowTls: true}}]\n  peerIsOptional: true\n  originIsOptional: true\n  principalBinding: USE_PEER\n  origins:\n  - jwt: {issuer: i, jwksUri: https://keys.example/jwks.json, jwtHeaders: [h], jwtParams: [q], triggerRules: [{excludedPaths: [{exact: /a}], includedPaths: [{prefix: /b}]}]}\n",
     );
     let snake = spec(
-        "  peers: [{mtls: {allow_tls: true}}]\n  peer_is_optional: true\n  origin_is_optional: true\n  principal_binding: USE_PEER\n  origins:\n  - jwt: {issuer: i, jwks_uri: u, jwt_headers: [h], jwt_params: [q], trigger_rules: [{excluded_paths: [{exact: /a}], included_paths: [{prefix: /b}]}]}\n",
+        "  peers: [{mtls: {allow_tls: true}}]\n  peer_is_optional: true\n  origin_is_optional: true\n  principal_binding: USE_PEER\n  origins:\n  - jwt: {issuer: i, jwks_uri: https://keys.example/jwks.json, jwt_headers: [h], jwt_params: [q], trigger_rules: [{excluded_paths: [{exact: /a}], included_paths: [{prefix: /b}]}]}\n",
     );
     assert_eq!(camel, snake);
     assert_eq!(camel.peer_mode, Some(MtlsMode::Permissive));
@@ -443,7 +443,7 @@ fn unresolvable_targets_reject_the_policy_naming_the_field() {
 #[test]
 fn origins_convert_to_request_authentication_and_a_token_requirement() {
     let objects = convert(&format!(
-        "{POLICY}spec: {{targets: [{{name: httpbin}}], origins: [{{jwt: {{issuer: i, jwksUri: u}}}}]}}"
+        "{POLICY}spec: {{targets: [{{name: httpbin}}], origins: [{{jwt: {{issuer: i, jwksUri: https://keys.example/jwks.json}}}}]}}"
     ));
     let kinds: Vec<_> = objects
         .iter()

@@ -4,11 +4,13 @@
 //! 1.1's authentication policies (`legacy`).
 
 mod authz;
+mod bypass;
 mod examples;
 mod jwt;
 mod legacy;
 mod parse;
 mod resolve;
+mod scope;
 
 use std::collections::BTreeMap;
 

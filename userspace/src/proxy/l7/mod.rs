@@ -34,9 +34,10 @@ use super::{
     forward::{self, Recheck},
     hbone,
 };
-use crate::{
-    admission::protocol::Detected,
-    admission::{Admission, Handling, Peer, Refusal, RequestDenied},
+use crate::admission::{
+    Admission, Handling, Peer, Refusal, RequestDenied, RequestPermit,
+    normalize::{FramingError, check_framing},
+    protocol::Detected,
 };
 pub use respond::forwarded_client_cert;
 use respond::{ACCESS_DENIED, Body};
@@ -151,6 +152,9 @@ pub async fn serve<C>(
 /// Why the proxy answers a request itself.
 #[derive(Debug, thiserror::Error)]
 enum Answer {
+    /// HTTP/1 framing that the application could read differently (request smuggling).
+    #[error("bad request: {0}")]
+    Framing(#[from] FramingError),
     #[error(transparent)]
     Request(#[from] RequestDenied),
     /// The configuration in force no longer admits the connection.
@@ -164,6 +168,7 @@ impl Answer {
     fn status(&self) -> StatusCode {
         match self {
             Self::Request(denied) => denied.status(),
+            Self::Framing(_) => StatusCode::BAD_REQUEST,
             Self::Connection(Refusal::NotServed(_)) | Self::Upstream(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -225,7 +230,10 @@ async fn handle(mut request: Request<Incoming>, conn: &Connection) -> Response<B
 
 /// Admits the connection again against the configuration in force, then decides the
 /// request, editing it into what the application will receive.
-fn decide(conn: &Connection, parts: &mut Parts) -> Result<crate::admission::RequestPermit, Answer> {
+fn decide(conn: &Connection, parts: &mut Parts) -> Result<RequestPermit, Answer> {
+    if parts.version < Version::HTTP_2 {
+        check_framing(&parts.headers)?;
+    }
     let admission = entry::admit(&conn.shared, &conn.pod, &conn.peer, conn.destination)?;
     Ok(admission.authorize_request(parts)?)
 }
