@@ -13,6 +13,7 @@
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
 };
 
 use axum::{
@@ -23,7 +24,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{any, get},
 };
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::Service as _, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto::Builder,
+    service::TowerToHyperService,
+};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -63,14 +69,29 @@ async fn main() -> anyhow::Result<()> {
         .fallback(any(|| async { "ok\n" }))
         .layer(middleware::from_fn(log_request));
     let listener = tokio::net::TcpListener::bind((bind, port)).await?;
-    // With axum's `http2` feature, `serve` detects the HTTP/2 preface on each connection
-    // and serves HTTP/1.1 otherwise, with upgrades.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await?;
-    Ok(())
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // A passing error (a connection reset before it was accepted, descriptors run
+            // out) must not stop the server; the pause keeps it from spinning meanwhile.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = TowerToHyperService::new(app.clone());
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.call(request)
+        });
+        tokio::spawn(async move {
+            // The auto builder tells the HTTP/2 preface (prior knowledge) from HTTP/1.1,
+            // whose upgrades `/echo` needs. A connection's errors end only that connection.
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 /// Writes `REQ <METHOD> <path-and-query> <version>` before handing the request on.
