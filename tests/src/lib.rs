@@ -13,7 +13,7 @@ mod node;
 mod run;
 
 pub use agent::Agent;
-pub use node::{AgentOptions, Capture, Node, Pod};
+pub use node::{AgentOptions, Capture, GRPC_ECHO, Node, Pod};
 pub use run::{Binaries, CurlResult, check, command_line};
 
 /// The [`Binaries`] of the running test: cargo builds them next to `ambit-httpbin`, whose

@@ -32,6 +32,10 @@ const PREFIX: u8 = 24;
 /// for a second or more): tests check that IPv6 cannot go around the mesh.
 const IPV6_PREFIX: [u16; 4] = [0xfd44, 0, 0, 0];
 const LINK_LOCAL_PREFIX: [u16; 4] = [0xfe80, 0, 0, 0];
+/// The gRPC echo server and client (`echo.py serve` / `echo.py call`) in this crate's
+/// sources: the path is fixed when the crate is compiled, whichever directory the tests
+/// then run in.
+pub const GRPC_ECHO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/echo.py");
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
@@ -413,8 +417,41 @@ impl Node {
         self.serve(pod, &program, &[&port.to_string(), "::"], port)
     }
 
+    /// Starts the gRPC echo server (`tests/grpc/echo.py`, service `ambit.test.Echo`) on
+    /// `[::]:port` and `0.0.0.0:port` in `pod`; it logs `GRPC /ambit.test.Echo/<Method>`
+    /// per call to [`Node::app_log`]. Stopped when the node is dropped.
+    pub fn serve_grpc(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        self.serve(
+            pod,
+            "python3",
+            &[GRPC_ECHO, "serve", &port.to_string()],
+            port,
+        )
+    }
+
+    /// Calls `/ambit.test.Echo/<method>` on `target` (`HOST:PORT`, `[v6]:PORT`) from
+    /// `from` over h2c with `metadata`, and returns what the client printed:
+    /// `OK <reply>` or `STATUS <code name> <details>` (e.g. `STATUS PERMISSION_DENIED ...`).
+    /// The call gives up after 3 s (`STATUS DEADLINE_EXCEEDED ...`).
+    pub fn grpc_call(
+        &self,
+        from: &Pod,
+        target: &str,
+        method: &str,
+        metadata: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let mut cmd = self.command(from, "python3");
+        cmd.args([GRPC_ECHO, "call", target, method]);
+        for (key, value) in metadata {
+            cmd.arg("--metadata").arg(format!("{key}={value}"));
+        }
+        let output = check(&mut cmd)?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     /// Starts the server `program ARGS...` in `pod` and waits until something listens on
-    /// `port` there; stopped when the node is dropped.
+    /// `port` there; stopped when the node is dropped. Its stdout is appended to the log
+    /// [`Node::app_log`] reads, its stderr to a file next to it that a failed start quotes.
     pub fn serve(
         &mut self,
         pod: &Pod,
@@ -422,13 +459,56 @@ impl Node {
         args: &[&str],
         port: u16,
     ) -> anyhow::Result<()> {
+        let log = self.app_log_path(pod, port);
+        let stderr = log.with_extension("stderr");
+        std::fs::create_dir_all(self.apps_dir())?;
+        let append = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))
+        };
         let mut cmd = self.command(pod, program);
-        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(args)
+            .stdout(append(&log)?)
+            .stderr(append(&stderr)?);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", command_line(&cmd)))?;
         self.processes.push(child);
-        self.wait_listening(pod, port)
+        self.wait_listening(pod, port).with_context(|| {
+            format!(
+                "{} said on stderr: {}",
+                command_line(&cmd),
+                std::fs::read_to_string(&stderr).unwrap_or_default().trim()
+            )
+        })
+    }
+
+    /// What the application [`Node::serve`] started on `port` in `pod` wrote on stdout so
+    /// far: for `ambit-httpbin` one `REQ <METHOD> <path> <version>` line per request, for
+    /// the gRPC server one `GRPC <path>` line per call. Panics when no application was
+    /// started there, so that a test never reads an empty log by mistake.
+    pub fn app_log(&self, pod: &Pod, port: u16) -> String {
+        let path = self.app_log_path(pod, port);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "no application log for port {port} in pod {} ({}): {e}",
+                pod.name,
+                path.display()
+            )
+        })
+    }
+
+    /// The directory of the applications' logs, one per pod and port.
+    fn apps_dir(&self) -> PathBuf {
+        self.config_dir.with_extension("apps")
+    }
+
+    fn app_log_path(&self, pod: &Pod, port: u16) -> PathBuf {
+        self.apps_dir()
+            .join(format!("{}-{}-{port}.log", pod.netns, pod.name))
     }
 
     /// `curl` from `pod` (or from the node namespace when `None`) to `url`.
@@ -589,9 +669,10 @@ impl Drop for Node {
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_dir_all(self.state_dir());
-        // A failing test keeps the agent's log for the reader; its path is in the message.
+        // A failing test keeps the agent's and the applications' logs for the reader.
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(self.config_dir.with_extension("agent.log"));
+            let _ = std::fs::remove_dir_all(self.apps_dir());
         }
     }
 }

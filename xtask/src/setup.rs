@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs, only where missing, what building ambit needs:
-//! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), `rust-src` for
-//! the nightly toolchain, and bpf-linker built against LLVM 22. Checks that the nightly's
+//! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), Python's `grpcio`
+//! (the gRPC tests' client and server), `rust-src` for the nightly toolchain, and
+//! bpf-linker built against LLVM 22. Checks that the nightly's
 //! LLVM major matches bpf-linker's, since a mismatch fails late with `Invalid record`.
 
 use std::process::Command;
@@ -27,10 +28,13 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "sockperf",
     "wrk",
+    // The gRPC tests: pip, which installs grpcio for whichever python3 comes first on PATH.
+    "python3-pip",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
+    install_grpcio()?;
     check_nightly()?;
     install_rust_src()?;
     install_bpf_linker()
@@ -72,6 +76,71 @@ pub fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// Installs `grpcio` from PyPI for the first `python3` on PATH: the interpreter the test
+/// bed starts `tests/grpc/echo.py` with, since `cargo xtask test` runs setup and the tests
+/// in one environment.
+fn install_grpcio() -> anyhow::Result<()> {
+    if python_has_grpc()? {
+        return Ok(());
+    }
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "grpcio"]);
+    if externally_managed()? {
+        // PEP 668: Debian's own python3 refuses pip outside a virtual environment. Run as
+        // root, pip installs into /usr/local/lib/python3.*/dist-packages, apart from the
+        // files apt manages, and the tests need grpcio in that very interpreter (not a
+        // venv), so the override is deliberate. Without root pip would fall back to the
+        // user's site, which the tests, run as root, do not see.
+        if !is_root() {
+            bail!(
+                "python3 ({}) lacks grpcio and is the system's: run `sudo cargo xtask setup`",
+                python_path()
+            );
+        }
+        pip.arg("--break-system-packages");
+    }
+    eprintln!("setup: installing grpcio from PyPI for {}", python_path());
+    run(&mut pip)?;
+    if !python_has_grpc()? {
+        bail!(
+            "pip installed grpcio, but {} still cannot import grpc",
+            python_path()
+        );
+    }
+    Ok(())
+}
+
+fn python_has_grpc() -> anyhow::Result<bool> {
+    let status = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("no python3 on PATH: install python3 and python3-pip")?;
+    Ok(status.success())
+}
+
+/// Whether `python3` is a distribution's interpreter that refuses pip (PEP 668): the
+/// `EXTERNALLY-MANAGED` marker in its standard library, outside a virtual environment.
+fn externally_managed() -> anyhow::Result<bool> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys, sysconfig; print(sys.prefix == sys.base_prefix and os.path.isfile(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))",
+        ])
+        .output()
+        .context("cannot run python3")?;
+    Ok(output.stdout.trim_ascii() == b"True")
+}
+
+/// The interpreter `python3` runs, for messages.
+fn python_path() -> String {
+    Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "python3".to_owned())
 }
 
 fn check_nightly() -> anyhow::Result<()> {
