@@ -166,3 +166,188 @@ fn a_client_that_does_not_speak_http_is_opaque_tcp_and_fails_closed() {
         mesh.recorded("bar/httpbin", "inbound")
     );
 }
+
+/// `bar/httpbin` refuses `/admin` and everything under it, to anyone.
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: bar}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
+  - to: [{operation: {hosts: ["secret.example"]}}]
+  - when: [{key: "request.headers[x-role]", values: ["admin"]}]
+"#;
+
+/// Sends `request` as raw bytes from the `sleep` of `from` to `bar/httpbin` and returns
+/// everything that came back until the proxy or the app closed (or 3 s passed).
+fn raw(mesh: &Mesh, from: usize, request: &str) -> String {
+    const SCRIPT: &str = "
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+s.sendall(sys.argv[3].encode())
+out = b''
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+except socket.timeout:
+    pass
+sys.stdout.write(out.decode('latin-1'))
+";
+    let mut cmd = mesh.node.command(&mesh.sleep[from], "python3");
+    cmd.args(["-c", SCRIPT])
+        .arg(mesh.httpbin[BAR].ip.to_string())
+        .arg(HTTP_PORT.to_string())
+        .arg(request);
+    let output = cmd.output().expect("python3");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The status codes of the responses in `response`, in order (bodies may run into the
+/// next status line: they end without a newline).
+fn statuses(response: &str) -> Vec<&str> {
+    response
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(at, prefix)| response.get(at + prefix.len()..at + prefix.len() + 3))
+        .collect()
+}
+
+#[test]
+fn no_spelling_of_a_denied_path_host_or_header_gets_through() {
+    let mesh = mesh_with(DENY_ADMIN);
+    // What the app saw while the policy was being applied is not this test's business.
+    let seen = mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT).len();
+    for from in [FOO, LEGACY] {
+        for path in [
+            "/admin",
+            "//admin",
+            "/./admin",
+            "/a/../admin",
+            "/%2e/admin",
+            "/%2E%2e/admin",
+            "/%61dmin",
+            "/x/..%2Fadmin",
+            "/x%5C..%5Cadmin",
+            "/admin/?q=1",
+            "/admin?q=/ip",
+            "/ip/../admin/users",
+        ] {
+            let result = curl(&mesh, from, &[], path);
+            assert_eq!(result.code, 403, "from {from}: {path} was {result:?}");
+        }
+        for host in ["secret.example", "SECRET.Example", "secret.example:8000"] {
+            let result = curl(&mesh, from, &["-H", &format!("Host: {host}")], "/ip");
+            assert_eq!(result.code, 403, "from {from}: Host {host} was {result:?}");
+        }
+        let repeated = curl(
+            &mesh,
+            from,
+            &["-H", "x-role: user", "-H", "x-role: admin"],
+            "/ip",
+        );
+        assert_eq!(
+            repeated.code, 403,
+            "from {from}: repeated header {repeated:?}"
+        );
+        // A fragment is no part of the path: dropped before matching and forwarding, so
+        // what is matched is what the application gets.
+        let close = "HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+        let fragment = raw(&mesh, from, &format!("GET /admin#/../ip {close}"));
+        assert_eq!(statuses(&fragment), ["403"], "from {from}: {fragment}");
+        let fragment = raw(&mesh, from, &format!("GET /ip#/../admin {close}"));
+        assert_eq!(statuses(&fragment), ["200"], "from {from}: {fragment}");
+        // What is allowed still is.
+        assert_eq!(curl(&mesh, from, &[], "/ip").code, 200);
+        assert_eq!(curl(&mesh, from, &[], "/administrator").code, 200);
+    }
+    // No denied request reached the application; the allowed ones did.
+    let log = &mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT)[seen..];
+    assert!(!log.contains("admin "), "{log}");
+    assert!(log.contains("REQ GET /administrator "), "{log}");
+}
+
+#[test]
+fn pipelined_requests_are_each_decided_and_the_denied_one_never_reaches_the_app() {
+    let mesh = mesh_with(GET_NOT_ADMIN);
+    let seen = mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT).len();
+    let pipelined = "GET /ip HTTP/1.1\r\nHost: web\r\n\r\n\
+                     GET /admin/pipelined HTTP/1.1\r\nHost: web\r\n\r\n\
+                     GET /headers HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+    for from in [FOO, LEGACY] {
+        let response = raw(&mesh, from, pipelined);
+        assert_eq!(
+            statuses(&response),
+            ["200", "403", "200"],
+            "from {from}: {response}"
+        );
+    }
+    let log = &mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT)[seen..];
+    assert!(!log.contains("/admin/pipelined"), "{log}");
+    assert_eq!(log.matches("REQ GET /headers ").count(), 2, "{log}");
+}
+
+#[test]
+fn a_request_smuggled_behind_content_length_and_transfer_encoding_never_reaches_the_app() {
+    let mesh = mesh_with(GET_NOT_ADMIN);
+    // CL.TE: a front end that believes Content-Length would forward the hidden request
+    // as the body; one that believes Transfer-Encoding sees two requests.
+    let smuggle = "GET /ip HTTP/1.1\r\nHost: web\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   0\r\n\r\nGET /admin/smuggled HTTP/1.1\r\nHost: web\r\n\r\n";
+    for from in [FOO, LEGACY] {
+        let response = raw(&mesh, from, smuggle);
+        assert!(statuses(&response).len() <= 1, "from {from}: {response}");
+    }
+    let log = mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT);
+    assert!(!log.contains("/admin/smuggled"), "{log}");
+}
+
+/// gRPC on `bar/httpbin` port 9100: `Say` for everyone, `Admin` for nobody.
+const GRPC_PORT: u16 = 9100;
+const GRPC_SAY_ONLY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-say-only, namespace: bar}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules:
+  - to: [{operation: {ports: ["9100"], paths: ["/ambit.test.Echo/Say"]}}]
+  - to: [{operation: {ports: ["8000"]}}]
+"#;
+
+#[test]
+fn grpc_calls_are_authorized_per_method_and_denied_with_permission_denied() {
+    let mut mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
+    let server = mesh.httpbin[BAR].clone();
+    mesh.node.serve_grpc(&server, GRPC_PORT).unwrap();
+    mesh.node.write_file("policy.yaml", GRPC_SAY_ONLY).unwrap();
+    let target = format!("{}:{GRPC_PORT}", server.ip);
+    let call = |from: usize, method| {
+        mesh.node
+            .grpc_call(&mesh.sleep[from], &target, method, &[])
+            .unwrap()
+    };
+    let applied = within(Duration::from_secs(3), || {
+        call(FOO, "Admin").starts_with("STATUS PERMISSION_DENIED")
+    });
+    assert!(
+        applied.is_some(),
+        "the policy was not applied: {}",
+        call(FOO, "Admin")
+    );
+    for from in [FOO, LEGACY] {
+        assert!(call(from, "Say").starts_with("OK"), "from {from}");
+        let denied = call(from, "Admin");
+        assert!(
+            denied.starts_with("STATUS PERMISSION_DENIED RBAC: access denied"),
+            "from {from}: {denied}"
+        );
+    }
+    let log = mesh.node.app_log(&server, GRPC_PORT);
+    assert!(log.contains("GRPC /ambit.test.Echo/Say"), "{log}");
+    assert!(!log.contains("Admin"), "{log}");
+}
