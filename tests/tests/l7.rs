@@ -351,3 +351,30 @@ fn grpc_calls_are_authorized_per_method_and_denied_with_permission_denied() {
     assert!(log.contains("GRPC /ambit.test.Echo/Say"), "{log}");
     assert!(!log.contains("Admin"), "{log}");
 }
+
+#[test]
+fn an_upgrade_is_authorized_as_its_request_then_relayed_as_bytes() {
+    let mesh = mesh_with(GET_NOT_ADMIN);
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhello through the tunnel"
+        )
+    };
+    for from in [FOO, LEGACY] {
+        let echoed = raw(&mesh, from, &upgrade("/echo"));
+        assert_eq!(statuses(&echoed), ["101"], "from {from}: {echoed}");
+        assert!(
+            echoed.ends_with("hello through the tunnel"),
+            "from {from}: {echoed}"
+        );
+        // Denied: no switch, so the bytes after the request are read as HTTP (and
+        // refused as a malformed request).
+        let denied = raw(&mesh, from, &upgrade("/admin/echo"));
+        assert_eq!(
+            statuses(&denied).first(),
+            Some(&"403"),
+            "from {from}: {denied}"
+        );
+        assert!(!denied.contains("hello through"), "from {from}: {denied}");
+    }
+}

@@ -2,8 +2,10 @@
 //! (enrolled) and `legacy` (not), runs the agent, and shows a `curl` from every `sleep`
 //! pod to every `httpbin` pod: the HTTP code, the address the server saw and the path the
 //! connection took according to the proxy's own records. Then it walks through Istio's
-//! mutual TLS migration and authorization steps, showing who reaches whom after each.
-//! Tears everything down at the end.
+//! mutual TLS migration and authorization steps, showing who reaches whom after each, and
+//! the L7 steps: per-request decisions under a path rule, and a JWT required by Istio 1.1's
+//! end-user authentication policy, the same by pod IP, by Service address and from outside
+//! the mesh. Tears everything down at the end.
 
 use std::time::Duration;
 
@@ -55,6 +57,7 @@ pub fn demo() -> anyhow::Result<()> {
     }
     print!("{}", render(&rows));
     policy_steps(&mesh)?;
+    l7_steps(&mesh)?;
     println!("\ntearing down node {}", mesh.node.id);
     Ok(())
 }
@@ -165,4 +168,166 @@ fn workloads(workloads: &Value) -> Vec<Vec<String>> {
         ]);
     }
     rows
+}
+
+/// `foo/httpbin` behind a Service address, as the L7 steps reach it besides its pod IP.
+const HTTPBIN_SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: httpbin}
+  ports: [{name: http, port: 80, targetPort: 8000}]
+";
+const SERVICE_URL: &str = "http://10.96.0.10:80";
+
+/// `foo/httpbin` answers GET, except under `/admin`.
+const GET_NOT_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-not-admin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules:
+  - to: [{operation: {methods: ["GET"], notPaths: ["/admin*"]}}]
+"#;
+
+/// Istio 1.1's end-user authentication task (`authentication.istio.io/v1alpha1`), with
+/// an inline HS256 key standing in for the task's key set on GitHub.
+const JWT_EXAMPLE: &str = r#"
+apiVersion: "authentication.istio.io/v1alpha1"
+kind: "Policy"
+metadata:
+  name: "jwt-example"
+  namespace: foo
+spec:
+  targets:
+  - name: httpbin
+  origins:
+  - jwt:
+      issuer: "testing@secure.istio.io"
+      jwks: '{"keys": [{"kty": "oct", "kid": "demo", "alg": "HS256", "k": "YS1kZW1vLXNlY3JldC1vZi0zMi1ieXRlcy1sZW5ndGg"}]}'
+  principalBinding: USE_ORIGIN
+"#;
+const JWT_SECRET: &[u8] = b"a-demo-secret-of-32-bytes-length";
+
+/// The L7 steps: each request from each client, by pod IP and by Service address (the
+/// latter only from meshed clients: outside the mesh no one resolves Service addresses).
+fn l7_steps(mesh: &Mesh) -> anyhow::Result<()> {
+    mesh.node.write_file("service.yaml", HTTPBIN_SERVICE)?;
+    mesh.node.write_file("l7.yaml", GET_NOT_ADMIN)?;
+    std::thread::sleep(SETTLE);
+    println!(
+        "\n== L7: foo/httpbin answers GET except under /admin (AuthorizationPolicy foo/get-not-admin)"
+    );
+    let requests: &[(&str, &str, Option<&str>)] = &[
+        ("GET", "/ip", None),
+        ("GET", "/admin/users", None),
+        ("GET", "//admin/users", None),
+        ("POST", "/ip", None),
+    ];
+    print!("{}", render(&requests_table(mesh, requests)?));
+
+    mesh.node.remove_file("l7.yaml")?;
+    mesh.node.write_file("jwt.yaml", JWT_EXAMPLE)?;
+    std::thread::sleep(SETTLE);
+    println!(
+        "\n== L7: a JWT required on foo/httpbin (Istio 1.1 Policy foo/jwt-example, converted at load)"
+    );
+    let token = demo_token()?;
+    let requests: &[(&str, &str, Option<&str>)] = &[
+        ("GET", "/headers", None),
+        ("GET", "/headers", Some(token.as_str())),
+        ("GET", "/headers", Some("not-a-token")),
+    ];
+    print!("{}", render(&requests_table(mesh, requests)?));
+    mesh.node.remove_file("jwt.yaml")?;
+    mesh.node.remove_file("service.yaml")?;
+    Ok(())
+}
+
+fn demo_token() -> anyhow::Result<String> {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("demo".to_owned());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({
+        "iss": "testing@secure.istio.io",
+        "sub": "testing@secure.istio.io",
+        "exp": exp,
+    });
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET);
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}
+
+fn requests_table(
+    mesh: &Mesh,
+    requests: &[(&str, &str, Option<&str>)],
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut rows = vec![
+        ["FROM", "REQUEST", "TOKEN", "VIA", "HTTP", "ANSWER"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    let pod_url = format!("http://{}:{HTTP_PORT}", mesh.httpbin[0].ip);
+    for (client, (_, enrolled)) in mesh.sleep.iter().zip(NAMESPACES) {
+        let mut vias = vec![("pod IP", pod_url.as_str())];
+        if enrolled {
+            vias.push(("Service", SERVICE_URL));
+        }
+        for (method, path, token) in requests {
+            for (via, base) in &vias {
+                let mut cmd = mesh.node.command(client, "curl");
+                cmd.args([
+                    "-sS",
+                    "--path-as-is",
+                    "--max-time",
+                    "3",
+                    "-w",
+                    "\n%{http_code}",
+                ])
+                .args(["-X", method]);
+                if let Some(token) = token {
+                    cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+                }
+                let result = ambit_tests::CurlResult::from_output(
+                    &cmd.arg(format!("{base}{path}")).output()?,
+                );
+                let answer = match result.code {
+                    200 => "from the app".to_owned(),
+                    0 => "no answer".to_owned(),
+                    _ => format!("proxy: {}", first_line(&result.body)),
+                };
+                rows.push(vec![
+                    format!("{}/{}", client.namespace, client.name),
+                    format!("{method} {path}"),
+                    token
+                        .map_or("-", |t| {
+                            if t.contains('.') {
+                                "valid"
+                            } else {
+                                "malformed"
+                            }
+                        })
+                        .to_owned(),
+                    (*via).to_owned(),
+                    result.code.to_string(),
+                    answer,
+                ]);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// The first line of a body, shortened for a table cell.
+fn first_line(body: &str) -> String {
+    let line = body.lines().next().unwrap_or_default();
+    match line.char_indices().nth(60) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line.to_owned(),
+    }
 }

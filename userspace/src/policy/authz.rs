@@ -92,7 +92,20 @@ impl Denied {
             _ => 403,
         }
     }
+
+    /// What the client reads: Envoy's bodies (`RBAC: access denied`; Istio 1.1's
+    /// `Origin authentication failed.` for a missing token), or why a JWT was rejected.
+    pub fn body(&self) -> String {
+        match (&self.0.reason, self.http_status()) {
+            (Reason::JwtRejected(_), _) => self.0.reason.to_string(),
+            (_, 401) => "Origin authentication failed.".to_owned(),
+            _ => ACCESS_DENIED.to_owned(),
+        }
+    }
 }
+
+/// Envoy's body for an RBAC denial, which clients and tests of Istio look for.
+pub const ACCESS_DENIED: &str = "RBAC: access denied";
 
 /// Why a decision came out the way it did.
 #[derive(Clone, Debug, PartialEq)]

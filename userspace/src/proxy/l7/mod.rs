@@ -39,8 +39,9 @@ use crate::admission::{
     normalize::{FramingError, check_framing},
     protocol::Detected,
 };
+use crate::policy::authz::ACCESS_DENIED;
+use respond::Body;
 pub use respond::forwarded_client_cert;
-use respond::{ACCESS_DENIED, Body};
 use upstream::{Upstream, UpstreamError};
 
 /// How long a client on a port of undeclared protocol has to send its first bytes before
@@ -178,8 +179,10 @@ impl Answer {
 
     /// What the client reads: Envoy's text for a denial, the reason for the rest.
     fn message(&self) -> String {
-        match self.status() {
-            StatusCode::FORBIDDEN => ACCESS_DENIED.to_owned(),
+        match self {
+            Self::Request(RequestDenied::Denied(denied))
+            | Self::Connection(Refusal::Denied { denied, .. }) => denied.body(),
+            _ if self.status() == StatusCode::FORBIDDEN => ACCESS_DENIED.to_owned(),
             _ => self.to_string(),
         }
     }

@@ -6,11 +6,11 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+#[cfg(test)]
+use crate::policy::authz::ACCESS_DENIED;
+
 /// A response body: the application's, or one the proxy wrote.
 pub type Body = Either<Incoming, Full<Bytes>>;
-
-/// Envoy's body for an RBAC denial, which clients and tests of Istio look for.
-pub const ACCESS_DENIED: &str = "RBAC: access denied";
 
 /// The proxy's answer with `status` and a text body. A gRPC client gets what Envoy sends:
 /// HTTP 200 with the status in `grpc-status` and no body ("trailers-only").
