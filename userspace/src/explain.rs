@@ -439,3 +439,30 @@ pub fn run_cli(cli: &ExplainCli) -> i32 {
     }
     if explanation.allowed { 0 } else { 1 }
 }
+
+/// `ambit convert`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct ConvertCli {
+    /// Directory of Kubernetes-style YAML.
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: std::path::PathBuf,
+    /// Namespace a `MeshPolicy` converts into.
+    #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+}
+
+/// `ambit convert`: prints, as `security.istio.io/v1beta1` YAML, the objects that the
+/// `authentication.istio.io/v1alpha1` policies of `config_dir` are enforced as. Exit status
+/// 0, or 2 for a bad config.
+pub fn run_convert(cli: &ConvertCli) -> i32 {
+    match DirState::load_strict(&cli.config_dir, &cli.root_namespace) {
+        Ok(snapshot) => {
+            print!("{}", crate::policy::legacy::converted_yaml(&snapshot));
+            0
+        }
+        Err(error) => {
+            eprintln!("ambit convert: bad config: {error}");
+            EXIT_BAD_INPUT
+        }
+    }
+}

@@ -23,12 +23,19 @@ enum Command {
     Ca(Box<ambit::identity::cli::CaArgs>),
     /// Explain whether a connection or request is allowed, and which policy decided.
     Explain(Box<explain::ExplainCli>),
+    /// Print the v1beta1 objects that Istio 1.1 (`authentication.istio.io/v1alpha1`)
+    /// policies are converted to and enforced as.
+    Convert(explain::ConvertCli),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Command::Explain(args) = &cli.command {
-        let code = explain::run_cli(args);
+    let offline = match &cli.command {
+        Command::Explain(args) => Some(explain::run_cli(args)),
+        Command::Convert(args) => Some(explain::run_convert(args)),
+        Command::Run(_) | Command::Ca(_) => None,
+    };
+    if let Some(code) = offline {
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(2));
     }
     tracing_subscriber::fmt()
@@ -52,7 +59,7 @@ fn main() -> std::process::ExitCode {
                     .await
                     .map_err(Into::into)
             }
-            Command::Explain(_) => Ok(()),
+            Command::Explain(_) | Command::Convert(_) => Ok(()),
         }
     });
     match result {

@@ -282,3 +282,62 @@ fn query_string_form_deserializes() {
         "{error}"
     );
 }
+
+#[test]
+fn convert_prints_the_objects_a_v1alpha1_policy_is_enforced_as() {
+    let dir = config();
+    let legacy = r#"
+apiVersion: authentication.istio.io/v1alpha1
+kind: Policy
+metadata: {name: default, namespace: bar}
+spec:
+  peers: [{mtls: {}}]
+"#;
+    std::fs::write(dir.path().join("legacy.yaml"), legacy).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ambit"))
+        .args(["convert", "--config-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(text.contains("kind: PeerAuthentication"), "{text}");
+    assert!(text.contains("STRICT"), "{text}");
+}
+
+#[test]
+fn principals_are_those_of_the_given_trust_domain_and_its_aliases() {
+    let dir = config();
+    let deny = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-example-org-sleep, namespace: bar}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: ["example.org/ns/foo/sa/sleep"]}}]}]
+"#;
+    std::fs::write(dir.path().join("deny.yaml"), deny).unwrap();
+    let args = [
+        "--from",
+        "foo/sleep",
+        "--to",
+        "bar/httpbin",
+        "--port",
+        "8000",
+        "--method",
+        "GET",
+        "--path",
+        "/get",
+    ];
+    let with = |extra: &[&str]| {
+        let all: Vec<&str> = args.iter().chain(extra).copied().collect();
+        explain(dir.path(), &all).code
+    };
+    assert_eq!(
+        with(&[]),
+        0,
+        "cluster.local/ns/foo/sa/sleep is not the denied principal"
+    );
+    assert_eq!(with(&["--trust-domain", "example.org"]), 1);
+    assert_eq!(with(&["--trust-domain-alias", "example.org"]), 1);
+}
