@@ -132,6 +132,18 @@ pub fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durati
     None
 }
 
+/// `foo/httpbin` behind a Service: `10.96.0.10:80` to its port 8000, named `http` (so the
+/// port is declared HTTP).
+pub const FOO_HTTPBIN_SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: httpbin}
+  ports: [{name: http, port: 80, targetPort: 8000}]
+";
+
 /// The policies of the seed's tasks (Istio's mutual TLS migration and authorization), as
 /// the tests and the demo apply them.
 pub mod policies {
@@ -214,4 +226,19 @@ spec:
   rules:
   - from: [{source: {namespaces: ["bar"]}}]
 "#;
+
+    /// The `httpbin` of `namespace` answers GET, except under `/admin`.
+    pub fn get_not_admin(namespace: &str) -> String {
+        format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: get-not-admin, namespace: {namespace}}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  rules:
+  - to: [{{operation: {{methods: ["GET"], notPaths: ["/admin*"]}}}}]
+"#
+        )
+    }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use ambit_tests::{
     AgentOptions, CurlResult,
-    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, within},
+    mesh::{BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, within},
 };
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
@@ -410,20 +410,11 @@ fn seed_policy(file: &str) -> String {
         .replace("metadata:\n", "metadata:\n  namespace: foo\n")
 }
 
-const HTTPBIN_SERVICE: &str = "
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: foo}
-spec:
-  selector: {app: httpbin}
-  ports: [{name: http, port: 8000, targetPort: 8000}]
-";
-
 #[test]
 fn the_seed_end_user_task_runs_as_written() {
     let mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
     mesh.node
-        .write_file("service.yaml", HTTPBIN_SERVICE)
+        .write_file("service.yaml", FOO_HTTPBIN_SERVICE)
         .unwrap();
     let url = |path: &str| format!("http://{}:{HTTP_PORT}{path}", mesh.httpbin[FOO].ip);
     let demo = token(

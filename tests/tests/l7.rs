@@ -6,20 +6,9 @@ use std::time::Duration;
 
 use ambit_tests::{
     CurlResult,
-    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, within},
+    mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, policies::get_not_admin, within},
 };
 use serde_json::Value;
-
-/// `bar/httpbin` answers GET, except under `/admin`.
-const GET_NOT_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: get-not-admin, namespace: bar}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  rules:
-  - to: [{operation: {methods: ["GET"], notPaths: ["/admin*"]}}]
-"#;
 
 fn mesh_with(policy: &str) -> Mesh {
     let mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
@@ -50,7 +39,7 @@ fn curl(mesh: &Mesh, from: usize, args: &[&str], path: &str) -> CurlResult {
 
 #[test]
 fn each_http_request_is_authorized_over_hbone_and_plaintext_in_both_http_versions() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     for from in [FOO, LEGACY] {
         for version in ["--http1.1", "--http2-prior-knowledge"] {
             let ok = curl(&mesh, from, &[version], "/ip");
@@ -68,7 +57,7 @@ fn each_http_request_is_authorized_over_hbone_and_plaintext_in_both_http_version
 
 #[test]
 fn requests_on_one_keep_alive_connection_are_decided_one_by_one() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     // One curl, three requests on one connection: allowed, denied, allowed.
     let mut cmd = mesh.node.command(&mesh.sleep[FOO], "curl");
     cmd.args([
@@ -115,7 +104,7 @@ fn requests_on_one_keep_alive_connection_are_decided_one_by_one() {
 
 #[test]
 fn the_application_learns_the_mtls_identity_and_no_client_can_forge_it() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     let forged = "-HX-Forwarded-Client-Cert: URI=spiffe://cluster.local/ns/bar/sa/admin";
     let headers = |from| {
         let result = curl(&mesh, from, &[forged], "/headers");
@@ -143,7 +132,7 @@ fn the_application_learns_the_mtls_identity_and_no_client_can_forge_it() {
 
 #[test]
 fn a_client_that_does_not_speak_http_is_opaque_tcp_and_fails_closed() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     // Bytes that are not HTTP: the ALLOW rule needs HTTP, so nothing allows them.
     let probe = mesh.node.binaries.probe.to_str().unwrap();
     let mut cmd = mesh.node.command(&mesh.sleep[FOO], probe);
@@ -273,7 +262,7 @@ fn no_spelling_of_a_denied_path_host_or_header_gets_through() {
 
 #[test]
 fn pipelined_requests_are_each_decided_and_the_denied_one_never_reaches_the_app() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     let seen = mesh.node.app_log(&mesh.httpbin[BAR], HTTP_PORT).len();
     let pipelined = "GET /ip HTTP/1.1\r\nHost: web\r\n\r\n\
                      GET /admin/pipelined HTTP/1.1\r\nHost: web\r\n\r\n\
@@ -293,7 +282,7 @@ fn pipelined_requests_are_each_decided_and_the_denied_one_never_reaches_the_app(
 
 #[test]
 fn a_request_smuggled_behind_content_length_and_transfer_encoding_never_reaches_the_app() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     // CL.TE: a front end that believes Content-Length would forward the hidden request
     // as the body; one that believes Transfer-Encoding sees two requests.
     let smuggle = "GET /ip HTTP/1.1\r\nHost: web\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -354,7 +343,7 @@ fn grpc_calls_are_authorized_per_method_and_denied_with_permission_denied() {
 
 #[test]
 fn an_upgrade_is_authorized_as_its_request_then_relayed_as_bytes() {
-    let mesh = mesh_with(GET_NOT_ADMIN);
+    let mesh = mesh_with(&get_not_admin("bar"));
     let upgrade = |path: &str| {
         format!(
             "GET {path} HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhello through the tunnel"

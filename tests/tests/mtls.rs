@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ambit_tests::mesh::{
-    BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+    BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
     policies::{
         ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE, FOO_STRICT,
         MESH_STRICT,
@@ -227,16 +227,9 @@ fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
 #[test]
 fn a_service_address_reaches_its_enrolled_endpoint_over_hbone() {
     let mesh = mesh();
-    let service = "
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: foo}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: httpbin}
-  ports: [{name: http, port: 80, targetPort: 8000}]
-";
-    mesh.node.write_file("service.yaml", service).unwrap();
+    mesh.node
+        .write_file("service.yaml", FOO_HTTPBIN_SERVICE)
+        .unwrap();
     let client = &mesh.sleep[BAR];
     let mut result = None;
     // Until the service is applied the address leads nowhere and curl times out (3 s).

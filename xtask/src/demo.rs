@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ambit_tests::{
     Binaries, Pod,
-    mesh::{HTTP_PORT, Mesh, NAMESPACES, OTHER_PORT, policies},
+    mesh::{FOO_HTTPBIN_SERVICE, HTTP_PORT, Mesh, NAMESPACES, OTHER_PORT, policies},
 };
 use serde_json::Value;
 
@@ -170,28 +170,8 @@ fn workloads(workloads: &Value) -> Vec<Vec<String>> {
     rows
 }
 
-/// `foo/httpbin` behind a Service address, as the L7 steps reach it besides its pod IP.
-const HTTPBIN_SERVICE: &str = "
-apiVersion: v1
-kind: Service
-metadata: {name: httpbin, namespace: foo}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: httpbin}
-  ports: [{name: http, port: 80, targetPort: 8000}]
-";
+/// `FOO_HTTPBIN_SERVICE`'s address, as the L7 steps reach `foo/httpbin` besides its pod IP.
 const SERVICE_URL: &str = "http://10.96.0.10:80";
-
-/// `foo/httpbin` answers GET, except under `/admin`.
-const GET_NOT_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: get-not-admin, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  rules:
-  - to: [{operation: {methods: ["GET"], notPaths: ["/admin*"]}}]
-"#;
 
 /// Istio 1.1's end-user authentication task (`authentication.istio.io/v1alpha1`), with
 /// an inline HS256 key standing in for the task's key set on GitHub.
@@ -215,8 +195,9 @@ const JWT_SECRET: &[u8] = b"a-demo-secret-of-32-bytes-length";
 /// The L7 steps: each request from each client, by pod IP and by Service address (the
 /// latter only from meshed clients: outside the mesh no one resolves Service addresses).
 fn l7_steps(mesh: &Mesh) -> anyhow::Result<()> {
-    mesh.node.write_file("service.yaml", HTTPBIN_SERVICE)?;
-    mesh.node.write_file("l7.yaml", GET_NOT_ADMIN)?;
+    mesh.node.write_file("service.yaml", FOO_HTTPBIN_SERVICE)?;
+    mesh.node
+        .write_file("l7.yaml", &policies::get_not_admin("foo"))?;
     std::thread::sleep(SETTLE);
     println!(
         "\n== L7: foo/httpbin answers GET except under /admin (AuthorizationPolicy foo/get-not-admin)"
