@@ -198,10 +198,13 @@ fn a_five_second_token_stops_working_once_it_expires() {
         SECRET,
         json!({"iss": "https://a", "aud": "httpbin", "exp": now() + 5}),
     );
-    let accepted = within(Duration::from_secs(3), || {
-        curl(&mesh, FOO, &["-H", &bearer(&short)], &url).code == 200
+    // Without the policy every request is 200: it is in force once a bad token is refused.
+    let applied = within(Duration::from_secs(3), || {
+        curl(&mesh, FOO, &["-H", &bearer("not.a.token")], &url).code == 401
     });
-    assert!(accepted.is_some(), "the token was never accepted");
+    assert!(applied.is_some(), "the policies were not applied");
+    let accepted = curl(&mesh, FOO, &["-H", &bearer(&short)], &url);
+    assert_eq!(accepted.code, 200, "{accepted:?}");
     // Expiry plus the default 1 s of clock skew, counted in whole seconds.
     let refused = within(Duration::from_secs(10), || {
         curl(&mesh, LEGACY, &["-H", &bearer(&short)], &url).code == 401
@@ -347,7 +350,15 @@ fn keys_are_fetched_over_https_rotated_without_restart_and_never_bypassed_when_u
     let ca = keys.ca();
     let options = AgentOptions::args(&["--jwks-ca-file", &ca, "--allow-private-jwks"]);
     let mesh = Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh");
-    let unreachable = format!("https://127.0.0.1:{}/jwks.json", free_port());
+    // Bound but not listening, so connects are refused for as long as the test runs; and
+    // a file name the key server does not have, should the port ever be its.
+    let closed = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    closed
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let closed_port = closed.local_addr().unwrap().as_socket().unwrap().port();
+    assert_ne!(closed_port, keys.port);
+    let unreachable = format!("https://127.0.0.1:{closed_port}/unreachable.json");
     let policy = format!(
         r#"
 apiVersion: security.istio.io/v1
@@ -363,6 +374,16 @@ spec:
     mesh.node.write_file("jwt.yaml", &policy).unwrap();
     let url = mesh.url(BAR, "/ip");
     let k1 = token("k1", SECRET, json!({"iss": "https://fetched"}));
+    let down = token("k1", SECRET, json!({"iss": "https://down"}));
+    // Without a policy every request is 200: the configuration is in force once a token
+    // of the unreachable key set is refused.
+    let applied = within(Duration::from_secs(5), || {
+        curl(&mesh, FOO, &["-H", &bearer(&down)], &url).code == 401
+    });
+    assert!(
+        applied.is_some(),
+        "the RequestAuthentication was not applied"
+    );
     let fetched = within(Duration::from_secs(5), || {
         curl(&mesh, FOO, &["-H", &bearer(&k1)], &url).code == 200
     });
@@ -373,10 +394,10 @@ spec:
     );
 
     // A key set that cannot be fetched never lets a token through.
-    let down = token("k1", SECRET, json!({"iss": "https://down"}));
     for from in [FOO, LEGACY, FOO, LEGACY] {
         let result = curl(&mesh, from, &["-H", &bearer(&down)], &url);
         assert_eq!(result.code, 401, "{result:?}");
+        assert!(result.body.contains("unreachable.json"), "{result:?}");
     }
 
     // The server rotates to a new key: a token of the new key is accepted once the

@@ -171,6 +171,24 @@ fn connections_table(report: &Value) -> Vec<Vec<String>> {
                 text(&c["bytes_received"]),
                 text(&c["error"]),
             ]);
+            // A connection authorized request by request lists its latest decisions.
+            for r in c["requests"].as_array().into_iter().flatten() {
+                let policy = match (&r["policy"], &r["rule"]) {
+                    (Value::String(p), Value::Number(rule)) => format!("{p} rule {rule}"),
+                    (policy, _) => text(policy),
+                };
+                rows.push(vec![
+                    String::new(),
+                    String::new(),
+                    "request".to_owned(),
+                    format!("{} {}", text(&r["method"]), text(&r["path"])),
+                    format!("-> {}", text(&r["status"])),
+                    policy,
+                    String::new(),
+                    String::new(),
+                    text(&r["reason"]),
+                ]);
+            }
         }
     }
     rows
