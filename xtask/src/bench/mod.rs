@@ -1,12 +1,16 @@
-//! `cargo xtask bench`: what the mesh costs on one node. The test bed's node gets two
-//! namespaces, `bench-direct` (not enrolled) and `bench-mesh` (enrolled), each with a
-//! `client` and a `server` pod, and one agent. Passes alternate direct, mesh, direct, mesh
-//! … so that drift of the machine lands on both modes alike; each pass runs every tool
-//! from the client pod to the server pod of its mode and reads the agent's CPU and memory.
+//! `cargo xtask bench`: what the mesh costs on one node. The test bed's node gets three
+//! namespaces, `bench-direct` (not enrolled), `bench-mesh` (enrolled, no policy) and
+//! `bench-l7` (enrolled, with policies that need HTTP on the server's HTTP port, see
+//! [`l7`]), each with a `client` and a `server` pod, and one agent. Passes go in rounds,
+//! direct, mesh, mesh-l7, direct, … so that drift of the machine lands on all modes
+//! alike; each pass runs the tools of its mode (all of them in direct and mesh, the
+//! keep-alive HTTP run alone in mesh-l7) from the client pod to the server pod of its
+//! namespace and reads the agent's CPU and memory.
 //!
-//! The mesh pass measures whatever the data path of enrolled pods is: the bench only
-//! enrolls them and never picks a listener or a port of the proxy.
+//! The mesh passes measure whatever the data path of enrolled pods is: the bench only
+//! enrolls them (and writes policies) and never picks a listener or a port of the proxy.
 
+mod l7;
 mod report;
 mod tools;
 mod usage;
@@ -23,7 +27,7 @@ use crate::build::build_binaries;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// A smoke run: one pair of passes, 1 s per tool, 100 idle connections. Checks that
+    /// A smoke run: one round of passes, 1 s per tool, 100 idle connections. Checks that
     /// every tool runs and every figure is measured; its numbers mean little.
     #[arg(long)]
     pub quick: bool,
@@ -34,7 +38,8 @@ pub struct Options {
 
 /// How much a run measures.
 struct Plan {
-    pairs: usize,
+    /// Rounds of passes, one pass of each mode per round.
+    rounds: usize,
     /// Duration of each tool run.
     seconds: u32,
     idle_connections: u32,
@@ -44,13 +49,13 @@ impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
-                pairs: 1,
+                rounds: 1,
                 seconds: 1,
                 idle_connections: 100,
             }
         } else {
             Self {
-                pairs: 3,
+                rounds: 3,
                 seconds: 10,
                 idle_connections: 1000,
             }
@@ -76,19 +81,19 @@ pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
     let bed = Bed::new(binaries)?;
     let versions = tools::versions()?;
     eprintln!(
-        "bench: node {}, agent pid {}, {} pair(s) of passes, {} s per tool run",
+        "bench: node {}, agent pid {}, {} round(s) of passes, {} s per tool run",
         bed.node.id,
         bed.node.agent()?.pid(),
-        plan.pairs,
+        plan.rounds,
         plan.seconds
     );
     let mut passes = Vec::new();
-    for pair in 1..=plan.pairs {
-        for mode in [Mode::Direct, Mode::Mesh] {
-            eprintln!("bench: pair {pair}/{}, {}", plan.pairs, mode.name());
+    for round in 1..=plan.rounds {
+        for mode in Mode::ALL {
+            eprintln!("bench: round {round}/{}, {}", plan.rounds, mode.name());
             let pass = bed
-                .pass(mode, &plan, pair == 1)
-                .with_context(|| format!("pair {pair}, {} pass", mode.name()))?;
+                .pass(mode, &plan, round == 1)
+                .with_context(|| format!("round {round}, {} pass", mode.name()))?;
             passes.push((mode, pass));
         }
     }
@@ -112,9 +117,10 @@ pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
 /// The node, its pods per mode, and the agent's /proc figures.
 struct Bed {
     node: Node,
-    /// `(client, server)` of [`Mode::Direct`] and of [`Mode::Mesh`].
+    /// `(client, server)` of [`Mode::Direct`], [`Mode::Mesh`] and [`Mode::MeshL7`].
     direct: (Pod, Pod),
     mesh: (Pod, Pod),
+    l7: (Pod, Pod),
     usage: Usage,
 }
 
@@ -122,15 +128,25 @@ impl Bed {
     fn new(binaries: Binaries) -> anyhow::Result<Self> {
         let mut node = Node::new(binaries)?;
         let mut pods = Vec::new();
-        for (namespace, enrolled) in [("bench-direct", false), ("bench-mesh", true)] {
+        for (namespace, enrolled) in [
+            ("bench-direct", false),
+            ("bench-mesh", true),
+            (l7::NAMESPACE, true),
+        ] {
             node.namespace(namespace, enrolled)?;
             let client = node.pod_with(namespace, "client", "client", &[("app", "client")])?;
             let server = node.pod_with(namespace, "server", "server", &[("app", "server")])?;
-            tools::start_servers(&mut node, &server)?;
+            // The L7 mode runs the HTTP tool alone.
+            if namespace == l7::NAMESPACE {
+                node.serve_http(&server, tools::HTTP_PORT)?;
+            } else {
+                tools::start_servers(&mut node, &server)?;
+            }
             pods.push((client, server));
         }
+        node.write_file("bench-l7.yaml", &l7::policies())?;
         let pid = node.start_agent()?.pid();
-        let [direct, mesh]: [(Pod, Pod); 2] = pods
+        let [direct, mesh, l7]: [(Pod, Pod); 3] = pods
             .try_into()
             .ok()
             .context("one client and server pair per mode")?;
@@ -139,9 +155,25 @@ impl Bed {
             node,
             direct,
             mesh,
+            l7,
         };
         bed.check_paths()?;
+        l7::check(
+            &bed.node,
+            (&bed.l7.0, &bed.l7.1),
+            (&bed.mesh.0, &bed.mesh.1),
+        )?;
         Ok(bed)
+    }
+
+    /// `(client, server)` of `mode`.
+    fn pods(&self, mode: Mode) -> (&Pod, &Pod) {
+        let (client, server) = match mode {
+            Mode::Direct => &self.direct,
+            Mode::Mesh => &self.mesh,
+            Mode::MeshL7 => &self.l7,
+        };
+        (client, server)
     }
 
     /// The mesh pods must be redirected and the direct ones not, or the bench would
@@ -153,6 +185,8 @@ impl Bed {
             (&self.direct.1, "not-enrolled"),
             (&self.mesh.0, "redirected"),
             (&self.mesh.1, "redirected"),
+            (&self.l7.0, "redirected"),
+            (&self.l7.1, "redirected"),
         ];
         let mut last = Value::Null;
         let settled = within(Duration::from_secs(10), || {
@@ -167,15 +201,71 @@ impl Bed {
         Ok(())
     }
 
-    /// Every tool once in `mode`, with the agent's CPU around them; in the `first` pair
+    /// Every tool of `mode` once, with the agent's CPU around them; in the `first` round
     /// also its memory (see [`Figure::is_memory`]).
     fn pass(&self, mode: Mode, plan: &Plan, first: bool) -> anyhow::Result<Pass> {
-        let (client, server) = match mode {
-            Mode::Direct => (&self.direct.0, &self.direct.1),
-            Mode::Mesh => (&self.mesh.0, &self.mesh.1),
-        };
-        let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
+        let (client, server) = self.pods(mode);
         let proxied_before = self.proxied(client)?;
+        let (pass, least) = match mode {
+            Mode::MeshL7 => {
+                let mut pass = Pass::new();
+                self.http(&mut pass, mode, client, server, plan)?;
+                // wrk's keep-alive connections.
+                (pass, 1)
+            }
+            Mode::Direct | Mode::Mesh => (
+                self.all_tools(mode, client, server, plan, first)?,
+                u64::from(plan.idle_connections),
+            ),
+        };
+        let proxied = self.proxied(client)? - proxied_before;
+        match mode {
+            Mode::Mesh | Mode::MeshL7 if proxied < least => {
+                bail!(
+                    "only {proxied} of the {} pass's connections went through the proxy",
+                    mode.name()
+                )
+            }
+            Mode::Direct if proxied > 0 => {
+                bail!("{proxied} of the direct pass's connections went through the proxy")
+            }
+            _ => Ok(pass),
+        }
+    }
+
+    /// The keep-alive HTTP run and the agent's CPU per 1,000 requests; in the L7 mode
+    /// with the token its policies want.
+    fn http(
+        &self,
+        pass: &mut Pass,
+        mode: Mode,
+        client: &Pod,
+        server: &Pod,
+        plan: &Plan,
+    ) -> anyhow::Result<()> {
+        let authorization = l7::authorization();
+        let headers: &[&str] = match mode {
+            Mode::MeshL7 => &[&authorization],
+            Mode::Direct | Mode::Mesh => &[],
+        };
+        let (rate, cpu) = self
+            .cpu(|| tools::wrk_keepalive(&self.node, client, server.ip, plan.seconds, headers))?;
+        pass.insert(Figure::HttpRequestRate, rate.per_second);
+        // CPU seconds * 1e6 / requests: µs per request, i.e. ms per 1,000 requests.
+        pass.insert(Figure::AgentCpuPerKiloRequest, cpu * 1e6 / rate.requests);
+        Ok(())
+    }
+
+    /// Every tool, for the direct and mesh modes.
+    fn all_tools(
+        &self,
+        mode: Mode,
+        client: &Pod,
+        server: &Pod,
+        plan: &Plan,
+        first: bool,
+    ) -> anyhow::Result<Pass> {
+        let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
         self.usage.reset_peak()?;
         let pass_start = self.usage.cpu_seconds()?;
         let mut pass = Pass::new();
@@ -209,21 +299,13 @@ impl Bed {
         pass.insert(Figure::CrrMedian, crr.median_us);
         pass.insert(Figure::CrrP99, crr.p99_us);
         pass.insert(Figure::AgentCpuPerCrr, cpu * 1e6 / crr.connections);
+        self.http(&mut pass, mode, client, server, plan)?;
 
         pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
         if first {
             pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
         }
-        let proxied = self.proxied(client)? - proxied_before;
-        match mode {
-            Mode::Mesh if proxied < u64::from(plan.idle_connections) => {
-                bail!("only {proxied} of the mesh pass's connections went through the proxy")
-            }
-            Mode::Direct if proxied > 0 => {
-                bail!("{proxied} of the direct pass's connections went through the proxy")
-            }
-            _ => Ok(pass),
-        }
+        Ok(pass)
     }
 
     /// Runs `measure` and returns its result with the agent CPU seconds it took.

@@ -1,7 +1,7 @@
-//! The figures a pass measures, and the report over all passes: medians per mode, the
-//! mesh/direct ratio and difference, rendered as a table and as JSON. Building the report
-//! checks that every figure is there and not zero, because a bench that prints zeros
-//! has measured nothing.
+//! The figures a pass measures, and the report over all passes: medians per mode, each
+//! mesh mode's ratio to and difference from direct, rendered as a table and as JSON.
+//! Building the report checks that every figure is there and not zero in every mode that
+//! measures it, because a bench that prints zeros has measured nothing.
 
 use std::collections::BTreeMap;
 
@@ -15,15 +15,32 @@ use crate::debug::render;
 pub enum Mode {
     /// Client and server pods in a namespace that is not enrolled: the kernel alone.
     Direct,
-    /// Both pods enrolled: through ambit, whatever its data path is.
+    /// Both pods enrolled, no policy that looks at HTTP: through ambit, whatever its data
+    /// path is (the L4 fast path).
     Mesh,
+    /// Both pods enrolled, and the server's policies need HTTP on its port (a path rule
+    /// and a RequestAuthentication): every request is parsed and authorized.
+    MeshL7,
 }
 
 impl Mode {
+    /// In the order of a round of passes and of the table's columns.
+    pub const ALL: [Self; 3] = [Self::Direct, Self::Mesh, Self::MeshL7];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Mesh => "mesh",
+            Self::MeshL7 => "mesh-l7",
+        }
+    }
+
+    /// `(value, ratio, difference)` column headers, and the JSON key.
+    fn columns(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Self::Direct => ("DIRECT", "", "", "direct"),
+            Self::Mesh => ("MESH", "MESH/DIRECT", "MESH-DIRECT", "mesh"),
+            Self::MeshL7 => ("MESH-L7", "L7/DIRECT", "L7-DIRECT", "mesh_l7"),
         }
     }
 }
@@ -39,17 +56,19 @@ pub enum Figure {
     CrrRate,
     CrrMedian,
     CrrP99,
+    HttpRequestRate,
     AgentCpu,
     AgentCpuPerGb,
     AgentCpuPerConnection,
     AgentCpuPerCrr,
+    AgentCpuPerKiloRequest,
     AgentPeakRss,
     AgentIdleRss,
     AgentIdleRssPerConnection,
 }
 
 impl Figure {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::RoundTripMedian,
@@ -58,10 +77,12 @@ impl Figure {
         Self::CrrRate,
         Self::CrrMedian,
         Self::CrrP99,
+        Self::HttpRequestRate,
         Self::AgentCpu,
         Self::AgentCpuPerGb,
         Self::AgentCpuPerConnection,
         Self::AgentCpuPerCrr,
+        Self::AgentCpuPerKiloRequest,
         Self::AgentPeakRss,
         Self::AgentIdleRss,
         Self::AgentIdleRssPerConnection,
@@ -86,6 +107,11 @@ impl Figure {
             ),
             Self::CrrMedian => ("connection time, median", "us", "crr_connection_median_us"),
             Self::CrrP99 => ("connection time, p99", "us", "crr_connection_p99_us"),
+            Self::HttpRequestRate => (
+                "HTTP requests/s, keep-alive",
+                "req/s",
+                "http_keepalive_requests_per_second",
+            ),
             Self::AgentCpu => ("agent CPU, whole pass", "s", "agent_cpu_seconds"),
             Self::AgentCpuPerGb => ("agent CPU per GB, 1 stream", "ms/GB", "agent_cpu_ms_per_gb"),
             Self::AgentCpuPerConnection => (
@@ -98,6 +124,11 @@ impl Figure {
                 "us/conn",
                 "agent_cpu_us_per_crr_connection",
             ),
+            Self::AgentCpuPerKiloRequest => (
+                "agent CPU per 1,000 requests",
+                "ms/1k req",
+                "agent_cpu_ms_per_1000_requests",
+            ),
             Self::AgentPeakRss => ("agent peak RSS, pass", "MiB", "agent_peak_rss_mib"),
             Self::AgentIdleRss => ("agent RSS, idle conns held", "MiB", "agent_idle_rss_mib"),
             Self::AgentIdleRssPerConnection => (
@@ -108,7 +139,22 @@ impl Figure {
         }
     }
 
-    /// The agent's memory: measured in the first pair only. The allocator keeps what a
+    /// The modes whose passes measure this figure. The L7 mode only differs from the
+    /// mesh one where HTTP requests are made, so only the HTTP rows run in it.
+    pub fn modes(self) -> &'static [Mode] {
+        if self.is_http() {
+            &Mode::ALL
+        } else {
+            &[Mode::Direct, Mode::Mesh]
+        }
+    }
+
+    /// Measured by the keep-alive HTTP run, the one tool of an L7 pass.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::HttpRequestRate | Self::AgentCpuPerKiloRequest)
+    }
+
+    /// The agent's memory: measured in the first round only. The allocator keeps what a
     /// mesh pass freed, so in later passes the peak starts high and held connections
     /// reuse freed memory instead of showing what they cost.
     pub fn is_memory(self) -> bool {
@@ -127,18 +173,20 @@ impl Figure {
                 | Self::AgentCpuPerGb
                 | Self::AgentCpuPerConnection
                 | Self::AgentCpuPerCrr
+                | Self::AgentCpuPerKiloRequest
                 | Self::AgentIdleRssPerConnection
         )
     }
 }
 
-/// What one pass (all tools, one mode) measured.
+/// What one pass (all tools of its mode, see [`Figure::modes`]) measured.
 pub type Pass = BTreeMap<Figure, f64>;
 
 /// Medians over all passes, with the runs they come from.
 pub struct Report {
     pub quick: bool,
-    pub pairs: usize,
+    /// Rounds of passes: one pass of each mode.
+    pub rounds: usize,
     pub seconds: u32,
     pub idle_connections: u32,
     pub versions: Vec<String>,
@@ -147,25 +195,33 @@ pub struct Report {
 
 struct Row {
     figure: Figure,
-    direct: Vec<f64>,
-    mesh: Vec<f64>,
+    /// The runs of each mode in [`Figure::modes`], in pass order; at least one each.
+    runs: BTreeMap<Mode, Vec<f64>>,
 }
 
 impl Row {
-    fn medians(&self) -> (f64, f64) {
-        (median(&self.direct), median(&self.mesh))
+    /// The median of `mode`, or `None` where the figure is not measured in it.
+    fn median(&self, mode: Mode) -> Option<f64> {
+        self.runs.get(&mode).map(|runs| median(runs))
     }
 
-    /// mesh / direct, where it means something.
-    fn ratio(&self) -> Option<f64> {
-        let (direct, mesh) = self.medians();
-        (!self.figure.is_agent_cost() && direct > 0.0).then(|| mesh / direct)
+    /// `mode` / direct, where it means something.
+    fn ratio(&self, mode: Mode) -> Option<f64> {
+        let (direct, value) = (self.median(Mode::Direct)?, self.median(mode)?);
+        (mode != Mode::Direct && !self.figure.is_agent_cost() && direct > 0.0)
+            .then(|| value / direct)
+    }
+
+    /// `mode` - direct.
+    fn difference(&self, mode: Mode) -> Option<f64> {
+        (mode != Mode::Direct).then_some(self.median(mode)? - self.median(Mode::Direct)?)
     }
 }
 
 impl Report {
-    /// Gathers the passes (in order: the first pair first); fails naming the pass and
-    /// figure that is missing, zero or not a number.
+    /// Gathers the passes (in order: the first round first); fails naming the pass and
+    /// figure that is missing, zero or not a number, or the figure that no pass of a mode
+    /// measuring it has.
     pub fn new(
         quick: bool,
         seconds: u32,
@@ -175,16 +231,17 @@ impl Report {
     ) -> anyhow::Result<Self> {
         let mut rows = Vec::new();
         for figure in Figure::ALL {
-            let mut row = Row {
-                figure,
-                direct: Vec::new(),
-                mesh: Vec::new(),
-            };
+            let label = figure.describe().0;
+            let mut runs: BTreeMap<Mode, Vec<f64>> =
+                figure.modes().iter().map(|m| (*m, Vec::new())).collect();
             for (i, (mode, pass)) in passes.iter().enumerate() {
-                if figure.is_memory() && i >= 2 {
+                let Some(mode_runs) = runs.get_mut(mode) else {
+                    continue;
+                };
+                // Memory: the first pass of each mode, i.e. the first round.
+                if figure.is_memory() && !mode_runs.is_empty() {
                     continue;
                 }
-                let label = figure.describe().0;
                 let Some(&value) = pass.get(&figure) else {
                     bail!("pass {} ({}) has no figure for {label}", i + 1, mode.name());
                 };
@@ -196,19 +253,16 @@ impl Report {
                         mode.name()
                     );
                 }
-                match mode {
-                    Mode::Direct => row.direct.push(value),
-                    Mode::Mesh => row.mesh.push(value),
-                }
+                mode_runs.push(value);
             }
-            if row.direct.is_empty() || row.mesh.is_empty() {
-                bail!("the bench needs at least one direct and one mesh pass");
+            if let Some((mode, _)) = runs.iter().find(|(_, r)| r.is_empty()) {
+                bail!("no {} pass measured {label}", mode.name());
             }
-            rows.push(row);
+            rows.push(Row { figure, runs });
         }
         Ok(Self {
             quick,
-            pairs: passes.len() / 2,
+            rounds: passes.iter().filter(|(m, _)| *m == Mode::Direct).count(),
             seconds,
             idle_connections,
             versions,
@@ -216,36 +270,44 @@ impl Report {
         })
     }
 
+    /// One column per mode, then the ratios, then the differences; a cell is empty where
+    /// the figure is not measured in that mode.
     pub fn table(&self) -> String {
-        let mut table = vec![
-            [
-                "FIGURE",
-                "UNIT",
-                "DIRECT",
-                "MESH",
-                "MESH/DIRECT",
-                "MESH-DIRECT",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-        ];
+        let others = &Mode::ALL[1..];
+        let mut header = vec!["FIGURE", "UNIT"];
+        header.extend(Mode::ALL.iter().map(|m| m.columns().0));
+        header.extend(others.iter().map(|m| m.columns().1));
+        header.extend(others.iter().map(|m| m.columns().2));
+        let mut table = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
         for row in &self.rows {
             let (label, unit, _) = row.figure.describe();
-            let (direct, mesh) = row.medians();
-            table.push(vec![
-                label.to_owned(),
-                unit.to_owned(),
-                number(direct),
-                number(mesh),
-                row.ratio()
-                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
-                number(mesh - direct),
-            ]);
+            let mut cells = vec![label.to_owned(), unit.to_owned()];
+            cells.extend(
+                Mode::ALL
+                    .iter()
+                    .map(|m| row.median(*m).map(number).unwrap_or_default()),
+            );
+            cells.extend(others.iter().map(|m| {
+                match row.median(*m) {
+                    None => String::new(),
+                    Some(_) => row
+                        .ratio(*m)
+                        .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+                }
+            }));
+            cells.extend(
+                others
+                    .iter()
+                    .map(|m| row.difference(*m).map(number).unwrap_or_default()),
+            );
+            table.push(cells);
         }
         let mut out = render(&table);
         out.push_str(&format!(
-            "\nmedians of {} direct/mesh pair(s) (agent memory: first pair only), {} s per tool run, {} idle connections held{}\n",
-            self.pairs,
+            "\nmedians of {} round(s) of passes ({}; agent memory: first round only; {}: HTTP rows only), {} s per tool run, {} idle connections held{}\n",
+            self.rounds,
+            Mode::ALL.map(Mode::name).join(", "),
+            Mode::MeshL7.name(),
             self.seconds,
             self.idle_connections,
             if self.quick {
@@ -260,27 +322,42 @@ impl Report {
         out
     }
 
+    /// Per figure: each mode's median and runs (`null` for a mode that does not measure
+    /// it), with the ratio to direct and the difference inside each mesh mode; the
+    /// top-level `ratio` and `difference` are the mesh mode's, as before the L7 mode.
     pub fn json(&self) -> Value {
         let figures: serde_json::Map<String, Value> = self
             .rows
             .iter()
             .map(|row| {
                 let (label, unit, key) = row.figure.describe();
-                let (direct, mesh) = row.medians();
-                let entry = json!({
+                let mut entry = json!({
                     "label": label,
                     "unit": unit,
-                    "direct": {"median": direct, "runs": row.direct},
-                    "mesh": {"median": mesh, "runs": row.mesh},
-                    "ratio": row.ratio(),
-                    "difference": mesh - direct,
+                    "ratio": row.ratio(Mode::Mesh),
+                    "difference": row.difference(Mode::Mesh),
                 });
+                for mode in Mode::ALL {
+                    let value = match (row.median(mode), row.runs.get(&mode)) {
+                        (Some(median), Some(runs)) => {
+                            let mut value = json!({"median": median, "runs": runs});
+                            if mode != Mode::Direct {
+                                value["ratio"] = json!(row.ratio(mode));
+                                value["difference"] = json!(row.difference(mode));
+                            }
+                            value
+                        }
+                        _ => Value::Null,
+                    };
+                    entry[mode.columns().3] = value;
+                }
                 (key.to_owned(), entry)
             })
             .collect();
         json!({
             "quick": self.quick,
-            "pairs": self.pairs,
+            "rounds": self.rounds,
+            "modes": Mode::ALL.map(Mode::name),
             "seconds_per_run": self.seconds,
             "idle_connections": self.idle_connections,
             "tools": self.versions,
@@ -314,8 +391,30 @@ fn number(value: f64) -> String {
 mod tests {
     use super::*;
 
-    fn pass(value: f64) -> Pass {
-        Figure::ALL.iter().map(|f| (*f, value)).collect()
+    /// A pass of `mode` with every figure it measures at `value`.
+    fn pass(mode: Mode, value: f64) -> (Mode, Pass) {
+        let figures = Figure::ALL
+            .iter()
+            .filter(|f| f.modes().contains(&mode))
+            .map(|f| (*f, value))
+            .collect();
+        (mode, figures)
+    }
+
+    /// One round: direct, mesh and mesh-l7 at `direct`, `mesh` and `l7`.
+    fn round(direct: f64, mesh: f64, l7: f64) -> [(Mode, Pass); 3] {
+        [
+            pass(Mode::Direct, direct),
+            pass(Mode::Mesh, mesh),
+            pass(Mode::MeshL7, l7),
+        ]
+    }
+
+    fn failure(passes: &[(Mode, Pass)]) -> String {
+        Report::new(true, 1, 10, vec![], passes)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -325,13 +424,8 @@ mod tests {
     }
 
     #[test]
-    fn ratio_and_difference_are_mesh_over_and_minus_direct() {
-        let passes = [
-            (Mode::Direct, pass(2.0)),
-            (Mode::Mesh, pass(3.0)),
-            (Mode::Direct, pass(4.0)),
-            (Mode::Mesh, pass(5.0)),
-        ];
+    fn ratio_and_difference_are_each_mesh_mode_over_and_minus_direct() {
+        let passes = [round(2.0, 3.0, 1.0), round(4.0, 5.0, 2.0)].concat();
         let report = Report::new(false, 10, 1000, vec![], &passes).unwrap();
         let json = report.json();
         let rtt = &json["figures"]["round_trip_median_us"];
@@ -339,23 +433,71 @@ mod tests {
         assert_eq!(rtt["mesh"]["median"], 4.0);
         assert_eq!(rtt["difference"], 1.0);
         assert_eq!(rtt["ratio"], 4.0 / 3.0);
+        assert_eq!(rtt["mesh"]["ratio"], 4.0 / 3.0);
+        let http = &json["figures"]["http_keepalive_requests_per_second"];
+        assert_eq!(http["mesh_l7"]["median"], 1.5);
+        assert_eq!(http["mesh_l7"]["runs"], json!([1.0, 2.0]));
+        assert_eq!(http["mesh_l7"]["ratio"], 0.5);
+        assert_eq!(http["mesh_l7"]["difference"], -1.5);
+        let cpu = &json["figures"]["agent_cpu_ms_per_1000_requests"];
+        assert_eq!(cpu["mesh_l7"]["ratio"], Value::Null);
+        assert_eq!(cpu["mesh_l7"]["median"], 1.5);
         assert_eq!(json["figures"]["agent_cpu_seconds"]["ratio"], Value::Null);
-        assert_eq!(json["pairs"], 2);
+        assert_eq!(json["rounds"], 2);
     }
 
     #[test]
-    fn memory_comes_from_the_first_pair_only() {
-        let later = |v| {
-            let mut p = pass(v);
-            p.retain(|f, _| !f.is_memory());
-            p
+    fn rows_not_measured_in_l7_have_empty_l7_cells() {
+        let report = Report::new(false, 10, 1000, vec![], &round(2.0, 3.0, 1.0)).unwrap();
+        let json = report.json();
+        assert_eq!(
+            json["figures"]["round_trip_median_us"]["mesh_l7"],
+            Value::Null
+        );
+        let table = report.table();
+        let line = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(label))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
         };
-        let passes = [
-            (Mode::Direct, pass(1.0)),
-            (Mode::Mesh, pass(2.0)),
-            (Mode::Direct, later(5.0)),
-            (Mode::Mesh, later(6.0)),
-        ];
+        // label, unit, direct, mesh, ratio, difference: no L7 cells.
+        assert_eq!(
+            line("round trip, median"),
+            [
+                "round", "trip,", "median", "us", "2.00", "3.00", "1.50", "1.00"
+            ]
+        );
+        // label (3 words), unit, direct, mesh, l7, two ratios, two differences.
+        assert_eq!(
+            line("HTTP requests/s"),
+            [
+                "HTTP",
+                "requests/s,",
+                "keep-alive",
+                "req/s",
+                "2.00",
+                "3.00",
+                "1.00",
+                "1.50",
+                "0.50",
+                "1.00",
+                "-1.00"
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_comes_from_the_first_round_only() {
+        let later = |(mode, mut p): (Mode, Pass)| {
+            p.retain(|f, _| !f.is_memory());
+            (mode, p)
+        };
+        let mut passes = round(1.0, 2.0, 3.0).to_vec();
+        passes.extend(round(5.0, 6.0, 7.0).map(later));
         let json = Report::new(false, 10, 1000, vec![], &passes)
             .unwrap()
             .json();
@@ -369,60 +511,44 @@ mod tests {
 
     #[test]
     fn a_zero_figure_fails_the_report() {
-        let mut mesh = pass(1.0);
-        mesh.insert(Figure::ConnectionRate, 0.0);
-        let error = Report::new(
-            true,
-            1,
-            10,
-            vec![],
-            &[(Mode::Direct, pass(1.0)), (Mode::Mesh, mesh)],
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[1].1.insert(Figure::ConnectionRate, 0.0);
+        let error = failure(&passes);
         assert!(error.contains("new connections"), "{error}");
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[2].1.insert(Figure::HttpRequestRate, 0.0);
+        let error = failure(&passes);
+        assert!(error.contains("(mesh-l7)"), "{error}");
     }
 
     #[test]
     fn a_missing_figure_fails_the_report() {
-        let mut direct = pass(1.0);
-        direct.remove(&Figure::Throughput4);
-        assert!(
-            Report::new(
-                true,
-                1,
-                10,
-                vec![],
-                &[(Mode::Direct, direct), (Mode::Mesh, pass(1.0))]
-            )
-            .is_err()
-        );
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[0].1.remove(&Figure::Throughput4);
+        assert!(failure(&passes).contains("throughput, 4 streams"));
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[2].1.remove(&Figure::AgentCpuPerKiloRequest);
+        let error = failure(&passes);
+        assert!(error.contains("pass 3 (mesh-l7)"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_mode_fails_the_report() {
+        let error = failure(&round(1.0, 1.0, 1.0)[..2]);
+        assert!(error.contains("no mesh-l7 pass"), "{error}");
     }
 
     #[test]
     fn agent_cpu_may_be_zero_in_a_direct_pass_only() {
-        let mut direct = pass(1.0);
-        direct.insert(Figure::AgentCpu, 0.0);
-        assert!(
-            Report::new(
-                true,
-                1,
-                10,
-                vec![],
-                &[(Mode::Direct, direct.clone()), (Mode::Mesh, pass(1.0))]
-            )
-            .is_ok()
-        );
-        assert!(
-            Report::new(
-                true,
-                1,
-                10,
-                vec![],
-                &[(Mode::Direct, pass(1.0)), (Mode::Mesh, direct)]
-            )
-            .is_err()
-        );
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[0].1.insert(Figure::AgentCpu, 0.0);
+        passes[0].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
+        assert!(Report::new(true, 1, 10, vec![], &passes).is_ok());
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[1].1.insert(Figure::AgentCpu, 0.0);
+        assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[2].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
+        assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! The load tools, run inside a client pod, and the parsing of what they print: `iperf3`
-//! (throughput), `sockperf` (round trip), `wrk` (new connections, the server closes),
-//! `ambit-probe crr` (new connections, the client closes) and `ambit-hold` (idle
-//! connections). Every run is bounded by `timeout`; a tool that fails, or whose output
+//! (throughput), `sockperf` (round trip), `wrk` (new connections, the server closes; and
+//! requests on keep-alive connections), `ambit-probe crr` (new connections, the client
+//! closes) and `ambit-hold` (idle connections). Every run is bounded by `timeout`; a tool that fails, or whose output
 //! lacks the figure, is an error naming the command line.
 
 use std::{
@@ -147,9 +147,10 @@ pub fn parse_sockperf(text: &str) -> anyhow::Result<RoundTrip> {
     })
 }
 
-/// What `wrk` did with `Connection: close`: one connection per request.
+/// What a `wrk` run did: requests per second and in all. With `Connection: close` (see
+/// [`wrk`]) each request is one connection.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ConnectionRate {
+pub struct WrkRate {
     pub per_second: f64,
     pub requests: f64,
 }
@@ -158,12 +159,7 @@ pub struct ConnectionRate {
 /// that the rate is bound by connection setup rather than by queueing.
 const WRK_CONNECTIONS: &str = "4";
 
-pub fn wrk(
-    node: &Node,
-    client: &Pod,
-    server: Ipv4Addr,
-    seconds: u32,
-) -> anyhow::Result<ConnectionRate> {
+pub fn wrk(node: &Node, client: &Pod, server: Ipv4Addr, seconds: u32) -> anyhow::Result<WrkRate> {
     let mut cmd = in_pod(node, client, "wrk", seconds);
     cmd.args([
         "-t",
@@ -179,7 +175,34 @@ pub fn wrk(
     parse_wrk(&String::from_utf8_lossy(&output.stdout)).with_context(|| command_line(&cmd))
 }
 
-pub fn parse_wrk(text: &str) -> anyhow::Result<ConnectionRate> {
+/// Keep-alive connections of [`wrk_keepalive`] and wrk's threads: enough concurrent
+/// requests to keep the server and the proxy busy on two cores.
+const WRK_KEEPALIVE_CONNECTIONS: &str = "8";
+const WRK_KEEPALIVE_THREADS: &str = "2";
+/// The route [`wrk_keepalive`] requests: httpbin's `/ip` (a small JSON body).
+pub const HTTP_KEEPALIVE_PATH: &str = "/ip";
+
+/// `wrk` with keep-alive (HTTP/1.1, its default): a few connections, each sending request
+/// after request for `seconds`, with `headers` (`Name: value`) on every request.
+pub fn wrk_keepalive(
+    node: &Node,
+    client: &Pod,
+    server: Ipv4Addr,
+    seconds: u32,
+    headers: &[&str],
+) -> anyhow::Result<WrkRate> {
+    let mut cmd = in_pod(node, client, "wrk", seconds);
+    cmd.args(["-t", WRK_KEEPALIVE_THREADS, "-c", WRK_KEEPALIVE_CONNECTIONS])
+        .args(["-d", &format!("{seconds}s")]);
+    for header in headers {
+        cmd.args(["-H", header]);
+    }
+    cmd.arg(format!("http://{server}:{HTTP_PORT}{HTTP_KEEPALIVE_PATH}"));
+    let output = ambit_tests::check(&mut cmd)?;
+    parse_wrk(&String::from_utf8_lossy(&output.stdout)).with_context(|| command_line(&cmd))
+}
+
+pub fn parse_wrk(text: &str) -> anyhow::Result<WrkRate> {
     let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix));
     let per_second: f64 = field("Requests/sec:")
         .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?
@@ -201,7 +224,7 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<ConnectionRate> {
     {
         bail!("wrk saw failures: {}", line.trim());
     }
-    Ok(ConnectionRate {
+    Ok(WrkRate {
         per_second,
         requests,
     })
@@ -387,7 +410,7 @@ mod tests {
             Requests/sec:  14989.31\nTransfer/sec:      1.97MB\n";
         assert_eq!(
             parse_wrk(text).unwrap(),
-            ConnectionRate {
+            WrkRate {
                 per_second: 14989.31,
                 requests: 31481.0
             }
