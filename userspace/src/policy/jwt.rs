@@ -6,6 +6,7 @@
 //! are rejected. A request without a token is not this module's concern: authorization
 //! decides whether one was required.
 
+mod cache;
 mod extract;
 
 use std::{collections::BTreeSet, fmt, sync::Arc, time::Duration};
@@ -141,6 +142,8 @@ pub(super) struct JwtSettings {
     pub remote: Arc<dyn RemoteKeys>,
     /// The leeway on `exp` and `nbf`.
     pub clock_skew: Duration,
+    /// Tokens that verified, shared by the engine's workloads.
+    pub verified: Arc<cache::TokenCache>,
 }
 
 impl Default for JwtSettings {
@@ -148,6 +151,7 @@ impl Default for JwtSettings {
         Self {
             remote: Arc::new(NoRemoteKeys),
             clock_skew: DEFAULT_CLOCK_SKEW,
+            verified: Arc::default(),
         }
     }
 }
@@ -244,7 +248,12 @@ pub(super) fn authenticate_request(
     };
     let issuer = issuer_of(&found.token)?;
     let (policy, rule) = rule_for(policies, &issuer, Some(&found.location))?;
-    let identity = verify(rule, &found.token, settings).map_err(|e| (Some(policy.clone()), e))?;
+    let identity = settings
+        .verified
+        .get_or_verify(rule, &found.token, settings.clock_skew, || {
+            verify(rule, &found.token, settings)
+        })
+        .map_err(|e| (Some(policy.clone()), e))?;
     if !rule.forward_original_token {
         found.location.remove(&mut parts.headers);
     }
