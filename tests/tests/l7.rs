@@ -100,6 +100,13 @@ fn requests_on_one_keep_alive_connection_are_decided_one_by_one() {
         ("/ip".to_owned(), 200),
     ];
     assert!(decided.contains(&expected), "{decided:?}");
+    // Its bytes are counted as a relayed connection's are.
+    let served = connections
+        .iter()
+        .find(|c| c["requests"].as_array().is_some_and(|r| r.len() == 3))
+        .unwrap();
+    assert!(served["bytes_sent"].as_u64() > Some(0), "{served}");
+    assert!(served["bytes_received"].as_u64() > Some(0), "{served}");
 }
 
 #[test]

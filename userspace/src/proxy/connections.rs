@@ -211,6 +211,11 @@ impl ConnectionGuard {
         &self.traffic
     }
 
+    /// The same counters, for a stream that counts its own bytes.
+    pub fn shared_traffic(&self) -> Arc<Traffic> {
+        Arc::clone(&self.traffic)
+    }
+
     /// A handle that adds request decisions to this connection's record.
     pub fn requests(&self) -> RequestLog {
         RequestLog {

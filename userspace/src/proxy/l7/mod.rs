@@ -11,6 +11,7 @@
 //! On a port whose protocol is not declared, the first bytes decide: a client that does not
 //! speak HTTP is authorized as opaque TCP, where rules that need HTTP never allow.
 
+mod counted;
 mod respond;
 mod rewind;
 mod upstream;
@@ -142,6 +143,7 @@ pub async fn serve<C>(
             async move { Ok::<_, Infallible>(handle(request, &conn).await) }
         })
     };
+    let client = counted::Counted::new(client, record.shared_traffic());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     let error = tokio::select! {
         served = served => served.err().map(|e| e.to_string()),
