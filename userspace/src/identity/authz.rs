@@ -1,8 +1,9 @@
 //! Who may ask the CA for which identity. [`Authorizer`] maps a bearer token to a
-//! [`Caller`] and decides entitlement; Kubernetes service-account authentication will be
-//! another implementation. This module owns tokens and grants, not the CSR rules (`ca`).
+//! [`Caller`] and decides entitlement, refusing with a typed [`Refusal`]. This module owns
+//! tokens and grants, not the CSR rules (`ca`).
 //!
-//! Two implementations:
+//! Three implementations; the third, [`KubeAuthorizer`](super::kube_authz::KubeAuthorizer)
+//! (`ambit ca --kubernetes`), asks the Kubernetes API and lives in `kube_authz`:
 //! - [`NodeAuthorizer`] (embedded CA, `ambit run`): one token, read from a file the agent
 //!   owns, belonging to this node. The node is entitled to exactly the identities that have
 //!   an enrolled pod on it, as the identity manager counts them ([`Enrolled`]), so the CA
@@ -23,21 +24,53 @@ use ring::{
 };
 use subtle::ConstantTimeEq;
 
-use super::{manager::Enrolled, spiffe::SpiffeId};
+use super::{ca_client::BoxFuture, kube_authz::KubeRefusal, manager::Enrolled, spiffe::SpiffeId};
 use crate::state_file;
 
 /// An authenticated caller of the CA.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
-    /// A node name, or whatever name the grants file gives the token.
+    /// For logs: a node name, the name the grants file gives the token, or the service
+    /// account and pod of a Kubernetes node agent.
     pub name: String,
+    /// The node the caller proved it runs on, when its authenticator can tell; the
+    /// Kubernetes rule entitles a caller to what runs on this node.
+    pub node: Option<String>,
 }
 
+/// Asynchronous because the Kubernetes implementation asks the API server; the others
+/// answer at once.
 pub trait Authorizer: Send + Sync + 'static {
-    /// The caller `token` belongs to, if it belongs to anyone.
-    fn authenticate(&self, token: &str) -> Option<Caller>;
+    /// The caller `token` belongs to.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>>;
     /// Whether `caller` may hold `identity`.
-    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool;
+    fn entitled<'a>(
+        &'a self,
+        caller: &'a Caller,
+        identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<(), Refusal>>;
+}
+
+/// Why a caller was refused. The token itself never appears: refusals are logged.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("bearer token is not valid")]
+    UnknownToken,
+    #[error("caller is not entitled to identity {0}")]
+    NotEntitled(SpiffeId),
+    #[error(transparent)]
+    Kubernetes(#[from] KubeRefusal),
+}
+
+impl Refusal {
+    /// A stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownToken => "unknown_token",
+            Self::NotEntitled(_) => "not_entitled",
+            Self::Kubernetes(k) => k.reason(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,19 +137,32 @@ impl NodeAuthorizer {
     pub fn caller(&self) -> Caller {
         Caller {
             name: self.node.clone(),
+            node: Some(self.node.clone()),
         }
     }
 }
 
 impl Authorizer for NodeAuthorizer {
-    fn authenticate(&self, token: &str) -> Option<Caller> {
-        self.token
-            .matches(&TokenDigest::of(token))
-            .then(|| self.caller())
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>> {
+        let known = self.token.matches(&TokenDigest::of(token));
+        Box::pin(async move { known.then(|| self.caller()).ok_or(Refusal::UnknownToken) })
     }
 
-    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
-        caller.name == self.node && self.enrolled.contains(identity)
+    fn entitled<'a>(
+        &'a self,
+        caller: &'a Caller,
+        identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        let entitled = caller.name == self.node && self.enrolled.contains(identity);
+        Box::pin(async move { entitled_or_refused(entitled, identity) })
+    }
+}
+
+fn entitled_or_refused(entitled: bool, identity: &SpiffeId) -> Result<(), Refusal> {
+    if entitled {
+        Ok(())
+    } else {
+        Err(Refusal::NotEntitled(identity.clone()))
     }
 }
 
@@ -203,22 +249,31 @@ impl GrantsAuthorizer {
 }
 
 impl Authorizer for GrantsAuthorizer {
-    fn authenticate(&self, token: &str) -> Option<Caller> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>> {
         let presented = TokenDigest::of(token);
         // Stopping at the match reveals only which grant matched, which its holder knows.
-        self.grants
+        let caller = self
+            .grants
             .iter()
             .find(|g| g.token.matches(&presented))
             .map(|g| Caller {
                 name: g.caller.clone(),
-            })
+                node: None,
+            });
+        Box::pin(async move { caller.ok_or(Refusal::UnknownToken) })
     }
 
-    fn entitled(&self, caller: &Caller, identity: &SpiffeId) -> bool {
-        self.grants
+    fn entitled<'a>(
+        &'a self,
+        caller: &'a Caller,
+        identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        let entitled = self
+            .grants
             .iter()
             .filter(|g| g.caller == caller.name)
-            .any(|g| g.identities.iter().any(|p| p.matches(identity)))
+            .any(|g| g.identities.iter().any(|p| p.matches(identity)));
+        Box::pin(async move { entitled_or_refused(entitled, identity) })
     }
 }
 
@@ -274,8 +329,8 @@ mod tests {
     use super::*;
     use crate::identity::{ManagerConfig, SecretManager};
 
-    #[test]
-    fn grants_file_entitles_exact_and_namespace_identities() {
+    #[tokio::test]
+    async fn grants_file_entitles_exact_and_namespace_identities() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants");
         fs::write(
@@ -286,22 +341,32 @@ mod tests {
         )
         .unwrap();
         let authz = GrantsAuthorizer::from_file(&path).unwrap();
-        let a = authz.authenticate("t1").unwrap();
+        let a = authz.authenticate("t1").await.unwrap();
         assert_eq!(a.name, "node-a");
         let id = |s: &str| s.parse::<SpiffeId>().unwrap();
-        assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/default/sa/default")));
-        assert!(authz.entitled(&a, &id("spiffe://cluster.local/ns/shop/sa/cart")));
-        assert!(!authz.entitled(&a, &id("spiffe://cluster.local/ns/other/sa/x")));
-        assert!(authz.authenticate("t3").is_none());
+        let entitled = async |s: &str| authz.entitled(&a, &id(s)).await;
+        entitled("spiffe://cluster.local/ns/default/sa/default")
+            .await
+            .unwrap();
+        entitled("spiffe://cluster.local/ns/shop/sa/cart")
+            .await
+            .unwrap();
+        let refused = entitled("spiffe://cluster.local/ns/other/sa/x")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.reason(), "not_entitled");
+        let refused = authz.authenticate("t3").await.unwrap_err();
+        assert_eq!(refused.reason(), "unknown_token");
     }
 
-    #[test]
-    fn node_token_must_match_exactly() {
+    #[tokio::test]
+    async fn node_token_must_match_exactly() {
         let (manager, _worker) = SecretManager::new(ManagerConfig::default());
         let authz = NodeAuthorizer::new("node-a", "secret", manager.enrolled());
-        assert_eq!(authz.authenticate("secret"), Some(authz.caller()));
+        assert_eq!(authz.authenticate("secret").await.unwrap(), authz.caller());
         for wrong in ["", "secre", "secret ", "Secret", "secretsecret"] {
-            assert_eq!(authz.authenticate(wrong), None, "{wrong:?}");
+            let refused = authz.authenticate(wrong).await.unwrap_err();
+            assert!(matches!(refused, Refusal::UnknownToken), "{wrong:?}");
         }
     }
 

@@ -32,6 +32,14 @@ const SERVING_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 const ROOT_KEY_FILE: &str = "root-key.pem";
 const ROOT_CERT_FILE: &str = "root-cert.pem";
 
+/// Istio's plug-in CA files (the `cacerts` Secret): the signing certificate and its key,
+/// the chain from the signing certificate up (the signing certificate itself first, the
+/// root not always last), and the root.
+const CACERTS_CERT_FILE: &str = "ca-cert.pem";
+const CACERTS_KEY_FILE: &str = "ca-key.pem";
+const CACERTS_CHAIN_FILE: &str = "cert-chain.pem";
+const CACERTS_ROOT_FILE: &str = "root-cert.pem";
+
 /// A plugged-in signing certificate: a root, or an intermediate plus the chain above it.
 #[derive(Clone, Debug)]
 pub struct PluggedCa {
@@ -169,6 +177,41 @@ impl Ca {
         )
     }
 
+    /// Uses a CA in Istio's plug-in layout, as istiod reads `cacerts`. `cert-chain.pem`
+    /// may be left out when `ca-cert.pem` is signed by the root directly.
+    pub fn from_cacerts_dir(
+        dir: &Path,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let cert_path = dir.join(CACERTS_CERT_FILE);
+        let cert_pem = read_string(&cert_path)?;
+        let key_pem = read_string(&dir.join(CACERTS_KEY_FILE))?;
+        let root_path = dir.join(CACERTS_ROOT_FILE);
+        let root = first_cert(&root_path, &read_string(&root_path)?)?;
+        let chain_path = dir.join(CACERTS_CHAIN_FILE);
+        let listed = if chain_path.exists() {
+            pem_certs(&chain_path, &read_string(&chain_path)?)?
+        } else {
+            Vec::new()
+        };
+        let signer = first_cert(&cert_path, &cert_pem)?;
+        // What `from_pem` wants is what lies above the signer, root last: drop the signer
+        // where Istio's chain repeats it, add the root where the chain stops short of it.
+        let mut above: Vec<_> = listed.into_iter().filter(|c| *c != signer).collect();
+        if signer != root && above.last() != Some(&root) {
+            above.push(root);
+        }
+        Self::from_pem(
+            &key_pem,
+            &cert_pem,
+            &above,
+            &cert_path,
+            trust_domain,
+            max_ttl,
+        )
+    }
+
     fn from_pem(
         key_pem: &str,
         cert_pem: &str,
@@ -181,10 +224,7 @@ impl Ca {
             path: cert_path.to_owned(),
             what,
         };
-        let signer = pem_certs(cert_path, cert_pem)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| bad("no certificate".into()))?;
+        let signer = first_cert(cert_path, cert_pem)?;
         let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("private key: {e}")))?;
         let (_, parsed) =
             x509_parser::parse_x509_certificate(&signer).map_err(|e| bad(e.to_string()))?;
@@ -240,10 +280,7 @@ impl Ca {
         ttl: Option<Duration>,
         entitled: impl FnOnce(&SpiffeId) -> bool,
     ) -> Result<Vec<String>, CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
-            rcgen::Error::InvalidCertificationRequestSignature => CaError::BadCsrSignature,
-            other => CaError::MalformedCsr(other),
-        })?;
+        let csr = parse_csr(csr_pem)?;
         let id = self.requested_identity(&csr.params.subject_alt_names)?;
         if !entitled(&id) {
             return Err(CaError::NotEntitled(id));
@@ -276,6 +313,12 @@ impl Ca {
         let mut chain = vec![leaf.pem()];
         chain.extend(self.chain.iter().cloned());
         Ok(chain)
+    }
+
+    /// The identity `csr_pem` asks for, under the same rules as [`Self::sign`]: for a
+    /// caller whose entitlement takes I/O to decide before signing.
+    pub fn csr_identity(&self, csr_pem: &str) -> Result<SpiffeId, CaError> {
+        self.requested_identity(&parse_csr(csr_pem)?.params.subject_alt_names)
     }
 
     /// A TLS server certificate for the CA service itself, valid for `names` (DNS names or
@@ -364,6 +407,14 @@ fn create_root(trust_domain: &str) -> Result<(String, String), CaError> {
     Ok((key.serialize_pem(), cert.pem()))
 }
 
+/// Parses a CSR and checks its self-signature.
+fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CaError> {
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+        rcgen::Error::InvalidCertificationRequestSignature => CaError::BadCsrSignature,
+        other => CaError::MalformedCsr(other),
+    })
+}
+
 fn describe_san(san: &SanType) -> String {
     match san {
         SanType::URI(u) => format!("URI:{}", u.as_str()),
@@ -387,6 +438,16 @@ fn pem_certs(path: &Path, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaE
         .map_err(|e| CaError::BadPem {
             path: path.to_owned(),
             what: format!("certificate: {e}"),
+        })
+}
+
+fn first_cert(path: &Path, pem: &str) -> Result<CertificateDer<'static>, CaError> {
+    pem_certs(path, pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| CaError::BadPem {
+            path: path.to_owned(),
+            what: "no certificate".into(),
         })
 }
 

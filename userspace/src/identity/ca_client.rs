@@ -1,8 +1,12 @@
 //! How the identity manager reaches a CA: the [`CaClient`] trait, the in-process client
 //! the embedded CA uses, and the gRPC client for a CA elsewhere (Istio's certificate
 //! API). Owns request transport only; what to request and when is `manager`'s.
+//!
+//! The gRPC client asks as a node proxy does in Istio's protocol: the identity goes in the
+//! request's `metadata` as `ImpersonatedIdentity`, so istiod (with the agent's account in
+//! `CA_TRUSTED_NODE_ACCOUNTS`) signs it for the agent, as it does for ztunnel.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use tonic::{
     metadata::MetadataValue,
@@ -10,7 +14,7 @@ use tonic::{
 };
 
 use super::{
-    authz::{Authorizer, Caller},
+    authz::{Authorizer, Caller, Refusal},
     ca::{Ca, CaError},
     ca_service::proto,
     spiffe::SpiffeId,
@@ -18,10 +22,13 @@ use super::{
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Signs CSRs for the manager. The returned chain is PEM, leaf first, root last.
+/// Signs CSRs for the manager. `id` is the identity `csr_pem` names, given apart because
+/// Istio's protocol carries it in the request too. The returned chain is PEM, leaf first,
+/// root last.
 pub trait CaClient: Send + Sync + 'static {
     fn sign<'a>(
         &'a self,
+        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>>;
@@ -31,6 +38,8 @@ pub trait CaClient: Send + Sync + 'static {
 pub enum CaClientError {
     #[error("in-process CA refused: {0}")]
     Local(#[from] CaError),
+    #[error("in-process CA refused: {0}")]
+    LocalRefused(#[from] Refusal),
     #[error("CA at {endpoint} refused ({code:?}): {message}")]
     Refused {
         endpoint: String,
@@ -65,12 +74,13 @@ impl LocalCaClient {
 impl CaClient for LocalCaClient {
     fn sign<'a>(
         &'a self,
+        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
         Box::pin(async move {
-            let entitled = |id: &SpiffeId| self.authorizer.entitled(&self.caller, id);
-            Ok(self.ca.sign(csr_pem, Some(ttl), entitled)?)
+            self.authorizer.entitled(&self.caller, id).await?;
+            Ok(self.ca.sign(csr_pem, Some(ttl), |named| named == id)?)
         })
     }
 }
@@ -120,6 +130,7 @@ impl GrpcCaClient {
 impl CaClient for GrpcCaClient {
     fn sign<'a>(
         &'a self,
+        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
@@ -127,7 +138,7 @@ impl CaClient for GrpcCaClient {
             let mut request = tonic::Request::new(proto::IstioCertificateRequest {
                 csr: csr_pem.to_owned(),
                 validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                metadata: None,
+                metadata: Some(impersonating(id)),
             });
             request
                 .metadata_mut()
@@ -141,5 +152,16 @@ impl CaClient for GrpcCaClient {
                 })?;
             Ok(response.into_inner().cert_chain)
         })
+    }
+}
+
+/// The request metadata a node proxy sends for a workload's identity, as ztunnel writes
+/// it: one string field, the full SPIFFE URI.
+pub(crate) fn impersonating(id: &SpiffeId) -> prost_types::Struct {
+    let value = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+    };
+    prost_types::Struct {
+        fields: BTreeMap::from([(proto::IMPERSONATED_IDENTITY.to_owned(), value)]),
     }
 }

@@ -2,7 +2,12 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`, over gRPC with TLS, so ambit
 //! agents and other Istio-compatible node proxies can use it. Owns the wire format (the
 //! messages and service are written by hand with prost and tonic, so the build needs no
-//! `protoc`), bearer-token authentication and the mapping of CA errors to gRPC statuses.
+//! `protoc`), bearer-token authentication and the mapping of refusals to gRPC statuses.
+//!
+//! The identity asked for is the CSR's one SPIFFE SAN. A node proxy also names it in the
+//! request's `metadata` as `ImpersonatedIdentity` (ztunnel does; istiod signs that identity
+//! for a trusted node account); when present it must be the CSR's, so the authorizer
+//! decides on exactly what gets signed.
 
 use std::{convert::Infallible, future::Future, sync::Arc, task::Poll};
 
@@ -16,8 +21,10 @@ use tonic::{
 };
 
 use super::{
-    authz::Authorizer,
+    authz::{Authorizer, Refusal},
     ca::{Ca, CaError},
+    kube_authz::KubeRefusal,
+    spiffe::{SpiffeError, SpiffeId},
 };
 
 /// Istio's `security.proto` messages and the client call, by hand.
@@ -25,6 +32,9 @@ pub mod proto {
     use tonic::{Status, codegen::http, transport::Channel};
 
     pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+    /// The `metadata` field in which a node proxy names the workload identity it asks for
+    /// (istio `pkg/security`'s `ImpersonatedIdentity`), a string holding the SPIFFE URI.
+    pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct IstioCertificateRequest {
@@ -64,7 +74,7 @@ pub mod proto {
     }
 }
 
-use proto::{IstioCertificateRequest, IstioCertificateResponse};
+use proto::{IMPERSONATED_IDENTITY, IstioCertificateRequest, IstioCertificateResponse};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaServiceError {
@@ -105,37 +115,115 @@ struct Handler {
     authorizer: Arc<dyn Authorizer>,
 }
 
+/// Why a request got no certificate. Each variant has a stable `reason()` for logs.
+#[derive(Debug, thiserror::Error)]
+enum Rejected {
+    #[error("missing `authorization: Bearer <token>` metadata")]
+    NoToken,
+    #[error("{IMPERSONATED_IDENTITY} is not a string holding a SPIFFE ID")]
+    ImpersonationNotString,
+    #[error("{IMPERSONATED_IDENTITY} is not a workload identity: {0}")]
+    ImpersonationInvalid(SpiffeError),
+    #[error("{IMPERSONATED_IDENTITY} asks for {asked} but the CSR names {csr}")]
+    ImpersonationMismatch { asked: SpiffeId, csr: SpiffeId },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+impl Rejected {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::NoToken => "no_token",
+            Self::ImpersonationNotString => "impersonation_not_string",
+            Self::ImpersonationInvalid(_) => "impersonation_invalid",
+            Self::ImpersonationMismatch { .. } => "impersonation_mismatch",
+            Self::Refused(r) => r.reason(),
+            Self::Ca(_) => "ca",
+        }
+    }
+
+    fn status(&self) -> Status {
+        let message = self.to_string();
+        match self {
+            Self::NoToken | Self::Refused(Refusal::UnknownToken) => {
+                Status::unauthenticated(message)
+            }
+            Self::ImpersonationNotString
+            | Self::ImpersonationInvalid(_)
+            | Self::ImpersonationMismatch { .. } => Status::invalid_argument(message),
+            Self::Refused(Refusal::NotEntitled(_)) => Status::permission_denied(message),
+            Self::Refused(Refusal::Kubernetes(k)) => kube_status(k, message),
+            Self::Ca(e) => status_of(e),
+        }
+    }
+}
+
+/// A token the API server does not vouch for is unauthenticated; a proven caller asking
+/// beyond its node is denied; an API server we cannot reach is worth a retry.
+fn kube_status(refusal: &KubeRefusal, message: String) -> Status {
+    match refusal {
+        KubeRefusal::TokenRejected { .. }
+        | KubeRefusal::WrongAudience { .. }
+        | KubeRefusal::NotServiceAccount { .. }
+        | KubeRefusal::NotPodBound { .. }
+        | KubeRefusal::CallerPodGone { .. }
+        | KubeRefusal::CallerPodUnscheduled { .. } => Status::unauthenticated(message),
+        KubeRefusal::UntrustedAccount { .. }
+        | KubeRefusal::NoPodOnNode { .. }
+        | KubeRefusal::NoNode(_) => Status::permission_denied(message),
+        KubeRefusal::Api { .. } => Status::unavailable(message),
+    }
+}
+
 impl Handler {
-    fn create(
+    /// Authenticates, reads the identity asked for, checks entitlement, signs: the caller
+    /// learns nothing of the CSR rules before its token is accepted.
+    async fn create(
         &self,
         request: tonic::Request<IstioCertificateRequest>,
-    ) -> Result<IstioCertificateResponse, Status> {
+    ) -> Result<IstioCertificateResponse, Rejected> {
         let token = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
-            })?;
-        let caller = self
-            .authorizer
-            .authenticate(token.trim())
-            .ok_or_else(|| Status::unauthenticated("bearer token is not valid"))?;
+            .ok_or(Rejected::NoToken)?
+            .trim()
+            .to_owned();
+        let caller = self.authorizer.authenticate(&token).await?;
         let request = request.into_inner();
+        let id = self.ca.csr_identity(&request.csr)?;
+        if let Some(asked) = impersonated(&request)?
+            && asked != id
+        {
+            return Err(Rejected::ImpersonationMismatch { asked, csr: id });
+        }
+        self.authorizer.entitled(&caller, &id).await?;
         let ttl = u64::try_from(request.validity_duration)
             .ok()
             .map(std::time::Duration::from_secs);
-        let chain = self
-            .ca
-            .sign(&request.csr, ttl, |id| {
-                self.authorizer.entitled(&caller, id)
-            })
-            .map_err(|e| {
-                tracing::warn!(caller = caller.name, error = %e, "certificate request refused");
-                status_of(&e)
-            })?;
+        let chain = self.ca.sign(&request.csr, ttl, |named| named == &id)?;
+        tracing::debug!(caller = caller.name, %id, "certificate issued");
         Ok(IstioCertificateResponse { cert_chain: chain })
+    }
+}
+
+/// The identity named in the request's `metadata`, if any.
+fn impersonated(request: &IstioCertificateRequest) -> Result<Option<SpiffeId>, Rejected> {
+    let Some(value) = request
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+    else {
+        return Ok(None);
+    };
+    match &value.kind {
+        Some(prost_types::value::Kind::StringValue(s)) => {
+            s.parse().map(Some).map_err(Rejected::ImpersonationInvalid)
+        }
+        _ => Err(Rejected::ImpersonationNotString),
     }
 }
 
@@ -209,7 +297,16 @@ impl Service<tonic::Request<IstioCertificateRequest>> for CreateCertificate {
     }
 
     fn call(&mut self, request: tonic::Request<IstioCertificateRequest>) -> Self::Future {
-        let result = self.0.create(request).map(tonic::Response::new);
-        Box::pin(async move { result })
+        let handler = self.0.clone();
+        Box::pin(async move {
+            handler
+                .create(request)
+                .await
+                .map(tonic::Response::new)
+                .map_err(|e| {
+                    tracing::warn!(reason = e.reason(), error = %e, "certificate request failed");
+                    e.status()
+                })
+        })
     }
 }

@@ -289,3 +289,44 @@ fn plugged_intermediate_chain_reaches_the_root() {
         &d("leaf.pem"),
     ]);
 }
+
+/// Istio's `cacerts` files for an intermediate under a fresh root, in `dir`; with the
+/// chain file as Istio's tooling writes it (intermediate, then root) when `chain` is set.
+fn write_cacerts(dir: &Path, chain: bool) -> String {
+    let (root_key, root_pem) = create_root("cluster.local").unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&root_pem, KeyPair::from_pem(&root_key).unwrap()).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "plugged intermediate");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let cert_pem = params.signed_by(&key, &issuer).unwrap().pem();
+    fs::write(dir.join("ca-cert.pem"), &cert_pem).unwrap();
+    fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+    fs::write(dir.join("root-cert.pem"), &root_pem).unwrap();
+    if chain {
+        fs::write(dir.join("cert-chain.pem"), format!("{cert_pem}{root_pem}")).unwrap();
+    }
+    root_pem
+}
+
+#[test]
+fn istio_cacerts_layout_issues_chains_up_to_its_root() {
+    for chain_file in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let root_pem = write_cacerts(dir.path(), chain_file);
+        let ca = Ca::from_cacerts_dir(dir.path(), "cluster.local", DEFAULT_MAX_TTL).unwrap();
+        let (_key, csr) = csr_for(vec![uri(DEFAULT_ID)]);
+        let chain = ca.sign(&csr, None, |_| true).unwrap();
+        assert_eq!(
+            chain.len(),
+            3,
+            "leaf, intermediate, root (chain file: {chain_file})"
+        );
+        let der = |p: &str| pem::parse(p).unwrap().into_contents();
+        assert_eq!(der(&chain[2]), der(&root_pem), "chain file: {chain_file}");
+    }
+}

@@ -7,6 +7,9 @@
 //! enrolled on this node. With `--ca-listen` the embedded CA is also served over gRPC for
 //! other node proxies, authenticated by the agent's token (`--ca-token-file`, created on
 //! first start). With `--ca-address` the agent uses a CA elsewhere instead, e.g. `ambit ca`.
+//!
+//! `ambit ca` trusts either a grants file or, with `--kubernetes`, the API server
+//! (`kube_authz`).
 
 use std::{
     future::Future,
@@ -19,10 +22,11 @@ use std::{
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{
-    authz::{self, AuthzError, GrantsAuthorizer, NodeAuthorizer},
+    authz::{self, Authorizer, AuthzError, GrantsAuthorizer, NodeAuthorizer},
     ca::{Ca, CaError, PluggedCa},
     ca_client::{CaClientError, GrpcCaClient, LocalCaClient},
     ca_service::{self, CaServiceError},
+    kube_authz::{self, KubeAuthorizer, KubeSetupError, ServiceAccount},
     manager::{ManagerConfig, SecretManager},
 };
 
@@ -42,6 +46,10 @@ pub struct CaKeyArgs {
     /// Certificates above an intermediate `--ca-cert`, ending with the root (PEM).
     #[arg(long = "ca-chain", requires = "ca_cert")]
     pub ca_chain: Option<PathBuf>,
+    /// Plugged-in CA in Istio's `cacerts` layout (`ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, optional `cert-chain.pem`), e.g. the `cacerts` Secret mounted.
+    #[arg(long = "cacerts-dir", conflicts_with = "ca_cert")]
+    pub cacerts_dir: Option<PathBuf>,
     /// Longest lifetime the CA issues (`90s`, `30m`, `24h` or seconds).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
@@ -61,8 +69,34 @@ pub struct CaArgs {
     #[arg(long = "server-name", default_values = ["ambit-ca", "localhost"])]
     pub server_names: Vec<String>,
     /// Who may ask for what: lines of `<token> <caller> <identity>...` (see `authz`).
-    #[arg(long)]
-    pub grants_file: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub grants_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub kubernetes: KubeCaArgs,
+}
+
+/// `ambit ca --kubernetes`: callers are node agents proved by the Kubernetes API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KubeCaArgs {
+    /// Authenticate agents by their service-account tokens (TokenReview) and sign only
+    /// identities with a pod on the agent's node, instead of a grants file.
+    #[arg(long, conflicts_with = "grants_file")]
+    pub kubernetes: bool,
+    /// Kubeconfig to reach the API server; default: the pod's own service account.
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Audience agents' projected tokens must be issued for.
+    #[arg(long, default_value = "ambit-ca")]
+    pub token_audience: String,
+    /// Service account (`namespace/name`) of the node agents, which may ask for the
+    /// identities of pods on their node (repeatable; Istio's `CA_TRUSTED_NODE_ACCOUNTS`).
+    #[arg(
+        long = "trusted-node-account",
+        value_name = "NAMESPACE/NAME",
+        required_if_eq("kubernetes", "true"),
+        requires = "kubernetes"
+    )]
+    pub trusted_node_accounts: Vec<ServiceAccount>,
 }
 
 /// Identity options of `ambit run`.
@@ -110,6 +144,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Kubernetes(#[from] KubeSetupError),
     #[error("failed to read the CA root {path}: {source}")]
     Root {
         path: PathBuf,
@@ -190,7 +226,18 @@ pub async fn start(
 /// Runs `ambit ca` until `shutdown`.
 pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let ca = Arc::new(load_ca(&args.keys, &args.state_dir)?);
-    let authorizer = Arc::new(GrantsAuthorizer::from_file(&args.grants_file)?);
+    let authorizer: Arc<dyn Authorizer> = match &args.grants_file {
+        Some(path) => Arc::new(GrantsAuthorizer::from_file(path)?),
+        None => {
+            let kube = &args.kubernetes;
+            let client = kube_authz::client(kube.kubeconfig.as_ref()).await?;
+            Arc::new(KubeAuthorizer::new(
+                client,
+                &kube.token_audience,
+                kube.trusted_node_accounts.clone(),
+            ))
+        }
+    };
     let listener = bind(args.listen).await?;
     tracing::info!(addr = %args.listen, trust_domain = ca.trust_domain(), "CA serving");
     ca_service::serve(ca, authorizer, listener, &args.server_names, shutdown).await?;
@@ -198,6 +245,9 @@ pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result
 }
 
 fn load_ca(keys: &CaKeyArgs, state_dir: &Path) -> Result<Ca, CaError> {
+    if let Some(dir) = &keys.cacerts_dir {
+        return Ca::from_cacerts_dir(dir, &keys.trust_domain, keys.max_cert_ttl);
+    }
     match (&keys.ca_cert, &keys.ca_key) {
         (Some(cert), Some(key)) => Ca::from_pem_files(
             &PluggedCa {

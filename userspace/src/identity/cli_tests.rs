@@ -69,12 +69,12 @@ async fn grpc_service_signs_for_enrolled_identity_and_refuses_the_rest() {
     let ttl = Duration::from_secs(3600);
 
     let (_key, csr) = csr_for(vec![uri(DEFAULT)]);
-    let chain = client.sign(&csr, ttl).await.unwrap();
+    let chain = client.sign(&id(DEFAULT), &csr, ttl).await.unwrap();
     assert_eq!(chain.len(), 2, "leaf then root");
 
     let other: SpiffeId = id("spiffe://cluster.local/ns/shop/sa/cart");
     let (_key, csr_other) = csr_for(vec![uri(&other.to_string())]);
-    let (code, message) = refusal(client.sign(&csr_other, ttl).await.unwrap_err());
+    let (code, message) = refusal(client.sign(&other, &csr_other, ttl).await.unwrap_err());
     assert_eq!(code, tonic::Code::PermissionDenied);
     assert_eq!(
         message,
@@ -83,7 +83,7 @@ async fn grpc_service_signs_for_enrolled_identity_and_refuses_the_rest() {
 
     let (code, message) = refusal(
         client
-            .sign(&corrupt_signature(&csr), ttl)
+            .sign(&id(DEFAULT), &corrupt_signature(&csr), ttl)
             .await
             .unwrap_err(),
     );
@@ -97,7 +97,12 @@ async fn grpc_service_signs_for_enrolled_identity_and_refuses_the_rest() {
         uri(DEFAULT),
         SanType::DnsName("db.example".try_into().unwrap()),
     ]);
-    let (code, message) = refusal(client.sign(&csr_extra, ttl).await.unwrap_err());
+    let (code, message) = refusal(
+        client
+            .sign(&id(DEFAULT), &csr_extra, ttl)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(code, tonic::Code::InvalidArgument);
     assert_eq!(
         message,
@@ -107,7 +112,7 @@ async fn grpc_service_signs_for_enrolled_identity_and_refuses_the_rest() {
     );
 
     let stranger = grpc_client(dir.path(), identity.ca_addr.unwrap(), "not-the-token");
-    let (code, message) = refusal(stranger.sign(&csr, ttl).await.unwrap_err());
+    let (code, message) = refusal(stranger.sign(&id(DEFAULT), &csr, ttl).await.unwrap_err());
     assert_eq!(code, tonic::Code::Unauthenticated);
     assert_eq!(message, "bearer token is not valid");
 }
@@ -198,6 +203,35 @@ fn durations_parse_with_units() {
     assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
     assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
     assert!(parse_duration("1d").is_err());
+}
+
+#[test]
+fn kubernetes_ca_needs_a_trusted_node_account_and_excludes_a_grants_file() {
+    #[derive(clap::Parser)]
+    struct CaCmd {
+        #[command(flatten)]
+        ca: CaArgs,
+    }
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["ambit"];
+        argv.extend_from_slice(extra);
+        CaCmd::try_parse_from(argv).map(|c| c.ca)
+    };
+    assert!(parse(&[]).is_err(), "a grants file or --kubernetes");
+    assert!(parse(&["--kubernetes"]).is_err(), "no trusted account");
+    let kube = [
+        "--kubernetes",
+        "--trusted-node-account",
+        "ambit-system/ambit",
+    ];
+    let args = parse(&kube).unwrap();
+    assert_eq!(args.kubernetes.token_audience, "ambit-ca");
+    assert_eq!(
+        args.kubernetes.trusted_node_accounts,
+        vec!["ambit-system/ambit".parse().unwrap()]
+    );
+    assert!(parse(&[&kube[..], &["--grants-file", "g"]].concat()).is_err());
+    assert!(parse(&["--kubernetes", "--trusted-node-account", "ambit"]).is_err());
 }
 
 #[test]

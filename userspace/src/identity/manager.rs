@@ -421,7 +421,7 @@ async fn issue(
     ttl: Duration,
 ) -> Result<WorkloadCert, RefreshError> {
     let pending = PendingKey::generate(id)?;
-    let chain = ca.sign(&pending.csr_pem, ttl).await?;
+    let chain = ca.sign(id, &pending.csr_pem, ttl).await?;
     Ok(WorkloadCert::new(id, pending, chain)?)
 }
 

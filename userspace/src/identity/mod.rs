@@ -1,6 +1,6 @@
 //! Workload identity: the [`SpiffeId`] newtype, the CA that signs workload certificates
 //! (`ca`), its gRPC service and clients (`ca_service`, `ca_client`), who may ask for what
-//! (`authz`), the in-memory key and certificate of a workload (`cert`), the manager that
+//! (`authz`, and `kube_authz` for node agents proved by the Kubernetes API), the in-memory key and certificate of a workload (`cert`), the manager that
 //! keeps one certificate per enrolled identity fresh (`manager`), and how `ambit run` and
 //! `ambit ca` start all this (`cli`). TLS configuration built from these certificates
 //! lives in `crate::tls`.
@@ -11,6 +11,7 @@ pub mod ca_client;
 pub mod ca_service;
 pub mod cert;
 pub mod cli;
+pub mod kube_authz;
 pub mod manager;
 pub mod spiffe;
 

@@ -4,8 +4,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use super::{
     Ca, ManagerConfig, SecretManager, SpiffeId,
-    authz::{Authorizer, Caller},
-    ca_client::LocalCaClient,
+    authz::{Authorizer, Caller, Refusal},
+    ca_client::{BoxFuture, LocalCaClient},
 };
 
 pub(crate) fn id(s: &str) -> SpiffeId {
@@ -16,14 +16,23 @@ pub(crate) fn id(s: &str) -> SpiffeId {
 pub(crate) struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authenticate(&self, _token: &str) -> Option<Caller> {
-        Some(Caller {
-            name: "test".into(),
-        })
+    fn authenticate<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>> {
+        Box::pin(async { Ok(test_caller()) })
     }
 
-    fn entitled(&self, _caller: &Caller, _identity: &SpiffeId) -> bool {
-        true
+    fn entitled<'a>(
+        &'a self,
+        _caller: &'a Caller,
+        _identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn test_caller() -> Caller {
+    Caller {
+        name: "test".into(),
+        node: None,
     }
 }
 
@@ -33,12 +42,6 @@ pub(crate) fn ca_in(dir: &Path, max_ttl: Duration) -> Arc<Ca> {
 
 /// A manager talking to `ca` in process.
 pub(crate) fn local_manager(ca: Arc<Ca>, config: ManagerConfig) -> SecretManager {
-    let client = LocalCaClient::new(
-        ca,
-        Arc::new(AllowAll),
-        Caller {
-            name: "test".into(),
-        },
-    );
+    let client = LocalCaClient::new(ca, Arc::new(AllowAll), test_caller());
     SecretManager::spawn(Arc::new(client), config)
 }

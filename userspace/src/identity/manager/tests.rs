@@ -60,6 +60,7 @@ struct Switchable {
 impl CaClient for Switchable {
     fn sign<'a>(
         &'a self,
+        id: &'a SpiffeId,
         csr_pem: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, CaClientError>> {
@@ -71,7 +72,7 @@ impl CaClient for Switchable {
                 })
             });
         }
-        self.inner.sign(csr_pem, ttl)
+        self.inner.sign(id, csr_pem, ttl)
     }
 }
 
@@ -88,7 +89,10 @@ async fn keeps_serving_through_ca_outage_with_visible_backoff_and_recovers() {
     let local = LocalCaClient::new(
         ca_in(dir.path(), Duration::from_secs(3600)),
         Arc::new(AllowAll),
-        Caller { name: "t".into() },
+        Caller {
+            name: "t".into(),
+            node: None,
+        },
     );
     let ca = Arc::new(Switchable {
         inner: Arc::new(local),
@@ -142,7 +146,10 @@ async fn withdraws_an_expired_certificate_without_successor() {
         inner: Arc::new(crate::identity::ca_client::LocalCaClient::new(
             ca,
             Arc::new(crate::identity::test_support::AllowAll),
-            crate::identity::authz::Caller { name: "t".into() },
+            crate::identity::authz::Caller {
+                name: "t".into(),
+                node: None,
+            },
         )),
         down: AtomicBool::new(false),
     });
