@@ -20,4 +20,5 @@ mod state_file;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
+pub mod uninstall;
 pub mod workloads;

@@ -26,6 +26,9 @@ enum Command {
     /// Print the v1beta1 objects that Istio 1.1 (`authentication.istio.io/v1alpha1`)
     /// policies are converted to and enforced as.
     Convert(explain::ConvertCli),
+    /// Take ambit off this node (agent stopped): release every enrolled pod, detach the
+    /// kernel programs, remove the pins and the CNI entry. Pods return to direct traffic.
+    UninstallNode(ambit::uninstall::UninstallArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,7 +36,7 @@ fn main() -> std::process::ExitCode {
     let offline = match &cli.command {
         Command::Explain(args) => Some(explain::run_cli(args)),
         Command::Convert(args) => Some(explain::run_convert(args)),
-        Command::Run(_) | Command::Ca(_) => None,
+        Command::Run(_) | Command::Ca(_) | Command::UninstallNode(_) => None,
     };
     if let Some(code) = offline {
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(2));
@@ -59,6 +62,9 @@ fn main() -> std::process::ExitCode {
                     .await
                     .map_err(Into::into)
             }
+            Command::UninstallNode(args) => ambit::uninstall::uninstall_node(&args)
+                .await
+                .map_err(Into::into),
             Command::Explain(_) | Command::Convert(_) => Ok(()),
         }
     });

@@ -44,6 +44,7 @@ pub fn register_kernel_logger(
 /// `bpf(2)` commands that aya 0.14 does not offer for cgroup and `sk_lookup` links.
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
 pub fn bpf_obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
@@ -110,6 +111,33 @@ pub fn bpf_link_update(link: &impl AsFd, program: &impl AsFd) -> io::Result<()> 
             BPF_LINK_UPDATE,
             &raw const attr,
             size_of::<LinkUpdate>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Detaches the BPF link `link` from its hook (`BPF_LINK_DETACH`) whoever else still holds
+/// it open: the link object lives on, defunct, until its last descriptor or pin goes.
+pub fn bpf_link_detach(link: &impl AsFd) -> io::Result<()> {
+    // `union bpf_attr` for BPF_LINK_DETACH: link_fd.
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let attr = LinkDetach {
+        link_fd: u32::try_from(link.as_fd().as_raw_fd()).unwrap_or(u32::MAX),
+    };
+    // SAFETY: as in `bpf_obj_get`; the descriptor is borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            size_of::<LinkDetach>() as libc::c_uint,
         )
     };
     if rc == 0 {

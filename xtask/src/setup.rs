@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs, only where missing, what building ambit needs:
 //! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), Python's `grpcio`
-//! (the gRPC tests' client and server), `rust-src` for the nightly toolchain, and
+//! (the gRPC tests' client and server), `kubectl` and the manifest checkers
+//! (`kubernetes-validate`, `checkov`), `rust-src` for the nightly toolchain, and
 //! bpf-linker built against LLVM 22. Checks that the nightly's
 //! LLVM major matches bpf-linker's, since a mismatch fails late with `Invalid record`.
 
@@ -30,11 +31,23 @@ const PACKAGES: &[&str] = &[
     "wrk",
     // The gRPC tests: pip, which installs grpcio for whichever python3 comes first on PATH.
     "python3-pip",
+    // The manifest tests' checkers live in a virtual environment of their own.
+    "python3-venv",
 ];
+
+/// The virtual environment of the manifest tests' checkers (`tests/tests/manifests.rs`
+/// runs them from its `bin/`): apart from the system's packages, since checkov pins
+/// dozens of dependencies that would otherwise replace the system's or grpcio's.
+const MANIFEST_TOOLS: &str = "/opt/ambit-manifest-tools";
+/// The checkers and their versions, pinned so a release cannot change a verdict unseen.
+const MANIFEST_CHECKERS: &[(&str, &str)] =
+    &[("kubernetes-validate", "1.37.0"), ("checkov", "3.3.30")];
 
 pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     install_grpcio()?;
+    install_kubectl()?;
+    install_manifest_checkers()?;
     check_nightly()?;
     install_rust_src()?;
     install_bpf_linker()
@@ -141,6 +154,70 @@ fn python_path() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// `kubectl` for `kubectl kustomize`: Debian's `kubernetes-client` unless a kubectl is on
+/// PATH already (another package, such as the Kubernetes project's or a cloud SDK's, owns
+/// /usr/bin/kubectl then, and installing Debian's would conflict with it).
+fn install_kubectl() -> anyhow::Result<()> {
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "no kubectl: run `sudo apt-get install -y kubernetes-client` or `sudo cargo xtask setup`"
+        );
+    }
+    eprintln!("setup: installing kubernetes-client (kubectl)");
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "kubernetes-client",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// `kubernetes-validate` and `checkov` from PyPI, at their pinned versions, in
+/// [`MANIFEST_TOOLS`].
+fn install_manifest_checkers() -> anyhow::Result<()> {
+    let bin = std::path::Path::new(MANIFEST_TOOLS).join("bin");
+    let missing: Vec<String> = MANIFEST_CHECKERS
+        .iter()
+        .filter(|(tool, version)| {
+            !Command::new(bin.join(tool))
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim().ends_with(version))
+        })
+        .map(|(tool, version)| format!("{tool}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the manifest checkers {} are missing from {MANIFEST_TOOLS}: run `sudo cargo xtask setup`",
+            missing.join(" ")
+        );
+    }
+    if !bin.join("pip").exists() {
+        run(Command::new("python3").args(["-m", "venv", MANIFEST_TOOLS]))?;
+    }
+    eprintln!(
+        "setup: installing {} into {MANIFEST_TOOLS}",
+        missing.join(" ")
+    );
+    run(Command::new(bin.join("pip"))
+        .args(["install", "--quiet"])
+        .args(&missing))
 }
 
 fn check_nightly() -> anyhow::Result<()> {

@@ -29,7 +29,7 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use saved::Sysctls;
-pub use saved::{SavedError, SavedSettings};
+pub use saved::{Recorded, SavedError, SavedSettings};
 
 use crate::netns::{NetnsError, PodNetns};
 
@@ -79,7 +79,9 @@ pub async fn install(netns: &PodNetns, saved: &SavedSettings) -> Result<(), Rout
     // Saved before anything changes: a crash in between must not lose the originals.
     if saved.load(cookie).map_err(saved_error)?.is_none() {
         let originals = in_netns(netns, &pod, read_sysctls).await?;
-        saved.save(cookie, &originals).map_err(saved_error)?;
+        saved
+            .save(cookie, netns.path(), &originals)
+            .map_err(saved_error)?;
     }
     let enabled: Sysctls = SYSCTLS.iter().map(|name| ((*name).to_owned(), 1)).collect();
     in_netns(netns, &pod, move || write_sysctls(&enabled)).await?;
