@@ -155,6 +155,7 @@ impl From<&LimitArgs> for Limits {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let source = SourceConfig::resolve(&args).await?;
     let open_files = raise_fd_limit();
     let cgroup = match args.cgroup.clone() {
         Some(cgroup) => cgroup,
@@ -177,7 +178,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
     let trust_domain = args.identity.keys.trust_domain.clone();
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
-    start_source(&args, snapshot_tx).await?;
+    source.start(&args, snapshot_tx).await?;
     let jwks = JwksFetcher::new(JwksOptions {
         ca_file: args.jwt.jwks_ca_file.clone(),
         allow_private: args.jwt.allow_private_jwks,
@@ -271,38 +272,52 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Starts the configuration source and returns once it has published its first full
-/// snapshot: reconciling before that would release a restarted agent's pods only because
-/// the source had not shown them yet.
-async fn start_source(args: &RunArgs, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
-    match (args.source, &args.config_dir) {
-        (Source::Files, Some(dir)) => {
-            let mut initial = files::DirState::new(&args.root_namespace);
-            for error in initial.reload(dir) {
-                error!("config rejected: {error}");
+/// A configuration source, checked before the agent touches the kernel.
+enum SourceConfig {
+    Files(PathBuf),
+    Kubernetes(kube::Client),
+}
+
+impl SourceConfig {
+    /// Reads what `args` name (the kubeconfig, the in-cluster account), so that a
+    /// misconfigured agent fails before it loads programs or creates a CA.
+    async fn resolve(args: &RunArgs) -> anyhow::Result<Self> {
+        Ok(match (args.source, &args.config_dir) {
+            (Source::Files, Some(dir)) => Self::Files(dir.clone()),
+            (Source::Files, None) => anyhow::bail!("--source files needs --config-dir"),
+            (Source::Kubernetes, _) => {
+                Self::Kubernetes(kubernetes::client(args.kubeconfig.as_deref()).await?)
             }
-            tx.send_replace(initial.snapshot());
-            tokio::spawn(files::watch_dir(
-                dir.clone(),
-                args.root_namespace.clone(),
-                tx,
-            ));
-        }
-        (Source::Files, None) => anyhow::bail!("--source files needs --config-dir"),
-        (Source::Kubernetes, _) => {
-            let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
-            let mut first = tx.subscribe();
-            let options = kubernetes::Options {
-                root_namespace: args.root_namespace.clone(),
-                node_name: args.node_name.clone(),
-            };
-            tokio::spawn(kubernetes::watch_cluster(client, options, tx));
-            info!("waiting for the first list of the API server's objects");
-            first.changed().await?;
-            info!("listed the API server's objects");
-        }
+        })
     }
-    Ok(())
+
+    /// Starts the source and returns once it has published its first full snapshot:
+    /// reconciling before that would release a restarted agent's pods only because the
+    /// source had not shown them yet.
+    async fn start(self, args: &RunArgs, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+        match self {
+            Self::Files(dir) => {
+                let mut initial = files::DirState::new(&args.root_namespace);
+                for error in initial.reload(&dir) {
+                    error!("config rejected: {error}");
+                }
+                tx.send_replace(initial.snapshot());
+                tokio::spawn(files::watch_dir(dir, args.root_namespace.clone(), tx));
+            }
+            Self::Kubernetes(client) => {
+                let mut first = tx.subscribe();
+                let options = kubernetes::Options {
+                    root_namespace: args.root_namespace.clone(),
+                    node_name: args.node_name.clone(),
+                };
+                tokio::spawn(kubernetes::watch_cluster(client, options, tx));
+                info!("waiting for the first list of the API server's objects");
+                first.changed().await?;
+                info!("listed the API server's objects");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every meshed connection holds up

@@ -41,19 +41,24 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// default (800 ms to 30 s): after an API server outage the node catches up within seconds.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The longest wait for `authentication.istio.io` (removed in Istio 1.6, so usually not
+/// served): every node asking for it every 5 s would load the API server for nothing.
+const LEGACY_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Reason of the Event posted on a policy that fails validation.
 const INVALID_POLICY: &str = "InvalidPolicy";
 
+/// Why the client cannot be built. The messages leave the cause to the error chain
+/// (`ambit: {error:#}`), which kube's errors already spell out in full.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("cannot read kubeconfig {}: {source}", path.display())]
+    #[error("cannot read kubeconfig {}", path.display())]
     Kubeconfig {
         path: std::path::PathBuf,
         source: KubeconfigError,
     },
-    #[error("no in-cluster Kubernetes configuration (pass --kubeconfig outside a pod): {0}")]
+    #[error("no in-cluster Kubernetes configuration (pass --kubeconfig outside a pod)")]
     InCluster(#[source] InClusterError),
-    #[error("cannot build the Kubernetes client: {0}")]
+    #[error("cannot build the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
@@ -125,8 +130,13 @@ pub async fn watch_cluster(client: Client, options: Options, tx: watch::Sender<S
     let mut kinds: Vec<Watched> = resources().into_iter().map(Watched::new).collect();
     let mut events = select_all(kinds.iter().enumerate().map(|(index, kind)| {
         let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource);
+        let retry_max = if kind.resource.group == "authentication.istio.io" {
+            LEGACY_RETRY_MAX
+        } else {
+            RETRY_MAX
+        };
         watcher(api, watcher::Config::default())
-            .backoff(Retry::default())
+            .backoff(Retry::up_to(retry_max))
             .map(move |event| (index, event))
             .boxed()
     }));
@@ -391,15 +401,19 @@ impl Reporter {
     }
 }
 
-/// Exponential wait between retries, from [`RETRY_MIN`] to [`RETRY_MAX`], reset once a
-/// list or watch succeeds.
+/// Exponential wait between retries, from [`RETRY_MIN`] to `max`, reset once a list or
+/// watch succeeds.
 struct Retry {
     next: Duration,
+    max: Duration,
 }
 
-impl Default for Retry {
-    fn default() -> Self {
-        Self { next: RETRY_MIN }
+impl Retry {
+    fn up_to(max: Duration) -> Self {
+        Self {
+            next: RETRY_MIN,
+            max,
+        }
     }
 }
 
@@ -408,7 +422,7 @@ impl Iterator for Retry {
 
     fn next(&mut self) -> Option<Duration> {
         let wait = self.next;
-        self.next = (self.next * 2).min(RETRY_MAX);
+        self.next = (self.next * 2).min(self.max);
         Some(wait)
     }
 }
