@@ -493,4 +493,31 @@ mod tests {
         pods.handle(Ok(Event::InitDone), &reporter);
         assert_eq!(pods.objects.keys().collect::<Vec<_>>(), ["foo/b"]);
     }
+
+    #[tokio::test]
+    async fn a_policy_served_in_v1_and_v1beta1_counts_once_as_v1() {
+        let reporter = reporter();
+        let mut kinds: Vec<Watched> = resources()
+            .into_iter()
+            .filter(|r| r.kind == "AuthorizationPolicy")
+            .map(Watched::new)
+            .collect();
+        assert_eq!(kinds[0].resource.version, "v1");
+        for (kind, action) in kinds.iter_mut().zip(["DENY", "AUDIT"]) {
+            let policy = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "foo"},
+                "spec": {"action": action, "rules": [{}]},
+            }))
+            .unwrap();
+            for event in [Event::Init, Event::InitApply(policy), Event::InitDone] {
+                kind.handle(Ok(event), &reporter);
+            }
+            assert!(kind.rejected.is_empty(), "{:?}", kind.rejected);
+        }
+        let snapshot = assemble(&kinds, "istio-system", &mut Vec::new());
+        let Some(Object::Policy(v1)) = kinds[0].objects.get("foo/p") else {
+            panic!("v1 policy converted")
+        };
+        assert_eq!(snapshot.policies, std::slice::from_ref(v1));
+    }
 }
