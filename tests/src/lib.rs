@@ -8,11 +8,13 @@
 //! created. Everything is torn down on drop, including on panic.
 
 mod agent;
+pub mod apiserver;
 pub mod mesh;
 mod node;
 mod run;
 
 pub use agent::Agent;
+pub use apiserver::ApiServer;
 pub use node::{AgentOptions, Capture, GRPC_ECHO, Node, Pod};
 pub use run::{Binaries, CurlResult, check, command_line};
 

@@ -1,12 +1,15 @@
 //! The seed scenario: namespaces `foo` and `bar` enrolled, `legacy` not, each with a
 //! client pod `sleep` and a server pod `httpbin` on port 8000, and the agent running.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{AgentOptions, Binaries, CurlResult, Node, Pod};
+use crate::{AgentOptions, ApiServer, Binaries, CurlResult, Node, Pod};
 
 pub const HTTP_PORT: u16 = 8000;
 /// A second port every `httpbin` serves, for port-level policies.
@@ -31,7 +34,20 @@ impl Mesh {
     /// The scenario with the agent started as `agent` says (extra flags, a descriptor
     /// limit).
     pub fn with_agent(binaries: Binaries, agent: &AgentOptions) -> anyhow::Result<Self> {
+        Self::build(Node::new(binaries)?, agent)
+    }
+
+    /// The scenario published to `api`, with the agent on `--source kubernetes` against it.
+    pub fn on_kubernetes(binaries: Binaries, api: Arc<ApiServer>) -> anyhow::Result<Self> {
+        let kubeconfig = api.kubeconfig().to_owned();
         let mut node = Node::new(binaries)?;
+        node.publish_to(api)?;
+        let mut agent = AgentOptions::args(&["--source", "kubernetes", "--kubeconfig"]);
+        agent.args.push(kubeconfig.into());
+        Self::build(node, &agent)
+    }
+
+    fn build(mut node: Node, agent: &AgentOptions) -> anyhow::Result<Self> {
         let mut sleep = Vec::new();
         let mut httpbin = Vec::new();
         for (namespace, enrolled) in NAMESPACES {

@@ -8,13 +8,18 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
 
 use crate::{
+    ApiServer,
     agent::Agent,
     run::{Binaries, CurlResult, check, command_line, ip},
 };
@@ -127,6 +132,10 @@ pub struct Node {
     remote_pods: Vec<Pod>,
     processes: Vec<Child>,
     agent: Option<Agent>,
+    /// The API server double the model is also published to, and what was last
+    /// published there per object: only changes are applied, so an object a test deleted
+    /// there stays deleted.
+    api: Option<(Arc<ApiServer>, BTreeMap<String, Value>)>,
 }
 
 impl Node {
@@ -168,7 +177,7 @@ impl Node {
         );
         let cgroup_root = cgroup2_root()?;
         let cgroup = cgroup_root.join(format!("ambit-test-{id}"));
-        let node = Self {
+        let mut node = Self {
             netns: format!("ambit-{id}-node"),
             agent_cgroup: cgroup.join("agent"),
             cgroup,
@@ -183,6 +192,7 @@ impl Node {
             remote_pods: Vec::new(),
             processes: Vec::new(),
             agent: None,
+            api: None,
         };
         // From here on, Drop cleans up whatever was created.
         ip(&["netns", "add", &node.netns])?;
@@ -594,8 +604,58 @@ impl Node {
         }
         bail!("tcpdump did not start within 5 s")
     }
-    /// Writes `namespaces.yaml` and `pods.yaml` from the node's model.
-    fn write_config(&self) -> anyhow::Result<()> {
+    /// Publishes the node's namespaces and pods to `api` from now on, as they change, for
+    /// an agent on `--source kubernetes`.
+    pub fn publish_to(&mut self, api: Arc<ApiServer>) -> anyhow::Result<()> {
+        self.api = Some((api, BTreeMap::new()));
+        self.write_config()
+    }
+
+    /// The namespaces and pods as the API server shows them.
+    fn cluster_objects(&self) -> Vec<Value> {
+        let namespaces = self.namespaces.iter().map(|(name, enrolled)| {
+            let labels = if *enrolled {
+                json!({"ambit.io/mesh": "enabled"})
+            } else {
+                json!({})
+            };
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+        });
+        let pods = self.pods.iter().chain(&self.remote_pods).map(|pod| {
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod.name,
+                    "namespace": pod.namespace,
+                    "labels": pod.labels,
+                    "annotations": {"ambit.io/netns": pod.netns_path()},
+                },
+                "spec": {"serviceAccountName": pod.service_account, "nodeName": pod.node},
+                "status": {"phase": "Running", "podIP": pod.pod_ip().to_string()},
+            })
+        });
+        namespaces.chain(pods).collect()
+    }
+
+    /// Writes `namespaces.yaml` and `pods.yaml` from the node's model, and publishes what
+    /// changed to the API server double, if any.
+    fn write_config(&mut self) -> anyhow::Result<()> {
+        if self.api.is_some() {
+            let objects = self.cluster_objects();
+            if let Some((api, published)) = &mut self.api {
+                for object in objects {
+                    let key = format!(
+                        "{}/{}/{}",
+                        object["kind"], object["metadata"]["namespace"], object["metadata"]["name"]
+                    );
+                    if published.get(&key) != Some(&object) {
+                        api.apply(object.clone())?;
+                        published.insert(key, object);
+                    }
+                }
+            }
+        }
         let mut namespaces = String::new();
         for (name, enrolled) in &self.namespaces {
             let labels = if *enrolled {

@@ -19,7 +19,7 @@ use tracing::{error, info};
 
 use crate::{
     admin::{self, AdminState},
-    discovery::{Snapshot, files},
+    discovery::{Snapshot, files, kubernetes},
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
     jwks::{JwksFetcher, JwksOptions},
@@ -36,10 +36,17 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Where namespaces, pods, services and policies come from.
+    #[arg(long, value_enum, env = "AMBIT_SOURCE", default_value_t = Source::Files)]
+    pub source: Source,
     /// Directory of Kubernetes-style YAML (Namespace, Pod, Service, policies), followed
-    /// for changes.
-    #[arg(long, env = "AMBIT_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// for changes (`--source files`).
+    #[arg(long, env = "AMBIT_CONFIG_DIR", required_if_eq("source", "files"))]
+    pub config_dir: Option<PathBuf>,
+    /// kubeconfig of the API server (`--source kubernetes`); default: the pod's service
+    /// account (in-cluster configuration).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Where the agent keeps state across restarts (the embedded CA's root, its token).
     #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit")]
     pub state_dir: PathBuf,
@@ -67,6 +74,15 @@ pub struct RunArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub jwt: JwtArgs,
+}
+
+/// Where the agent learns about the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// A directory of YAML (`--config-dir`).
+    Files,
+    /// The API server: in-cluster, or `--kubeconfig`.
+    Kubernetes,
 }
 
 /// How RequestAuthentication fetches `jwksUri` keys and checks token times.
@@ -139,8 +155,9 @@ impl From<&LimitArgs> for Limits {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let source = SourceConfig::resolve(&args).await?;
     let open_files = raise_fd_limit();
-    let cgroup = match args.cgroup {
+    let cgroup = match args.cgroup.clone() {
         Some(cgroup) => cgroup,
         None => crate::redirect::cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
     };
@@ -161,13 +178,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
     let trust_domain = args.identity.keys.trust_domain.clone();
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
-    // The first pass reads the directory before anything is reconciled, so a restarted
-    // agent never releases pods only because it has not read them yet.
-    let mut initial = files::DirState::new(&args.root_namespace);
-    for error in initial.reload(&args.config_dir) {
-        error!("config rejected: {error}");
-    }
-    snapshot_tx.send_replace(initial.snapshot());
+    source.start(&args, snapshot_tx).await?;
     let jwks = JwksFetcher::new(JwksOptions {
         ca_file: args.jwt.jwks_ca_file.clone(),
         allow_private: args.jwt.allow_private_jwks,
@@ -225,12 +236,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
 
-    tokio::spawn(files::watch_dir(
-        args.config_dir.clone(),
-        args.root_namespace.clone(),
-        snapshot_tx,
-    ));
-
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -264,6 +269,54 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// A configuration source, checked before the agent touches the kernel.
+enum SourceConfig {
+    Files(PathBuf),
+    Kubernetes(kube::Client),
+}
+
+impl SourceConfig {
+    /// Reads what `args` name (the kubeconfig, the in-cluster account), so that a
+    /// misconfigured agent fails before it loads programs or creates a CA.
+    async fn resolve(args: &RunArgs) -> anyhow::Result<Self> {
+        Ok(match (args.source, &args.config_dir) {
+            (Source::Files, Some(dir)) => Self::Files(dir.clone()),
+            (Source::Files, None) => anyhow::bail!("--source files needs --config-dir"),
+            (Source::Kubernetes, _) => {
+                Self::Kubernetes(kubernetes::client(args.kubeconfig.as_deref()).await?)
+            }
+        })
+    }
+
+    /// Starts the source and returns once it has published its first full snapshot:
+    /// reconciling before that would release a restarted agent's pods only because the
+    /// source had not shown them yet.
+    async fn start(self, args: &RunArgs, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+        match self {
+            Self::Files(dir) => {
+                let mut initial = files::DirState::new(&args.root_namespace);
+                for error in initial.reload(&dir) {
+                    error!("config rejected: {error}");
+                }
+                tx.send_replace(initial.snapshot());
+                tokio::spawn(files::watch_dir(dir, args.root_namespace.clone(), tx));
+            }
+            Self::Kubernetes(client) => {
+                let mut first = tx.subscribe();
+                let options = kubernetes::Options {
+                    root_namespace: args.root_namespace.clone(),
+                    node_name: args.node_name.clone(),
+                };
+                tokio::spawn(kubernetes::watch_cluster(client, options, tx));
+                info!("waiting for the first list of the API server's objects");
+                first.changed().await?;
+                info!("listed the API server's objects");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -16,11 +16,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{Namespace, Pod, Service, Snapshot, objects::ObjectError};
-use crate::policy::{
-    self, PolicyError, PolicyObject,
-    legacy::{self, LegacyPolicy},
-};
+use super::{Rejected, Snapshot};
+use crate::policy::PolicyError;
 
 /// How often the directory is re-read even without a change notification (a safety net
 /// for file systems where inotify misses events).
@@ -44,16 +41,10 @@ pub enum FileError {
         reason: &'static str,
     },
     #[error("{}: document {document}: {source}", file.display())]
-    Object {
+    Rejected {
         file: PathBuf,
         document: usize,
-        source: ObjectError,
-    },
-    #[error("{}: document {document}: {source}", file.display())]
-    Policy {
-        file: PathBuf,
-        document: usize,
-        source: PolicyError,
+        source: Rejected,
     },
     /// An Istio 1.1 policy that parsed but names something the configuration lacks;
     /// it depends on other files, so it is left out while the rest applies.
@@ -96,49 +87,17 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Snapshot, FileError> {
         let api_version = header
             .api_version
             .ok_or_else(|| header_error("missing apiVersion"))?;
-        let object_error = |source| FileError::Object {
-            file: file.to_owned(),
-            document: document_no,
-            source,
-        };
-        match kind.as_str() {
-            "Namespace" => {
-                let namespace = Namespace::from_yaml(value).map_err(object_error)?;
-                objects.namespaces.insert(namespace.name.clone(), namespace);
-            }
-            "Pod" => {
-                if let Some(pod) = Pod::from_yaml(value).map_err(object_error)? {
-                    objects.pods.insert(pod.key(), pod);
-                }
-            }
-            "Service" => {
-                let service = Service::from_yaml(value).map_err(object_error)?;
-                objects.services.insert(service.key(), service);
-            }
-            _ if legacy::is_legacy_kind(&api_version, &kind) => {
-                objects
-                    .legacy
-                    .push(LegacyPolicy::from_yaml(&kind, value).map_err(|source| {
-                        FileError::Policy {
-                            file: file.to_owned(),
-                            document: document_no,
-                            source,
-                        }
-                    })?)
-            }
-            _ if policy::is_policy_kind(&api_version, &kind) => {
-                objects
-                    .policies
-                    .push(PolicyObject::from_yaml(&kind, value).map_err(|source| {
-                        FileError::Policy {
-                            file: file.to_owned(),
-                            document: document_no,
-                            source,
-                        }
-                    })?)
-            }
-            _ => {
+        match super::parse_object(&api_version, &kind, value) {
+            Ok(Some(object)) => objects.insert(object),
+            Ok(None) => {
                 debug!(file = %file.display(), %kind, "ignoring object of a kind ambit does not use")
+            }
+            Err(source) => {
+                return Err(FileError::Rejected {
+                    file: file.to_owned(),
+                    document: document_no,
+                    source,
+                });
             }
         }
     }

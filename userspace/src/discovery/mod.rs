@@ -1,8 +1,10 @@
 //! Where the agent learns about the cluster: namespaces, pods, services and policies.
-//! [`files`] reads them from a directory of YAML (the embedded default); a Kubernetes
-//! source will produce the same [`Snapshot`].
+//! [`files`] reads them from a directory of YAML (the embedded default), [`kubernetes`]
+//! from an API server; both turn each object into a [`Snapshot`] entry with
+//! [`parse_object`], so the data path cannot tell them apart.
 
 pub mod files;
+pub mod kubernetes;
 pub mod objects;
 
 use std::collections::BTreeMap;
@@ -10,9 +12,52 @@ use std::collections::BTreeMap;
 pub use objects::{Namespace, Pod, Service};
 
 use crate::policy::{
-    PolicyError, PolicyObject,
+    self, PolicyError, PolicyObject,
     legacy::{self, LegacyPolicy},
 };
+use objects::ObjectError;
+
+/// One object the agent uses, converted and validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    Policy(PolicyObject),
+    /// Waits for [`Snapshot::convert_legacy`].
+    Legacy(LegacyPolicy),
+}
+
+/// Why an object was rejected; the messages name the object and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Converts `doc`, an object of `kind` in `api_version`, with the validation every source
+/// shares. `None` for kinds ambit does not use, and for pods that finished (their IP may
+/// already be another pod's).
+pub fn parse_object(
+    api_version: &str,
+    kind: &str,
+    doc: serde_yaml::Value,
+) -> Result<Option<Object>, Rejected> {
+    Ok(match kind {
+        "Namespace" => Some(Object::Namespace(Namespace::from_yaml(doc)?)),
+        "Pod" => Pod::from_yaml(doc)?.map(Object::Pod),
+        "Service" => Some(Object::Service(Service::from_yaml(doc)?)),
+        _ if legacy::is_legacy_kind(api_version, kind) => {
+            Some(Object::Legacy(LegacyPolicy::from_yaml(kind, doc)?))
+        }
+        _ if policy::is_policy_kind(api_version, kind) => {
+            Some(Object::Policy(PolicyObject::from_yaml(kind, doc)?))
+        }
+        _ => None,
+    })
+}
 
 /// Everything the sources know at one moment. Cheap to compare, so consumers can skip
 /// reconciling when nothing changed.
@@ -31,6 +76,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Adds `object`, replacing a namespace, pod or service of the same name.
+    pub fn insert(&mut self, object: Object) {
+        match object {
+            Object::Namespace(namespace) => {
+                self.namespaces.insert(namespace.name.clone(), namespace);
+            }
+            Object::Pod(pod) => {
+                self.pods.insert(pod.key(), pod);
+            }
+            Object::Service(service) => {
+                self.services.insert(service.key(), service);
+            }
+            Object::Policy(policy) => self.policies.push(policy),
+            Object::Legacy(policy) => self.legacy.push(policy),
+        }
+    }
+
     /// Converts the `legacy` policies into `policies` (see [`legacy::convert`]); a
     /// `MeshPolicy` lands in `root_namespace`. A policy that cannot be converted (its
     /// target names no Service) is left out and returned as an error; the others apply.
