@@ -51,6 +51,29 @@ pub enum CaClientError {
     /// The token itself is left out: error messages end up in logs.
     #[error("CA token is not valid in a gRPC header (it must be visible ASCII)")]
     Token,
+    #[error(transparent)]
+    TokenFile(#[from] super::authz::AuthzError),
+}
+
+/// Where the bearer token sent to the CA comes from.
+#[derive(Clone, Debug)]
+pub enum CaToken {
+    Value(String),
+    /// Read again for every request: a projected service-account token is rotated by the
+    /// kubelet (hourly by default) and an old one expires.
+    File(std::path::PathBuf),
+}
+
+impl CaToken {
+    fn authorization(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, CaClientError> {
+        let token = match self {
+            Self::Value(token) => token.clone(),
+            Self::File(path) => super::authz::read_token(path)?,
+        };
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CaClientError::Token)
+    }
 }
 
 /// The embedded CA, called without a network hop. Entitlement is still checked, with the
@@ -89,18 +112,19 @@ impl CaClient for LocalCaClient {
 pub struct GrpcCaClient {
     endpoint: String,
     channel: Channel,
-    authorization: MetadataValue<tonic::metadata::Ascii>,
+    token: CaToken,
 }
 
 impl GrpcCaClient {
     /// `endpoint` is `https://host:port`; the CA's serving certificate must chain to
     /// `root_pem` and name `server_name`. Connects lazily, so a CA that is down at start
-    /// is retried by the manager's backoff rather than failing the agent.
+    /// is retried by the manager's backoff rather than failing the agent. The token is
+    /// checked here, so a missing or malformed one fails at start.
     pub fn new(
         endpoint: &str,
         server_name: &str,
         root_pem: &str,
-        token: &str,
+        token: CaToken,
     ) -> Result<Self, CaClientError> {
         let bad = |reason: String| CaClientError::Endpoint {
             endpoint: endpoint.to_owned(),
@@ -116,13 +140,11 @@ impl GrpcCaClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        let authorization = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| CaClientError::Token)?;
+        token.authorization()?;
         Ok(Self {
             endpoint: endpoint.to_owned(),
             channel,
-            authorization,
+            token,
         })
     }
 }
@@ -142,7 +164,7 @@ impl CaClient for GrpcCaClient {
             });
             request
                 .metadata_mut()
-                .insert("authorization", self.authorization.clone());
+                .insert("authorization", self.token.authorization()?);
             let response = proto::client::create_certificate(self.channel.clone(), request)
                 .await
                 .map_err(|status| CaClientError::Refused {
@@ -163,5 +185,27 @@ pub(crate) fn impersonating(id: &SpiffeId) -> prost_types::Struct {
     };
     prost_types::Struct {
         fields: BTreeMap::from([(proto::IMPERSONATED_IDENTITY.to_owned(), value)]),
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_read_again_for_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let token = CaToken::File(path.clone());
+        assert_eq!(token.authorization().unwrap(), "Bearer first");
+        // The kubelet rotated the projected token.
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(token.authorization().unwrap(), "Bearer second");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            token.authorization(),
+            Err(CaClientError::TokenFile(_))
+        ));
     }
 }

@@ -24,7 +24,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::{
     authz::{self, Authorizer, AuthzError, GrantsAuthorizer, NodeAuthorizer},
     ca::{Ca, CaError, PluggedCa},
-    ca_client::{CaClientError, GrpcCaClient, LocalCaClient},
+    ca_client::{CaClientError, CaToken, GrpcCaClient, LocalCaClient},
     ca_service::{self, CaServiceError},
     kube_authz::{self, KubeAuthorizer, KubeSetupError, ServiceAccount},
     manager::{ManagerConfig, SecretManager},
@@ -184,8 +184,8 @@ pub async fn start(
             path: root.clone(),
             source,
         })?;
-        let token = authz::read_token(&token_file)?;
-        let client = GrpcCaClient::new(address, &args.ca_server_name, &root_pem, &token)?;
+        let token = CaToken::File(token_file);
+        let client = GrpcCaClient::new(address, &args.ca_server_name, &root_pem, token)?;
         return Ok(Identity {
             manager: SecretManager::spawn(Arc::new(client), config),
             ca_addr: None,

@@ -11,7 +11,7 @@ use super::*;
 use crate::identity::{
     SpiffeId,
     ca::tests::{corrupt_signature, csr_for},
-    ca_client::CaClient,
+    ca_client::{CaClient, CaToken},
     test_support::id,
 };
 
@@ -45,7 +45,13 @@ async fn embedded(dir: &Path) -> (Identity, oneshot::Sender<()>) {
 
 fn grpc_client(dir: &Path, addr: SocketAddr, token: &str) -> GrpcCaClient {
     let root = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
-    GrpcCaClient::new(&format!("https://{addr}"), "localhost", &root, token).unwrap()
+    GrpcCaClient::new(
+        &format!("https://{addr}"),
+        "localhost",
+        &root,
+        CaToken::Value(token.to_owned()),
+    )
+    .unwrap()
 }
 
 fn uri(s: &str) -> SanType {

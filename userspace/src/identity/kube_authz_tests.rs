@@ -24,7 +24,7 @@ use tokio::{net::TcpListener, sync::oneshot};
 use super::*;
 use crate::identity::{
     ca::tests::csr_for,
-    ca_client::{CaClient, CaClientError, GrpcCaClient},
+    ca_client::{CaClient, CaClientError, CaToken, GrpcCaClient},
     ca_service::proto,
     cli::{CaArgs, run_ca},
     test_support::id,
@@ -333,7 +333,13 @@ impl Bed {
 
     fn client(&self, token: &str) -> GrpcCaClient {
         let root = std::fs::read_to_string(self.dir.path().join("ca/root-cert.pem")).unwrap();
-        GrpcCaClient::new(&format!("https://{}", self.addr), "localhost", &root, token).unwrap()
+        GrpcCaClient::new(
+            &format!("https://{}", self.addr),
+            "localhost",
+            &root,
+            CaToken::Value(token.to_owned()),
+        )
+        .unwrap()
     }
 
     /// What the CA answers `token` asking for `identity`.
