@@ -290,6 +290,17 @@ fn add_returns_once_the_pod_is_meshed_and_del_releases_it() {
         "redirected"
     );
 
+    // A restarted agent gets no second ADD: it finds the pod's namespace in its state.
+    node.stop_agent().unwrap();
+    start_agent(&mut node, &chain);
+    assert_eq!(
+        workload(&node, "foo/client")["redirection"]["state"],
+        "redirected"
+    );
+    let response = node.curl(Some(&client), &url).unwrap();
+    assert_eq!(response.code, 200, "{response:?}");
+    assert_eq!(outbound(&node, "foo/client").len(), 1);
+
     chain.del(&sandbox, &result);
     // The agent forgot the namespace: the pod, still in the configuration, is no longer
     // redirected (the API server would soon remove it too).

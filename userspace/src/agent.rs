@@ -185,9 +185,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let trust_domain = args.identity.keys.trust_domain.clone();
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     source.start(&args, snapshot_tx).await?;
+    let store = cni_server::SandboxStore::new(&args.state_dir);
+    let saved = match &args.cni_socket {
+        Some(_) => store.load()?,
+        None => cni_server::Sandboxes::new(),
+    };
     // Held here for the whole loop, so the loop's `changed()` on it only ever reports
     // real changes, with or without a CNI socket.
-    let (sandboxes_tx, mut sandboxes) = watch::channel(cni_server::Sandboxes::new());
+    let (sandboxes_tx, mut sandboxes) = watch::channel(saved);
     let (reconciled_tx, reconciled_rx) = watch::channel(Arc::new(Snapshot::default()));
     let jwks = JwksFetcher::new(JwksOptions {
         ca_file: args.jwt.jwks_ca_file.clone(),
@@ -246,6 +251,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             sandboxes: sandboxes_tx.clone(),
             reconciled: reconciled_rx,
             workloads: manager.table(),
+            store,
         };
         tokio::spawn(server.serve(listener));
         info!(socket = %path.display(), "CNI socket listening");

@@ -5,6 +5,10 @@
 //! reconciliation pass has seen the pod with that namespace and the workload table says
 //! whether it is redirected or outside the mesh. Enrollment itself never learns about the
 //! socket.
+//!
+//! The sandboxes are also kept in the state directory ([`SandboxStore`]): a restarted agent
+//! gets no second `ADD` for pods already running, and without their namespaces it would
+//! leave them unredirected.
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     discovery::Snapshot,
+    state_file,
     workloads::{Redirection, WorkloadTable},
 };
 
@@ -51,6 +56,81 @@ pub enum CniServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the CNI sandboxes saved in {}: {source}", path.display())]
+    Load {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot decode the CNI sandboxes saved in {}: {source}", path.display())]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot save the CNI sandboxes in {}: {source}", path.display())]
+    Save {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The sandboxes as last reported, in `<state dir>/cni-sandboxes.json`.
+pub struct SandboxStore {
+    dir: PathBuf,
+    path: PathBuf,
+    /// One write at a time, each of the map as it is then: the last write holds every
+    /// change made before it.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl SandboxStore {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.to_owned(),
+            path: state_dir.join("cni-sandboxes.json"),
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// What a previous agent saved, less the sandboxes whose namespace is gone (their
+    /// `DEL` came while no agent listened); nothing saved is an empty map.
+    pub fn load(&self) -> Result<Sandboxes, CniServerError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Sandboxes::new());
+            }
+            Err(source) => {
+                return Err(CniServerError::Load {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let saved: Vec<Sandbox> =
+            serde_json::from_slice(&bytes).map_err(|source| CniServerError::Decode {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(saved
+            .into_iter()
+            .filter(|sandbox| sandbox.netns.exists())
+            .map(|sandbox| (format!("{}/{}", sandbox.namespace, sandbox.name), sandbox))
+            .collect())
+    }
+
+    async fn save(&self, sandboxes: &watch::Sender<Sandboxes>) -> Result<(), CniServerError> {
+        let _writing = self.writing.lock().await;
+        let bytes = serde_json::to_vec(&sandboxes.borrow().values().collect::<Vec<_>>())
+            .expect("sandboxes serialize");
+        let save_error = |source| CniServerError::Save {
+            path: self.path.clone(),
+            source,
+        };
+        // A small file, written synchronously: requests are few and this keeps the order
+        // of writes simple.
+        state_file::private_dir(&self.dir).map_err(save_error)?;
+        state_file::write(&self.path, &bytes, 0o600).map_err(save_error)
+    }
 }
 
 /// What the server reads and writes in the agent.
@@ -60,6 +140,7 @@ pub struct CniServer {
     /// Each snapshot the agent's loop has reconciled, sent once the pass is over.
     pub reconciled: watch::Receiver<Arc<Snapshot>>,
     pub workloads: WorkloadTable,
+    pub store: SandboxStore,
 }
 
 /// Fills in each pod's network namespace and address from its sandbox where the
@@ -170,6 +251,14 @@ impl CniServer {
                 self.sandboxes.send_modify(|sandboxes| {
                     sandboxes.insert(key.clone(), sandbox);
                 });
+                // Saved before the answer: a pod must not start on a namespace that a
+                // restarted agent would not know.
+                if let Err(error) = self.store.save(&self.sandboxes).await {
+                    warn!(%error, "cannot save the CNI sandboxes");
+                    return Reply::Failed {
+                        reason: error.to_string(),
+                    };
+                }
                 let reply = self.wait_for(&key, &netns).await;
                 info!(pod = %key, ?reply, "CNI ADD answered");
                 reply
@@ -178,12 +267,17 @@ impl CniServer {
                 info!(pod = %key, "CNI DEL");
                 // A late DEL of a pod's predecessor of the same name must not take the
                 // namespace of the pod that replaced it.
-                self.sandboxes.send_if_modified(|sandboxes| {
+                let removed = self.sandboxes.send_if_modified(|sandboxes| {
                     let same = sandboxes
                         .get(&key)
                         .is_some_and(|s| uid.is_empty() || s.uid.is_empty() || s.uid == uid);
                     same && sandboxes.remove(&key).is_some()
                 });
+                // A stale entry left behind is pruned at the next start, its namespace
+                // gone by then.
+                if removed && let Err(error) = self.store.save(&self.sandboxes).await {
+                    warn!(%error, "cannot save the CNI sandboxes");
+                }
                 Reply::Released
             }
         }
@@ -279,5 +373,33 @@ mod tests {
         assert_eq!(a.ip, Some("10.45.0.9".parse().unwrap()));
         assert_eq!(b.netns.as_deref(), Some(Path::new("/run/netns/b")));
         assert_eq!(b.ip, Some("10.0.0.2".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn saved_sandboxes_come_back_unless_their_namespace_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let alive = dir.path().join("netns-alive");
+        std::fs::write(&alive, "").unwrap();
+        let sandbox = |name: &str, netns: PathBuf| Sandbox {
+            namespace: "foo".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            netns,
+            ips: vec![],
+        };
+        let sandboxes: Sandboxes = [
+            ("foo/a".to_owned(), sandbox("a", alive)),
+            ("foo/b".to_owned(), sandbox("b", dir.path().join("gone"))),
+        ]
+        .into();
+        let store = SandboxStore::new(&dir.path().join("state"));
+        assert!(store.load().unwrap().is_empty());
+        store
+            .save(&watch::Sender::new(sandboxes.clone()))
+            .await
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.keys().collect::<Vec<_>>(), ["foo/a"]);
+        assert_eq!(loaded["foo/a"], sandboxes["foo/a"]);
     }
 }
