@@ -127,8 +127,9 @@ fn run(stdin: &str) -> Result<Option<Value>, CniError> {
     match command.as_str() {
         "ADD" => add(&conf, &socket, &args).map(Some),
         "CHECK" => {
-            // The agent re-checks enrolled pods on every pass; all the runtime can be
-            // told here is whether the chain handed this plugin what it needs.
+            // Whether the pod is still redirected is the agent's to keep (it retries a
+            // pod that fails); all the runtime can be told here is whether the chain
+            // handed this plugin what it needs. The spec wants no output on success.
             prev_result(&conf)?;
             Ok(None)
         }
