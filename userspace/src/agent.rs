@@ -19,6 +19,7 @@ use tracing::{error, info};
 
 use crate::{
     admin::{self, AdminState},
+    cni_server::{self, CniServer},
     discovery::{Snapshot, files, kubernetes},
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
@@ -68,6 +69,11 @@ pub struct RunArgs {
     /// Readiness endpoint address (`/healthz/ready`).
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub readiness_addr: SocketAddr,
+    /// Unix socket where the `ambit-cni` plugin reports pod sandboxes (the DaemonSet uses
+    /// `/var/run/ambit/cni.sock`); off by default, when pods name their network namespace
+    /// with the `ambit.io/netns` annotation.
+    #[arg(long, env = "AMBIT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -179,6 +185,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let trust_domain = args.identity.keys.trust_domain.clone();
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     source.start(&args, snapshot_tx).await?;
+    let store = cni_server::SandboxStore::new(&args.state_dir);
+    let saved = match &args.cni_socket {
+        Some(_) => store.load()?,
+        None => cni_server::Sandboxes::new(),
+    };
+    // Held here for the whole loop, so the loop's `changed()` on it only ever reports
+    // real changes, with or without a CNI socket.
+    let (sandboxes_tx, mut sandboxes) = watch::channel(saved);
+    let (reconciled_tx, reconciled_rx) = watch::channel(Arc::new(Snapshot::default()));
     let jwks = JwksFetcher::new(JwksOptions {
         ca_file: args.jwt.jwks_ca_file.clone(),
         allow_private: args.jwt.allow_private_jwks,
@@ -230,6 +245,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         applied: applied_rx,
     };
     tokio::spawn(admin::serve_admin(admin_listener, admin_state));
+    if let Some(path) = &args.cni_socket {
+        let listener = cni_server::bind(path)?;
+        let server = CniServer {
+            sandboxes: sandboxes_tx.clone(),
+            reconciled: reconciled_rx,
+            workloads: manager.table(),
+            store,
+        };
+        tokio::spawn(server.serve(listener));
+        info!(socket = %path.display(), "CNI socket listening");
+    }
     tokio::spawn(admin::serve_readiness(
         readiness_listener,
         Arc::clone(&ready),
@@ -239,7 +265,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
-        let snapshot = snapshots.borrow_and_update().clone();
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        cni_server::overlay(&mut snapshot, &sandboxes.borrow_and_update());
         // Published before the pods are reconciled: admission reads each pod from it, so a
         // pod's listeners never serve before the configuration that enrolls it is in force.
         // Retries reconcile the same snapshot; live connections are re-checked only when
@@ -248,6 +275,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             applied_tx.send_replace(applied(snapshot.clone()));
         }
         manager.reconcile(&snapshot).await;
+        reconciled_tx.send_replace(Arc::new(snapshot));
         ready.store(true, Ordering::Release);
         loop {
             tokio::select! {
@@ -257,6 +285,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                     break;
                 }
+                _ = sandboxes.changed() => break,
                 _ = retry.tick() => {
                     if manager.has_failures() {
                         break;

@@ -44,7 +44,7 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("pod has no ambit.io/netns annotation")]
+    #[error("pod has no network namespace: no ambit.io/netns annotation, no CNI ADD")]
     MissingNetns,
     #[error("pod has no status.podIP")]
     MissingIp,

@@ -24,6 +24,8 @@ pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
         "--package",
         "ambit",
         "--package",
+        "ambit-cni",
+        "--package",
         "ambit-tests",
         "--bins",
     ]);

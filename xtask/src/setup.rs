@@ -33,6 +33,9 @@ const PACKAGES: &[&str] = &[
     "python3-pip",
     // The manifest tests' checkers live in a virtual environment of their own.
     "python3-venv",
+    // The CNI tests chain the reference plugins (`bridge`, `host-local`, in /usr/lib/cni)
+    // before ambit-cni, as a container runtime does.
+    "containernetworking-plugins",
 ];
 
 /// The virtual environment of the manifest tests' checkers (`tests/tests/manifests.rs`
