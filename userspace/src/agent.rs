@@ -315,7 +315,7 @@ impl SourceConfig {
             (Source::Files, Some(dir)) => Self::Files(dir.clone()),
             (Source::Files, None) => anyhow::bail!("--source files needs --config-dir"),
             (Source::Kubernetes, _) => {
-                Self::Kubernetes(kubernetes::client(args.kubeconfig.as_deref()).await?)
+                Self::Kubernetes(crate::kube_client::client(args.kubeconfig.as_deref()).await?)
             }
         })
     }

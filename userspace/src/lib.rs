@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod explain;
 pub mod identity;
 pub mod jwks;
+pub mod kube_client;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -15,14 +15,13 @@
 //! EndpointSlices are not watched: a Service's endpoints are the pods it selects, as in the
 //! `files` source, which is what the [`Snapshot`] contract holds.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use futures::{StreamExt as _, stream::select_all};
 use k8s_openapi::api::core::v1 as core;
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{ApiResource, DynamicObject, PostParams},
-    config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError},
     runtime::{
         WatchStreamExt as _,
         utils::Backoff,
@@ -46,40 +45,6 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const LEGACY_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Reason of the Event posted on a policy that fails validation.
 const INVALID_POLICY: &str = "InvalidPolicy";
-
-/// Why the client cannot be built. The messages leave the cause to the error chain
-/// (`ambit: {error:#}`), which kube's errors already spell out in full.
-#[derive(Debug, thiserror::Error)]
-pub enum KubeError {
-    #[error("cannot read kubeconfig {}", path.display())]
-    Kubeconfig {
-        path: std::path::PathBuf,
-        source: KubeconfigError,
-    },
-    #[error("no in-cluster Kubernetes configuration (pass --kubeconfig outside a pod)")]
-    InCluster(#[source] InClusterError),
-    #[error("cannot build the Kubernetes client")]
-    Client(#[source] kube::Error),
-}
-
-/// A client from `kubeconfig` (its current context), or from the pod's service account
-/// when `None`.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig_error = |source| KubeError::Kubeconfig {
-                path: path.to_owned(),
-                source,
-            };
-            let file = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(kubeconfig_error)?
-        }
-        None => Config::incluster().map_err(KubeError::InCluster)?,
-    };
-    Client::try_from(config).map_err(KubeError::Client)
-}
 
 /// The kinds watched, in order of precedence: when Istio serves a policy in both `v1`
 /// and `v1beta1` (one object, two versions), the `v1` copy is the one kept.
@@ -448,7 +413,7 @@ mod tests {
 
     fn reporter() -> Reporter {
         // Never used: the tests reject no policy.
-        let config = Config::new("http://127.0.0.1:1".parse().unwrap());
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
         Reporter {
             client: Client::try_from(config).unwrap(),
             node_name: "n1".to_owned(),

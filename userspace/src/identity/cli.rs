@@ -26,7 +26,7 @@ use super::{
     ca::{Ca, CaError, PluggedCa},
     ca_client::{CaClientError, CaToken, GrpcCaClient, LocalCaClient},
     ca_service::{self, CaServiceError},
-    kube_authz::{self, KubeAuthorizer, KubeSetupError, ServiceAccount},
+    kube_authz::{KubeAuthorizer, ServiceAccount},
     manager::{ManagerConfig, SecretManager},
 };
 
@@ -145,7 +145,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Kubernetes(#[from] KubeSetupError),
+    Kubernetes(#[from] crate::kube_client::KubeError),
     #[error("failed to read the CA root {path}: {source}")]
     Root {
         path: PathBuf,
@@ -230,7 +230,7 @@ pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result
         Some(path) => Arc::new(GrantsAuthorizer::from_file(path)?),
         None => {
             let kube = &args.kubernetes;
-            let client = kube_authz::client(kube.kubeconfig.as_ref()).await?;
+            let client = crate::kube_client::client(kube.kubeconfig.as_deref()).await?;
             Arc::new(KubeAuthorizer::new(
                 client,
                 &kube.token_audience,

@@ -12,16 +12,15 @@
 //!   the caller's node. Every request asks the API server afresh, so a deleted pod's
 //!   identity is refused at once; there is no cache to go stale.
 
-use std::{fmt, path::PathBuf, str::FromStr, sync::Arc};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
     core::v1::Pod,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{ListParams, PostParams},
-    config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError},
 };
 
 use super::{
@@ -133,37 +132,6 @@ impl KubeRefusal {
             Self::Api { .. } => "kubernetes_api",
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KubeSetupError {
-    #[error("failed to read kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: PathBuf,
-        source: KubeconfigError,
-    },
-    #[error("no --kubeconfig and not in a pod: {0}")]
-    InCluster(InClusterError),
-    #[error("failed to build the Kubernetes client: {0}")]
-    Client(kube::Error),
-}
-
-/// A client from `kubeconfig`, or from the pod's own service account when none is given.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubeSetupError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let err = |source| KubeSetupError::Kubeconfig {
-                path: path.clone(),
-                source,
-            };
-            let file = Kubeconfig::read_from(path).map_err(err)?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(err)?
-        }
-        None => Config::incluster().map_err(KubeSetupError::InCluster)?,
-    };
-    Client::try_from(config).map_err(KubeSetupError::Client)
 }
 
 /// The Kubernetes authorizer of `ambit ca --kubernetes`.
