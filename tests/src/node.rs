@@ -523,12 +523,24 @@ impl Node {
 
     /// `curl` from `pod` (or from the node namespace when `None`) to `url`.
     pub fn curl(&self, from: Option<&Pod>, url: &str) -> anyhow::Result<CurlResult> {
+        self.curl_with(from, &[], url)
+    }
+
+    /// [`Self::curl`] with more curl options (`-X POST`, `-H ...`, `--http2-prior-knowledge`).
+    pub fn curl_with(
+        &self,
+        from: Option<&Pod>,
+        args: &[&str],
+        url: &str,
+    ) -> anyhow::Result<CurlResult> {
         let mut cmd = match from {
             Some(pod) => self.command(pod, "curl"),
             None => self.node_command("curl"),
         };
         // `-g`: brackets are an IPv6 literal (`http://[fd44::5]:8000/`), not a glob.
-        cmd.args(["-sS", "-g", "--max-time", "3", "-w", "\n%{http_code}", url]);
+        cmd.args(["-sS", "-g", "--max-time", "3", "-w", "\n%{http_code}"])
+            .args(args)
+            .arg(url);
         let output = cmd.output().context("cannot run curl")?;
         Ok(CurlResult::from_output(&output))
     }

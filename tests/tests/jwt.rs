@@ -50,11 +50,9 @@ fn token(kid: &str, secret: &[u8], mut claims: Value) -> String {
 
 /// curl from the `sleep` of `from` to `url` with `args`.
 fn curl(mesh: &Mesh, from: usize, args: &[&str], url: &str) -> CurlResult {
-    let mut cmd = mesh.node.command(&mesh.sleep[from], "curl");
-    cmd.args(["-sS", "--max-time", "3", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url);
-    CurlResult::from_output(&cmd.output().expect("curl"))
+    mesh.node
+        .curl_with(Some(&mesh.sleep[from]), args, url)
+        .expect("curl")
 }
 
 fn bearer(token: &str) -> String {

@@ -21,20 +21,14 @@ fn mesh_with(policy: &str) -> Mesh {
     mesh
 }
 
-/// curl from the `sleep` of namespace `from` to `bar/httpbin` on `path`, with `args`.
+/// curl from the `sleep` of namespace `from` to `bar/httpbin` on `path` (sent as written),
+/// with `args`.
 fn curl(mesh: &Mesh, from: usize, args: &[&str], path: &str) -> CurlResult {
-    let mut cmd = mesh.node.command(&mesh.sleep[from], "curl");
-    cmd.args([
-        "-sS",
-        "--path-as-is",
-        "--max-time",
-        "3",
-        "-w",
-        "\n%{http_code}",
-    ])
-    .args(args)
-    .arg(mesh.url(BAR, path));
-    CurlResult::from_output(&cmd.output().expect("curl"))
+    let args = [&["--path-as-is"], args].concat();
+    let url = mesh.url(BAR, path);
+    mesh.node
+        .curl_with(Some(&mesh.sleep[from]), &args, &url)
+        .expect("curl")
 }
 
 #[test]

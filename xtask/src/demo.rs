@@ -261,22 +261,14 @@ fn requests_table(
         }
         for (method, path, token) in requests {
             for (via, base) in &vias {
-                let mut cmd = mesh.node.command(client, "curl");
-                cmd.args([
-                    "-sS",
-                    "--path-as-is",
-                    "--max-time",
-                    "3",
-                    "-w",
-                    "\n%{http_code}",
-                ])
-                .args(["-X", method]);
-                if let Some(token) = token {
-                    cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+                let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+                let mut args = vec!["--path-as-is", "-X", method];
+                if let Some(auth) = &auth {
+                    args.extend(["-H", auth.as_str()]);
                 }
-                let result = ambit_tests::CurlResult::from_output(
-                    &cmd.arg(format!("{base}{path}")).output()?,
-                );
+                let result = mesh
+                    .node
+                    .curl_with(Some(client), &args, &format!("{base}{path}"))?;
                 let answer = match result.code {
                     200 => "from the app".to_owned(),
                     0 => "no answer".to_owned(),
