@@ -57,8 +57,6 @@ pub struct Served {
     pub ip: IpAddr,
     /// As policies select it.
     pub workload: Workload,
-    /// `namespace/name` of the pod.
-    pub key: String,
     /// What the Services selecting it declare, by workload port; absent ports are sniffed.
     ports: HashMap<u16, Protocol>,
 }
@@ -86,7 +84,6 @@ impl Applied {
                 let served = Served {
                     ip: pod.ip?,
                     workload: Workload::from_pod(pod),
-                    key: key.clone(),
                     ports,
                 };
                 Some((key.clone(), served))

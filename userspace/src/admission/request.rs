@@ -35,13 +35,6 @@ impl RequestDenied {
                 .unwrap_or(http::StatusCode::FORBIDDEN),
         }
     }
-
-    pub fn denied(&self) -> Option<&Denied> {
-        match self {
-            Self::Denied(denied) => Some(denied),
-            Self::BadPath(_) => None,
-        }
-    }
 }
 
 impl Admission {

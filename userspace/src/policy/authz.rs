@@ -289,10 +289,6 @@ impl TrustDomains {
         Self(domains)
     }
 
-    pub(super) fn aliases(&self) -> &[String] {
-        self.0.get(1..).unwrap_or_default()
-    }
-
     /// `m` matches `principal`, or `principal` in another of these trust domains.
     fn principal_matches(&self, m: &StringMatch, principal: Option<&str>) -> bool {
         let Some(principal) = principal else {

@@ -237,10 +237,6 @@ impl PolicyEngine {
         self
     }
 
-    pub fn trust_domain_aliases(&self) -> &[String] {
-        self.trust_domains.aliases()
-    }
-
     pub fn root_namespace(&self) -> &str {
         &self.root_namespace
     }
