@@ -11,9 +11,12 @@
 //!   [`ApiServer::compact`]'s is answered as the real server does: one `ERROR` event
 //!   carrying a 410 `Expired` `Status`.
 //! - `POST /api/v1/namespaces/{ns}/events`: kept for [`ApiServer::events`].
+//! - one object by name: `GET` (404 `NotFound` when absent), `POST` to the collection to
+//!   create (409 `AlreadyExists`), `PUT` to replace (409 `Conflict` when the body's
+//!   `resourceVersion` is not the stored one), as `ambit ca` uses them.
 //!
-//! Served kinds: Namespace, Pod, Service, Event and `security.istio.io/v1`'s three policy
-//! kinds. Anything else (`v1beta1`, `authentication.istio.io`) is a 404, as on a cluster
+//! Served kinds: Namespace, Pod, Service, Event, Secret, ConfigMap and
+//! `security.istio.io/v1`'s three policy kinds. Anything else (`v1beta1`, `authentication.istio.io`) is a 404, as on a cluster
 //! without those CRDs. kube-rs needs no discovery endpoint for what the agent does.
 //!
 //! The server runs on a runtime of its own, so that the synchronous tests can drive it;
@@ -45,6 +48,8 @@ const SERVED: &[(&str, &str, &str)] = &[
     ("api/v1", "pods", "Pod"),
     ("api/v1", "services", "Service"),
     ("api/v1", "events", "Event"),
+    ("api/v1", "secrets", "Secret"),
+    ("api/v1", "configmaps", "ConfigMap"),
     (
         "apis/security.istio.io/v1",
         "peerauthentications",
@@ -172,33 +177,18 @@ impl ApiServer {
 
     /// Creates `object` or replaces the object of the same kind, namespace and name (a
     /// no-op when nothing but server-set metadata differs).
-    pub fn apply(&self, mut object: Value) -> anyhow::Result<()> {
-        let (resource, namespace, name) = identify(&object)?;
+    pub fn apply(&self, object: Value) -> anyhow::Result<()> {
+        let key = identify(&object)?;
         let mut state = self.shared.state.lock().unwrap();
-        let key = (resource.clone(), namespace.clone(), name);
-        let previous = state.objects.get(&key).cloned();
-        let kind = match &previous {
-            Some(previous) => {
-                for field in ["uid", "resourceVersion", "creationTimestamp"] {
-                    object["metadata"][field] = previous["metadata"][field].clone();
-                }
-                if *previous == object {
-                    return Ok(());
-                }
-                "MODIFIED"
-            }
-            None => "ADDED",
-        };
-        state.revision += 1;
-        let revision = state.revision;
-        if previous.is_none() {
-            object["metadata"]["uid"] = format!("uid-{revision}").into();
-            object["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
-        }
-        object["metadata"]["resourceVersion"] = revision.to_string().into();
-        state.objects.insert(key, object.clone());
-        state.record(&self.shared.changes, resource, namespace, kind, object);
+        state.store(&self.shared.changes, key, object);
         Ok(())
+    }
+
+    /// The stored object of `api_version`/`kind` named `name` in `namespace`.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let probe = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}});
+        let key = identify(&probe).ok()?;
+        self.shared.state.lock().unwrap().objects.get(&key).cloned()
     }
 
     /// Deletes the object of `api_version`/`kind` named `name` in `namespace` (empty for a
@@ -261,6 +251,40 @@ impl Drop for ApiServer {
 }
 
 impl Cluster {
+    /// Creates or replaces the object at `key`, as [`ApiServer::apply`] describes; returns
+    /// it as stored.
+    fn store(
+        &mut self,
+        changes: &broadcast::Sender<Change>,
+        key: (String, String, String),
+        mut object: Value,
+    ) -> Value {
+        let previous = self.objects.get(&key).cloned();
+        let kind = match &previous {
+            Some(previous) => {
+                for field in ["uid", "resourceVersion", "creationTimestamp"] {
+                    object["metadata"][field] = previous["metadata"][field].clone();
+                }
+                if *previous == object {
+                    return object;
+                }
+                "MODIFIED"
+            }
+            None => "ADDED",
+        };
+        self.revision += 1;
+        let revision = self.revision;
+        if previous.is_none() {
+            object["metadata"]["uid"] = format!("uid-{revision}").into();
+            object["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+        }
+        object["metadata"]["resourceVersion"] = revision.to_string().into();
+        let (resource, namespace, _) = key.clone();
+        self.objects.insert(key, object.clone());
+        self.record(changes, resource, namespace, kind, object.clone());
+        object
+    }
+
     fn record(
         &mut self,
         changes: &broadcast::Sender<Change>,
@@ -310,23 +334,43 @@ fn identify(object: &Value) -> anyhow::Result<(String, String, String)> {
     ))
 }
 
-/// What a request names: `(resource, kind, namespace if namespaced)`.
-fn route(path: &str) -> Option<(String, &'static str, Option<String>)> {
+/// What a request names.
+struct Route {
+    resource: String,
+    kind: &'static str,
+    /// `None` for a cluster-scoped kind, or a list across namespaces.
+    namespace: Option<String>,
+    /// One object rather than the collection.
+    name: Option<String>,
+}
+
+fn route(path: &str) -> Option<Route> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group_version, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("api/v1".to_owned(), rest),
         ["apis", group, version, rest @ ..] => (format!("apis/{group}/{version}"), rest),
         _ => return None,
     };
-    let (plural, namespace) = match rest {
-        [plural] => (*plural, None),
-        ["namespaces", namespace, plural] => (*plural, Some((*namespace).to_owned())),
+    let owned = |s: &&str| (*s).to_owned();
+    let (plural, namespace, name) = match rest {
+        [plural] => (*plural, None, None),
+        // `namespaces/{name}` is a Namespace; `namespaces/{ns}/{plural}` a collection.
+        ["namespaces", name] => ("namespaces", None, Some(owned(name))),
+        ["namespaces", namespace, plural] => (*plural, Some(owned(namespace)), None),
+        ["namespaces", namespace, plural, name] => {
+            (*plural, Some(owned(namespace)), Some(owned(name)))
+        }
         _ => return None,
     };
     let (_, _, kind) = SERVED
         .iter()
         .find(|(gv, p, _)| *gv == group_version && *p == plural)?;
-    Some((format!("{group_version}/{plural}"), kind, namespace))
+    Some(Route {
+        resource: format!("{group_version}/{plural}"),
+        kind,
+        namespace,
+        name,
+    })
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Value {
@@ -357,7 +401,13 @@ async fn handle(
     Query(query): Query<BTreeMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let Some((resource, kind, namespace)) = route(uri.path()) else {
+    let Some(Route {
+        resource,
+        kind,
+        namespace,
+        name,
+    }) = route(uri.path())
+    else {
         let message = format!(
             "the server could not find the requested resource ({})",
             uri.path()
@@ -367,18 +417,34 @@ async fn handle(
             &status(StatusCode::NOT_FOUND, "NotFound", &message),
         );
     };
+    let parse = || serde_json::from_slice::<Value>(&body).ok();
+    if let Some(name) = name {
+        let key = (resource, namespace.unwrap_or_default(), name);
+        return match method {
+            Method::GET => match shared.state.lock().unwrap().objects.get(&key) {
+                Some(object) => respond(StatusCode::OK, object),
+                None => not_found(kind, &key.2),
+            },
+            Method::PUT => match parse() {
+                Some(object) => replace(&shared, kind, key, object),
+                None => not_json(),
+            },
+            _ => not_supported(),
+        };
+    }
     match method {
         Method::POST if kind == "Event" => {
-            let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
-                return respond(
-                    StatusCode::BAD_REQUEST,
-                    &status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON"),
-                );
+            let Some(mut event) = parse() else {
+                return not_json();
             };
             event["metadata"]["namespace"] = namespace.unwrap_or_default().into();
             shared.state.lock().unwrap().events.push(event.clone());
             respond(StatusCode::CREATED, &event)
         }
+        Method::POST => match parse() {
+            Some(object) => create(&shared, resource, kind, namespace, object),
+            None => not_json(),
+        },
         Method::GET if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
             watch(&shared, resource, kind, namespace, &query)
         }
@@ -400,15 +466,90 @@ async fn handle(
             });
             respond(StatusCode::OK, &list)
         }
-        _ => respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &status(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                "not supported by the double",
-            ),
-        ),
+        _ => not_supported(),
     }
+}
+
+fn not_json() -> Response {
+    respond(
+        StatusCode::BAD_REQUEST,
+        &status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON"),
+    )
+}
+
+fn not_supported() -> Response {
+    respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not supported by the double",
+        ),
+    )
+}
+
+fn not_found(kind: &str, name: &str) -> Response {
+    let message = format!("{} \"{name}\" not found", kind.to_lowercase());
+    respond(
+        StatusCode::NOT_FOUND,
+        &status(StatusCode::NOT_FOUND, "NotFound", &message),
+    )
+}
+
+/// `POST` to a collection: the object is created, unless one of that name exists.
+fn create(
+    shared: &Shared,
+    resource: String,
+    kind: &str,
+    namespace: Option<String>,
+    mut object: Value,
+) -> Response {
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+        return respond(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "metadata.name: Required value",
+            ),
+        );
+    };
+    let namespace = namespace.unwrap_or_default();
+    if !namespace.is_empty() {
+        object["metadata"]["namespace"] = namespace.clone().into();
+    }
+    let key = (resource, namespace, name);
+    let mut state = shared.state.lock().unwrap();
+    if state.objects.contains_key(&key) {
+        let message = format!("{} \"{}\" already exists", kind.to_lowercase(), key.2);
+        return respond(
+            StatusCode::CONFLICT,
+            &status(StatusCode::CONFLICT, "AlreadyExists", &message),
+        );
+    }
+    let stored = state.store(&shared.changes, key, object);
+    respond(StatusCode::CREATED, &stored)
+}
+
+/// `PUT` to an object: replaced when the body's `resourceVersion` is the stored one.
+fn replace(shared: &Shared, kind: &str, key: (String, String, String), object: Value) -> Response {
+    let mut state = shared.state.lock().unwrap();
+    let Some(stored) = state.objects.get(&key) else {
+        return not_found(kind, &key.2);
+    };
+    if object["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"] {
+        let message = format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified",
+            kind.to_lowercase(),
+            key.2
+        );
+        return respond(
+            StatusCode::CONFLICT,
+            &status(StatusCode::CONFLICT, "Conflict", &message),
+        );
+    }
+    let stored = state.store(&shared.changes, key, object);
+    respond(StatusCode::OK, &stored)
 }
 
 /// `v1` for `api/v1/...`, `group/version` for `apis/group/version/...`.

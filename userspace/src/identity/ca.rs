@@ -50,6 +50,53 @@ pub struct PluggedCa {
     pub chain: Option<PathBuf>,
 }
 
+/// Istio's plug-in CA as the PEM texts of its files (the `cacerts` Secret's keys),
+/// wherever they were read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cacerts {
+    /// `ca-cert.pem`: the signing certificate.
+    pub ca_cert: String,
+    /// `ca-key.pem`: its private key.
+    pub ca_key: String,
+    /// `root-cert.pem`: the root, which is what peers trust.
+    pub root_cert: String,
+    /// `cert-chain.pem`: from the signing certificate up; may be left out when
+    /// `ca-cert.pem` is signed by the root directly.
+    pub cert_chain: Option<String>,
+}
+
+impl Cacerts {
+    pub const CA_CERT: &str = CACERTS_CERT_FILE;
+    pub const CA_KEY: &str = CACERTS_KEY_FILE;
+    pub const ROOT_CERT: &str = CACERTS_ROOT_FILE;
+    pub const CERT_CHAIN: &str = CACERTS_CHAIN_FILE;
+
+    /// Reads the files from `dir` (the Secret mounted, say).
+    pub fn read_dir(dir: &Path) -> Result<Self, CaError> {
+        let chain_path = dir.join(CACERTS_CHAIN_FILE);
+        Ok(Self {
+            ca_cert: read_string(&dir.join(CACERTS_CERT_FILE))?,
+            ca_key: read_string(&dir.join(CACERTS_KEY_FILE))?,
+            root_cert: read_string(&dir.join(CACERTS_ROOT_FILE))?,
+            cert_chain: chain_path
+                .exists()
+                .then(|| read_string(&chain_path))
+                .transpose()?,
+        })
+    }
+
+    /// A new self-signed root for `trust_domain` that signs workloads itself.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let (ca_key, ca_cert) = create_root(trust_domain)?;
+        Ok(Self {
+            root_cert: ca_cert.clone(),
+            cert_chain: Some(ca_cert.clone()),
+            ca_cert,
+            ca_key,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("failed to read {path}: {source}")]
@@ -177,25 +224,21 @@ impl Ca {
         )
     }
 
-    /// Uses a CA in Istio's plug-in layout, as istiod reads `cacerts`. `cert-chain.pem`
-    /// may be left out when `ca-cert.pem` is signed by the root directly.
-    pub fn from_cacerts_dir(
-        dir: &Path,
+    /// Uses a CA in Istio's plug-in layout, as istiod reads `cacerts`. `origin` names
+    /// where the files came from (a directory, a Secret) in errors.
+    pub fn from_cacerts(
+        files: &Cacerts,
+        origin: &Path,
         trust_domain: &str,
         max_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let cert_path = dir.join(CACERTS_CERT_FILE);
-        let cert_pem = read_string(&cert_path)?;
-        let key_pem = read_string(&dir.join(CACERTS_KEY_FILE))?;
-        let root_path = dir.join(CACERTS_ROOT_FILE);
-        let root = first_cert(&root_path, &read_string(&root_path)?)?;
-        let chain_path = dir.join(CACERTS_CHAIN_FILE);
-        let listed = if chain_path.exists() {
-            pem_certs(&chain_path, &read_string(&chain_path)?)?
-        } else {
-            Vec::new()
+        let cert_path = origin.join(CACERTS_CERT_FILE);
+        let root = first_cert(&origin.join(CACERTS_ROOT_FILE), &files.root_cert)?;
+        let listed = match &files.cert_chain {
+            Some(chain) => pem_certs(&origin.join(CACERTS_CHAIN_FILE), chain)?,
+            None => Vec::new(),
         };
-        let signer = first_cert(&cert_path, &cert_pem)?;
+        let signer = first_cert(&cert_path, &files.ca_cert)?;
         // What `from_pem` wants is what lies above the signer, root last: drop the signer
         // where Istio's chain repeats it, add the root where the chain stops short of it.
         let mut above: Vec<_> = listed.into_iter().filter(|c| *c != signer).collect();
@@ -203,8 +246,8 @@ impl Ca {
             above.push(root);
         }
         Self::from_pem(
-            &key_pem,
-            &cert_pem,
+            &files.ca_key,
+            &files.ca_cert,
             &above,
             &cert_path,
             trust_domain,
@@ -269,6 +312,11 @@ impl Ca {
     /// The mesh root every issued chain ends with.
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root
+    }
+
+    /// The root as PEM, as peers and applications are given it.
+    pub fn root_pem(&self) -> String {
+        to_pem(&self.root)
     }
 
     /// Signs `csr_pem` into a workload certificate and returns the chain as PEM, leaf
@@ -463,7 +511,10 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
 }
 
 fn to_pem(der: &CertificateDer<'_>) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
+    // LF, as rcgen writes them and as PEM files on Linux are: a root published from the
+    // Secret reads the same as the Secret's own `root-cert.pem`.
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_ref()), config)
 }
 
 #[cfg(test)]

@@ -318,7 +318,8 @@ fn istio_cacerts_layout_issues_chains_up_to_its_root() {
     for chain_file in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let root_pem = write_cacerts(dir.path(), chain_file);
-        let ca = Ca::from_cacerts_dir(dir.path(), "cluster.local", DEFAULT_MAX_TTL).unwrap();
+        let files = Cacerts::read_dir(dir.path()).unwrap();
+        let ca = Ca::from_cacerts(&files, dir.path(), "cluster.local", DEFAULT_MAX_TTL).unwrap();
         let (_key, csr) = csr_for(vec![uri(DEFAULT_ID)]);
         let chain = ca.sign(&csr, None, |_| true).unwrap();
         assert_eq!(

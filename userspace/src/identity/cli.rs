@@ -23,11 +23,13 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{
     authz::{self, Authorizer, AuthzError, GrantsAuthorizer, NodeAuthorizer},
-    ca::{Ca, CaError, PluggedCa},
+    ca::{Ca, CaError, Cacerts, PluggedCa},
     ca_client::{CaClientError, CaToken, GrpcCaClient, LocalCaClient},
     ca_service::{self, CaServiceError},
+    cacerts_secret::{CacertsSecret, CacertsSecretError},
     kube_authz::{KubeAuthorizer, ServiceAccount},
     manager::{ManagerConfig, SecretManager},
+    root_publisher,
 };
 
 /// The CA's key material and rules, shared by `ambit ca` and the embedded CA.
@@ -97,6 +99,19 @@ pub struct KubeCaArgs {
         requires = "kubernetes"
     )]
     pub trusted_node_accounts: Vec<ServiceAccount>,
+    /// The CA's own namespace: where its `--cacerts-secret` is, and the first place the
+    /// root is published (as the ConfigMap `ambit-ca-root-cert`, which agents mount).
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "ambit-system",
+        requires = "kubernetes"
+    )]
+    pub namespace: String,
+    /// Secret in Istio's plug-in layout the CA signs with, unless `--cacerts-dir` or
+    /// `--ca-cert` is given; created with a new root when absent.
+    #[arg(long, default_value = "cacerts", requires = "kubernetes")]
+    pub cacerts_secret: String,
 }
 
 /// Identity options of `ambit run`.
@@ -146,6 +161,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Kubernetes(#[from] crate::kube_client::KubeError),
+    #[error(transparent)]
+    CacertsSecret(#[from] CacertsSecretError),
     #[error("failed to read the CA root {path}: {source}")]
     Root {
         path: PathBuf,
@@ -225,18 +242,41 @@ pub async fn start(
 
 /// Runs `ambit ca` until `shutdown`.
 pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let ca = Arc::new(load_ca(&args.keys, &args.state_dir)?);
-    let authorizer: Arc<dyn Authorizer> = match &args.grants_file {
-        Some(path) => Arc::new(GrantsAuthorizer::from_file(path)?),
-        None => {
-            let kube = &args.kubernetes;
-            let client = crate::kube_client::client(kube.kubeconfig.as_deref()).await?;
-            Arc::new(KubeAuthorizer::new(
+    let kube = &args.kubernetes;
+    let client = match &args.grants_file {
+        Some(_) => None,
+        None => Some(crate::kube_client::client(kube.kubeconfig.as_deref()).await?),
+    };
+    let keys = &args.keys;
+    let ca = Arc::new(match &client {
+        Some(client) if keys.cacerts_dir.is_none() && keys.ca_cert.is_none() => {
+            let secret = CacertsSecret::new(client.clone(), &kube.namespace, &kube.cacerts_secret);
+            let files = secret.load_or_generate(&keys.trust_domain).await?;
+            Ca::from_cacerts(
+                &files,
+                &secret.origin(),
+                &keys.trust_domain,
+                keys.max_cert_ttl,
+            )?
+        }
+        _ => load_ca(keys, &args.state_dir)?,
+    });
+    let (authorizer, _publisher): (Arc<dyn Authorizer>, _) = match (client, &args.grants_file) {
+        (Some(client), _) => {
+            let publisher = tokio::spawn(root_publisher::publish(
+                client.clone(),
+                kube.namespace.clone(),
+                ca.root_pem(),
+            ));
+            let authorizer = KubeAuthorizer::new(
                 client,
                 &kube.token_audience,
                 kube.trusted_node_accounts.clone(),
-            ))
+            );
+            (Arc::new(authorizer), Some(AbortOnDrop(publisher)))
         }
+        (None, Some(path)) => (Arc::new(GrantsAuthorizer::from_file(path)?), None),
+        (None, None) => unreachable!("clap requires --grants-file without --kubernetes"),
     };
     let listener = bind(args.listen).await?;
     tracing::info!(addr = %args.listen, trust_domain = ca.trust_domain(), "CA serving");
@@ -244,9 +284,19 @@ pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
+/// Stops a background task with the function that started it.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn load_ca(keys: &CaKeyArgs, state_dir: &Path) -> Result<Ca, CaError> {
     if let Some(dir) = &keys.cacerts_dir {
-        return Ca::from_cacerts_dir(dir, &keys.trust_domain, keys.max_cert_ttl);
+        let files = Cacerts::read_dir(dir)?;
+        return Ca::from_cacerts(&files, dir, &keys.trust_domain, keys.max_cert_ttl);
     }
     match (&keys.ca_cert, &keys.ca_key) {
         (Some(cert), Some(key)) => Ca::from_pem_files(

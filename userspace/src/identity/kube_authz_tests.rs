@@ -23,7 +23,7 @@ use tokio::{net::TcpListener, sync::oneshot};
 
 use super::*;
 use crate::identity::{
-    ca::tests::csr_for,
+    ca::{Cacerts, tests::csr_for},
     ca_client::{CaClient, CaClientError, CaToken, GrpcCaClient},
     ca_service::proto,
     cli::{CaArgs, run_ca},
@@ -296,6 +296,18 @@ impl Bed {
         drop(probe);
         let listen = addr.to_string();
         let state_dir = dir.path().to_str().unwrap().to_owned();
+        // Key material from files: where it comes from on a cluster (the `cacerts` Secret)
+        // is tested end to end in the test bed; these tests are about who may ask.
+        let cacerts = dir.path().join("cacerts");
+        std::fs::create_dir(&cacerts).unwrap();
+        let files = Cacerts::generate("cluster.local").unwrap();
+        for (name, pem) in [
+            (Cacerts::CA_CERT, &files.ca_cert),
+            (Cacerts::CA_KEY, &files.ca_key),
+            (Cacerts::ROOT_CERT, &files.root_cert),
+        ] {
+            std::fs::write(cacerts.join(name), pem).unwrap();
+        }
         let args = CaCmd::try_parse_from([
             "ambit",
             "--kubernetes",
@@ -307,6 +319,8 @@ impl Bed {
             &listen,
             "--state-dir",
             &state_dir,
+            "--cacerts-dir",
+            cacerts.to_str().unwrap(),
         ])
         .unwrap()
         .ca;
@@ -332,7 +346,7 @@ impl Bed {
     }
 
     fn client(&self, token: &str) -> GrpcCaClient {
-        let root = std::fs::read_to_string(self.dir.path().join("ca/root-cert.pem")).unwrap();
+        let root = std::fs::read_to_string(self.dir.path().join("cacerts/root-cert.pem")).unwrap();
         GrpcCaClient::new(
             &format!("https://{}", self.addr),
             "localhost",
@@ -435,7 +449,7 @@ async fn refuses_an_untrusted_service_account() {
 #[tokio::test]
 async fn refuses_an_impersonated_identity_other_than_the_csrs() {
     let bed = Bed::start().await;
-    let root = std::fs::read_to_string(bed.dir.path().join("ca/root-cert.pem")).unwrap();
+    let root = std::fs::read_to_string(bed.dir.path().join("cacerts/root-cert.pem")).unwrap();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(root))
         .domain_name("localhost");
