@@ -15,7 +15,7 @@
 //!   create (409 `AlreadyExists`), `PUT` to replace (409 `Conflict` when the body's
 //!   `resourceVersion` is not the stored one), as `ambit ca` uses them.
 //!
-//! Served kinds: Namespace, Pod, Service, Event, Secret, ConfigMap and
+//! Served kinds: Namespace, Pod, Service, Event, Secret, ConfigMap, EndpointSlice and
 //! `security.istio.io/v1`'s three policy kinds. Anything else (`v1beta1`, `authentication.istio.io`) is a 404, as on a cluster
 //! without those CRDs. kube-rs needs no discovery endpoint for what the agent does.
 //!
@@ -50,6 +50,11 @@ const SERVED: &[(&str, &str, &str)] = &[
     ("api/v1", "events", "Event"),
     ("api/v1", "secrets", "Secret"),
     ("api/v1", "configmaps", "ConfigMap"),
+    (
+        "apis/discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+    ),
     (
         "apis/security.istio.io/v1",
         "peerauthentications",

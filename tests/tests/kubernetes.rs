@@ -201,3 +201,93 @@ fn an_api_server_outage_changes_nothing_and_the_agent_catches_up() {
     assert!(caught_up.is_some(), "{log}");
     assert!(log.contains("watch expired; listing again"), "{log}");
 }
+
+/// A Service in `namespace` at `cluster_ip`:80, port named `http`, with `spec` merged in.
+fn service(namespace: &str, name: &str, cluster_ip: &str, spec: Value) -> Value {
+    let mut service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80}]},
+    });
+    if let (Some(fields), Value::Object(extra)) = (service["spec"].as_object_mut(), spec) {
+        fields.extend(extra);
+    }
+    service
+}
+
+/// The EndpointSlice of `namespace/service`: one endpoint at `ip`, port `http` on 8000.
+fn slice(namespace: &str, service: &str, ip: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-x1"),
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}],
+        "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+    })
+}
+
+#[test]
+fn endpoint_slices_route_selectorless_services_skip_unready_endpoints_and_name_ports() {
+    let (mesh, api) = mesh();
+    let curl = |from: usize, url: &str| {
+        mesh.node
+            .curl(Some(&mesh.sleep[from]), url)
+            .expect("curl")
+            .code
+    };
+    let last_path = |workload: &str| {
+        mesh.recorded(workload, "outbound")
+            .unwrap()
+            .last()
+            .expect("recorded")["path"]
+            .clone()
+    };
+
+    // A Service without a selector, as `kubernetes.default` is: its EndpointSlice is all
+    // there is. Its endpoint, legacy/httpbin, is outside the mesh: reached directly.
+    let legacy = mesh.httpbin[LEGACY].ip.to_string();
+    api.apply(service("foo", "external", "10.96.0.20", json!({})))
+        .unwrap();
+    api.apply(slice("foo", "external", &legacy, true)).unwrap();
+    // Until the agent has the Service its address leads nowhere and curl gives up (3 s).
+    let reached = within(Duration::from_secs(10), || {
+        curl(FOO, "http://10.96.0.20:80/ip") == 200
+    });
+    assert!(
+        reached.is_some(),
+        "the selector-less Service is not routed: {:?}\n{}",
+        mesh.recorded("foo/sleep", "outbound").unwrap().last(),
+        mesh.node.agent().unwrap().log_text()
+    );
+    assert_eq!(last_path("foo/sleep"), "plaintext");
+
+    // Its only endpoint turns unready: the Service has nowhere to go.
+    api.apply(slice("foo", "external", &legacy, false)).unwrap();
+    let refused = within(Duration::from_secs(3), || {
+        curl(FOO, "http://10.96.0.20:80/ip") == 0
+    });
+    assert!(refused.is_some(), "an unready endpoint still gets traffic");
+
+    // A named targetPort resolves through the slice; the enrolled endpoint is reached
+    // over HBONE.
+    api.apply(service(
+        "bar",
+        "httpbin",
+        "10.96.0.21",
+        json!({"selector": {"app": "httpbin"}, "ports": [{"name": "http", "port": 80, "targetPort": "web"}]}),
+    ))
+    .unwrap();
+    let bar = mesh.httpbin[BAR].ip.to_string();
+    api.apply(slice("bar", "httpbin", &bar, true)).unwrap();
+    let reached = within(Duration::from_secs(10), || {
+        curl(FOO, "http://10.96.0.21:80/ip") == 200
+    });
+    assert!(reached.is_some(), "the named targetPort is not resolved");
+    assert_eq!(last_path("foo/sleep"), "hbone");
+}

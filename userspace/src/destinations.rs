@@ -7,15 +7,19 @@ use std::{
 };
 
 use crate::{
-    discovery::{Pod, Snapshot, objects::TargetPort},
+    discovery::{
+        EndpointSlice, Pod, Service, Snapshot,
+        objects::{ServicePort, TargetPort},
+    },
     identity::SpiffeId,
 };
 
-/// A pod that can be connected to.
+/// An address that can be connected to: a pod, or an address outside the cluster's pods
+/// (a selector-less Service's endpoint, such as the API server).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Endpoint {
-    /// `namespace/name`.
-    pub pod: String,
+    /// `namespace/name` of the pod at `ip`, when one is known.
+    pub pod: Option<String>,
     pub ip: IpAddr,
     /// Present when the pod is enrolled in the mesh: connections to it travel as HBONE
     /// and its node proxy must present this identity.
@@ -25,13 +29,20 @@ pub struct Endpoint {
     pub conflict: Option<String>,
 }
 
-/// A service port: the endpoints behind it and the target port on them.
+/// A service endpoint and the port it serves the service port on (which may differ
+/// between endpoints: a named `targetPort` resolves per pod).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEndpoint {
+    pub endpoint: Endpoint,
+    pub port: u16,
+}
+
+/// A service port: the endpoints behind it, or why there can be none.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceTarget {
     /// `namespace/name`.
     pub service: String,
-    pub target_port: Result<u16, String>,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Result<Vec<ServiceEndpoint>, String>,
 }
 
 #[derive(Debug, Default)]
@@ -43,39 +54,34 @@ pub struct Destinations {
 impl Destinations {
     pub fn new(snapshot: &Snapshot, trust_domain: &str) -> Self {
         let pods = pods_by_ip(snapshot, trust_domain);
+        let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in snapshot.endpoint_slices.values() {
+            if let Some(service) = &slice.service {
+                slices
+                    .entry((slice.namespace.as_str(), service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
         let mut services = HashMap::new();
         for service in snapshot.services.values() {
             let Some(cluster_ip) = service.cluster_ip else {
                 continue;
             };
-            // An endpoint is reached as its IP is: a conflict on the IP is the endpoint's.
-            let mut endpoints: Vec<Endpoint> = snapshot
-                .pods
-                .values()
-                .filter(|p| service.selects(p))
-                .filter_map(|p| {
-                    Some(Endpoint {
-                        pod: p.key(),
-                        ..pods.get(&p.ip?)?.clone()
-                    })
-                })
-                .collect();
-            endpoints.sort_by_key(|e| e.ip);
-            endpoints.dedup_by_key(|e| e.ip);
+            let slices = slices
+                .get(&(service.namespace.as_str(), service.name.as_str()))
+                .map_or(&[][..], Vec::as_slice);
             for port in &service.ports {
-                let target_port = match &port.target_port {
-                    None => Ok(port.port),
-                    Some(TargetPort::Number(n)) => Ok(*n),
-                    Some(TargetPort::Name(name)) => Err(format!(
-                        "named targetPort {name:?} is not supported; use a number"
-                    )),
+                let endpoints = if slices.is_empty() {
+                    selected_endpoints(snapshot, &pods, service, port)
+                } else {
+                    Ok(sliced_endpoints(&pods, slices, port))
                 };
                 services.insert(
                     SocketAddr::new(cluster_ip, port.port),
                     ServiceTarget {
                         service: service.key(),
-                        target_port,
-                        endpoints: endpoints.clone(),
+                        endpoints,
                     },
                 );
             }
@@ -90,6 +96,72 @@ impl Destinations {
     pub fn service(&self, addr: SocketAddr) -> Option<&ServiceTarget> {
         self.services.get(&addr)
     }
+}
+
+/// Without EndpointSlices (the `files` source, or before the controller has written
+/// them): the pods the selector picks, on the numeric `targetPort`.
+fn selected_endpoints(
+    snapshot: &Snapshot,
+    pods: &HashMap<IpAddr, Endpoint>,
+    service: &Service,
+    port: &ServicePort,
+) -> Result<Vec<ServiceEndpoint>, String> {
+    let target = match &port.target_port {
+        None => port.port,
+        Some(TargetPort::Number(n)) => *n,
+        Some(TargetPort::Name(name)) => {
+            return Err(format!(
+                "named targetPort {name:?} resolves only through the Service's EndpointSlices, and it has none"
+            ));
+        }
+    };
+    // An endpoint is reached as its IP is: a conflict on the IP is the endpoint's.
+    let mut endpoints: Vec<ServiceEndpoint> = snapshot
+        .pods
+        .values()
+        .filter(|p| service.selects(p))
+        .filter_map(|p| {
+            Some(ServiceEndpoint {
+                endpoint: Endpoint {
+                    pod: Some(p.key()),
+                    ..pods.get(&p.ip?)?.clone()
+                },
+                port: target,
+            })
+        })
+        .collect();
+    endpoints.sort_by_key(|e| e.endpoint.ip);
+    endpoints.dedup_by_key(|e| e.endpoint.ip);
+    Ok(endpoints)
+}
+
+/// With EndpointSlices: their ready addresses, on the port each slice gives the service
+/// port's name. An address of a known pod is reached as that pod is (its identity, its
+/// conflict); any other address directly.
+fn sliced_endpoints(
+    pods: &HashMap<IpAddr, Endpoint>,
+    slices: &[&EndpointSlice],
+    port: &ServicePort,
+) -> Vec<ServiceEndpoint> {
+    let name = port.name.as_deref().unwrap_or_default();
+    let mut endpoints: Vec<ServiceEndpoint> = slices
+        .iter()
+        .filter_map(|slice| Some((slice, slice.port(name)?)))
+        .flat_map(|(slice, target)| {
+            slice.ready_addresses().map(move |ip| ServiceEndpoint {
+                endpoint: pods.get(&ip).cloned().unwrap_or(Endpoint {
+                    pod: None,
+                    ip,
+                    identity: None,
+                    conflict: None,
+                }),
+                port: target,
+            })
+        })
+        .collect();
+    endpoints.sort_by_key(|e| (e.endpoint.ip, e.port));
+    endpoints.dedup_by_key(|e| (e.endpoint.ip, e.port));
+    endpoints
 }
 
 /// One endpoint per pod IP. Several pods may claim an IP: `hostNetwork` pods share their
@@ -122,6 +194,7 @@ fn mesh_identity(snapshot: &Snapshot, pod: &Pod, trust_domain: &str) -> Option<S
 /// The endpoint at `ip`; `claimants` (pod key, identity) is non-empty, in key order.
 fn endpoint(ip: IpAddr, claimants: Vec<(String, Option<SpiffeId>)>) -> Endpoint {
     let (pod, identity) = claimants[0].clone();
+    let pod = Some(pod);
     if claimants.iter().all(|(_, other)| *other == identity) {
         return Endpoint {
             pod,
@@ -188,10 +261,93 @@ metadata: {name: legacy}
         SpiffeId::new("cluster.local", "foo", sa).unwrap()
     }
 
-    fn service_endpoints(d: &Destinations) -> &[Endpoint] {
-        &d.service("10.96.0.1:80".parse().unwrap())
+    fn service_endpoints(d: &Destinations) -> Vec<Endpoint> {
+        service_endpoints_at(d, "10.96.0.1:80")
+    }
+
+    /// An EndpointSlice of `foo/web` with `endpoints` (a flow sequence's inside).
+    fn slice(name: &str, endpoints: &str, ports: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: foo, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{endpoints}]\nports: [{ports}]\n"
+        )
+    }
+
+    fn targets(d: &Destinations, addr: &str) -> Result<Vec<(String, u16)>, String> {
+        d.service(addr.parse().unwrap())
             .unwrap()
             .endpoints
+            .clone()
+            .map(|endpoints| {
+                endpoints
+                    .iter()
+                    .map(|e| (e.endpoint.ip.to_string(), e.port))
+                    .collect()
+            })
+    }
+
+    #[test]
+    fn slices_give_a_selectorless_service_its_endpoints_reached_directly() {
+        let d = destinations(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: foo}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 443, name: https}}]}}\n{}",
+            slice(
+                "web-1",
+                "{addresses: [192.168.9.9]}",
+                "{name: https, port: 6443}"
+            )
+        ));
+        assert_eq!(
+            targets(&d, "10.96.0.1:443"),
+            Ok(vec![("192.168.9.9".into(), 6443)])
+        );
+        let endpoint = &service_endpoints_at(&d, "10.96.0.1:443")[0];
+        assert_eq!((&endpoint.pod, &endpoint.identity), (&None, &None));
+    }
+
+    fn service_endpoints_at(d: &Destinations, addr: &str) -> Vec<Endpoint> {
+        d.service(addr.parse().unwrap())
+            .unwrap()
+            .endpoints
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.endpoint)
+            .collect()
+    }
+
+    #[test]
+    fn slices_leave_out_unready_endpoints_and_resolve_named_ports_per_slice() {
+        let d = destinations(&format!(
+            "{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: foo}}\nspec: {{clusterIP: 10.96.0.1, selector: {{app: web}}, ports: [{{port: 80, name: http, targetPort: web-http}}]}}\n{}{}",
+            pod("foo", "a", "serviceAccountName: web", "10.0.0.2"),
+            pod("foo", "b", "serviceAccountName: web", "10.0.0.3"),
+            slice(
+                "web-1",
+                "{addresses: [10.0.0.2], conditions: {ready: true}}, {addresses: [10.0.0.3], conditions: {ready: false}}",
+                "{name: http, port: 8080}"
+            ),
+            slice(
+                "web-2",
+                "{addresses: [10.0.0.4]}",
+                "{name: http, port: 9090}"
+            ),
+        ));
+        assert_eq!(
+            targets(&d, "10.96.0.1:80"),
+            Ok(vec![("10.0.0.2".into(), 8080), ("10.0.0.4".into(), 9090)])
+        );
+        // A pod's address keeps the pod's identity.
+        let endpoints = service_endpoints_at(&d, "10.96.0.1:80");
+        assert_eq!(endpoints[0].identity, Some(id("web")));
+        assert_eq!(endpoints[0].pod.as_deref(), Some("foo/a"));
+    }
+
+    #[test]
+    fn without_slices_a_named_target_port_is_refused_with_the_reason() {
+        let d = destinations(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: foo}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: web-http}]}\n",
+        );
+        let reason = targets(&d, "10.96.0.1:80").unwrap_err();
+        assert!(reason.contains("EndpointSlices"), "{reason}");
     }
 
     #[test]
@@ -292,7 +448,7 @@ metadata: {name: legacy}
         ));
         let endpoints = service_endpoints(&d);
         assert_eq!(endpoints.len(), 1);
-        assert_eq!(endpoints[0].pod, "foo/a");
+        assert_eq!(endpoints[0].pod.as_deref(), Some("foo/a"));
         assert_eq!(endpoints[0].identity, None);
         assert!(endpoints[0].conflict.is_some());
     }

@@ -1,6 +1,6 @@
 //! The `kubernetes` source: watches of the API server (kube-rs [`watcher`]s, which list,
 //! watch from the listed `resourceVersion`, and list again when a watch expires with 410)
-//! on Namespaces, Pods, Services and the policy kinds, turned into the same [`Snapshot`]
+//! on Namespaces, Pods, Services, EndpointSlices and the policy kinds, turned into the same [`Snapshot`]
 //! as the `files` source by the same [`parse_object`].
 //!
 //! Every object is converted when it arrives and kept as its last good version: an object
@@ -11,9 +11,6 @@
 //! Nothing is published before every kind has been listed once, so a restarted agent never
 //! releases pods only because it has not seen them yet. While the API server is away the
 //! last snapshot stays in force; the watchers retry and relist when it returns.
-//!
-//! EndpointSlices are not watched: a Service's endpoints are the pods it selects, as in the
-//! `files` source, which is what the [`Snapshot`] contract holds.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -60,6 +57,7 @@ fn resources() -> Vec<ApiResource> {
         ApiResource::erase::<core::Namespace>(&()),
         ApiResource::erase::<core::Pod>(&()),
         ApiResource::erase::<core::Service>(&()),
+        ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&()),
     ];
     for version in ["v1", "v1beta1"] {
         for (kind, plural) in [

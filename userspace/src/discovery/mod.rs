@@ -3,12 +3,14 @@
 //! from an API server; both turn each object into a [`Snapshot`] entry with
 //! [`parse_object`], so the data path cannot tell them apart.
 
+pub mod endpoints;
 pub mod files;
 pub mod kubernetes;
 pub mod objects;
 
 use std::collections::BTreeMap;
 
+pub use endpoints::EndpointSlice;
 pub use objects::{Namespace, Pod, Service};
 
 use crate::policy::{
@@ -23,6 +25,7 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    EndpointSlice(EndpointSlice),
     Policy(PolicyObject),
     /// Waits for [`Snapshot::convert_legacy`].
     Legacy(LegacyPolicy),
@@ -49,6 +52,9 @@ pub fn parse_object(
         "Namespace" => Some(Object::Namespace(Namespace::from_yaml(doc)?)),
         "Pod" => Pod::from_yaml(doc)?.map(Object::Pod),
         "Service" => Some(Object::Service(Service::from_yaml(doc)?)),
+        "EndpointSlice" if api_version == "discovery.k8s.io/v1" => {
+            EndpointSlice::from_yaml(doc)?.map(Object::EndpointSlice)
+        }
         _ if legacy::is_legacy_kind(api_version, kind) => {
             Some(Object::Legacy(LegacyPolicy::from_yaml(kind, doc)?))
         }
@@ -69,6 +75,8 @@ pub struct Snapshot {
     pub pods: BTreeMap<String, Pod>,
     /// By `namespace/name`.
     pub services: BTreeMap<String, Service>,
+    /// By `namespace/name`.
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
     pub policies: Vec<PolicyObject>,
     /// Istio 1.1 authentication policies as read, waiting for [`Snapshot::convert_legacy`]
     /// (which needs every Service) to turn them into `policies`.
@@ -76,7 +84,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Adds `object`, replacing a namespace, pod or service of the same name.
+    /// Adds `object`, replacing a namespace, pod, service or slice of the same name.
     pub fn insert(&mut self, object: Object) {
         match object {
             Object::Namespace(namespace) => {
@@ -87,6 +95,9 @@ impl Snapshot {
             }
             Object::Service(service) => {
                 self.services.insert(service.key(), service);
+            }
+            Object::EndpointSlice(slice) => {
+                self.endpoint_slices.insert(slice.key(), slice);
             }
             Object::Policy(policy) => self.policies.push(policy),
             Object::Legacy(policy) => self.legacy.push(policy),

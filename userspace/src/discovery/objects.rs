@@ -183,7 +183,7 @@ pub enum ObjectError {
     },
 }
 
-fn shape<T: serde::de::DeserializeOwned>(
+pub(super) fn shape<T: serde::de::DeserializeOwned>(
     kind: &'static str,
     doc: serde_yaml::Value,
 ) -> Result<T, ObjectError> {
@@ -194,7 +194,7 @@ fn shape<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn parse_ip(
+pub(super) fn parse_ip(
     kind: &'static str,
     namespace: &str,
     name: &str,

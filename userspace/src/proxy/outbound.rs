@@ -65,26 +65,26 @@ pub fn decide(destinations: &Destinations, destination: SocketAddr, pick: usize)
         return Route::Refuse(format!("{destination} is local to the pod"));
     }
     if let Some(service) = destinations.service(destination) {
-        let port = match &service.target_port {
-            Ok(port) => *port,
+        let endpoints = match &service.endpoints {
+            Ok(endpoints) if endpoints.is_empty() => {
+                return Route::Refuse(format!("{} has no ready endpoints", service.service));
+            }
+            Ok(endpoints) => endpoints,
             Err(reason) => return Route::Refuse(format!("{}: {reason}", service.service)),
         };
-        if service.endpoints.is_empty() {
-            return Route::Refuse(format!("{} has no endpoints", service.service));
-        }
-        let endpoint = &service.endpoints[pick % service.endpoints.len()];
+        let chosen = &endpoints[pick % endpoints.len()];
+        let endpoint = &chosen.endpoint;
         if let Some(conflict) = &endpoint.conflict {
             return Route::Refuse(format!("{}: {conflict}", service.service));
         }
-        let target = SocketAddr::new(endpoint.ip, port);
+        let target = SocketAddr::new(endpoint.ip, chosen.port);
         if endpoint.identity.is_none() {
             return Route::Direct(target);
         }
         // Any workload behind the service may answer for it.
-        let mut allowed: Vec<SpiffeId> = service
-            .endpoints
+        let mut allowed: Vec<SpiffeId> = endpoints
             .iter()
-            .filter_map(|e| e.identity.clone())
+            .filter_map(|e| e.endpoint.identity.clone())
             .collect();
         allowed.sort();
         allowed.dedup();
@@ -307,13 +307,13 @@ spec: {clusterIP: 10.96.0.3, selector: {app: nothing}, ports: [{port: 80}]}
             (
                 "10.96.0.3:80",
                 0,
-                Route::Refuse("foo/empty has no endpoints".into()),
+                Route::Refuse("foo/empty has no ready endpoints".into()),
             ),
             (
                 "10.96.0.1:81",
                 0,
                 Route::Refuse(
-                    "foo/web: named targetPort \"http\" is not supported; use a number".into(),
+                    "foo/web: named targetPort \"http\" resolves only through the Service's EndpointSlices, and it has none".into(),
                 ),
             ),
             // A port the service does not expose is not the service.
