@@ -1,13 +1,14 @@
 //! `ambit install-cni` as the DaemonSet's sidecar runs it, on a node made of temporary
 //! directories: the plugin copied beside the primary network's plugins, its entry chained
 //! into the primary conflist, its kubeconfig from the pod's service account; with
-//! `--watch`, repairs, and a SIGTERM that removes nothing; then `ambit uninstall-node`
-//! takes the entry and kubeconfig out. Needs no root (no pins, no pods).
+//! `--watch`, repairs, and a SIGTERM that removes nothing; then `ambit uninstall-node`,
+//! run while a watch goes on (a deletion), takes the entry and kubeconfig out for good.
+//! Needs no root (no pins, no pods).
 
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -86,6 +87,41 @@ impl Node {
 /// The `--watch` process, killed if the test fails before it stops it.
 struct Watch(Child);
 
+impl Watch {
+    /// Starts the sidecar and waits for its first pass (logged), so that what the test
+    /// does next meets the watch, not the first install.
+    fn start(node: &Node, log: &str) -> Self {
+        let log = node.path(log);
+        let child = node
+            .install_cni()
+            .args(["--watch", "--check-interval", "1s"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let watch = Self(child);
+        let installed = within(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("installed"))
+        });
+        assert!(
+            installed.is_some(),
+            "no first pass: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        watch
+    }
+
+    /// SIGTERM, as the kubelet stops the sidecar; whether it exited 0 within 10 s.
+    fn stop(&mut self) -> bool {
+        check(Command::new("kill").args(["-TERM", &self.0.id().to_string()])).unwrap();
+        let mut status = None;
+        within(Duration::from_secs(10), || {
+            status = self.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status.is_some_and(|s| s.success())
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
@@ -96,7 +132,7 @@ impl Drop for Watch {
 }
 
 #[test]
-fn install_cni_chains_the_plugin_repairs_it_and_leaves_it_on_sigterm_until_uninstall() {
+fn install_cni_chains_the_plugin_repairs_it_and_keeps_it_until_uninstall_node() {
     let node = Node::new();
     std::fs::write(node.conflist(), BRIDGE).unwrap();
 
@@ -135,13 +171,7 @@ fn install_cni_chains_the_plugin_repairs_it_and_leaves_it_on_sigterm_until_unins
 
     // The sidecar: the network plugin rewrites its conflist without the entry, the
     // kubelet rotates the token; both are put back within a check or two.
-    let mut watch = Watch(
-        node.install_cni()
-            .args(["--watch", "--check-interval", "1s"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut watch = Watch::start(&node, "watch-1.log");
     std::fs::write(node.conflist(), BRIDGE).unwrap();
     std::fs::write(node.path("serviceaccount/token"), "token-2").unwrap();
     let repaired = within(Duration::from_secs(10), || {
@@ -151,20 +181,13 @@ fn install_cni_chains_the_plugin_repairs_it_and_leaves_it_on_sigterm_until_unins
     assert!(repaired.is_some(), "not repaired: {:?}", node.chain());
 
     // A rolling update: SIGTERM, exit 0, everything stays.
-    check(Command::new("kill").args(["-TERM", &watch.0.id().to_string()])).unwrap();
-    let mut status = None;
-    within(Duration::from_secs(10), || {
-        status = watch.0.try_wait().unwrap();
-        status.is_some()
-    });
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit on SIGTERM: {status:?}"
-    );
+    assert!(watch.stop(), "exit 0 on SIGTERM");
     assert_eq!(node.chain(), ["bridge", "portmap", "ambit-cni"]);
     assert!(kubeconfig.exists() && installed.exists());
 
-    // Uninstall: the entry and the token go; the binary stays for the runtime's cached `DEL`s.
+    // A deletion: the next pod's sidecar watches while the agent's pre-stop hook
+    // uninstalls; the entry and the token go, and the sidecar does not put them back.
+    let mut watch = Watch::start(&node, "watch-2.log");
     check(
         Command::new(&node.binaries.ambit)
             .arg("uninstall-node")
@@ -176,8 +199,11 @@ fn install_cni_chains_the_plugin_repairs_it_and_leaves_it_on_sigterm_until_unins
             .arg(node.path("state")),
     )
     .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(watch.stop(), "exit 0 on SIGTERM");
     assert_eq!(node.chain(), ["bridge", "portmap"]);
     assert!(!kubeconfig.exists());
+    // The binary stays for the runtime's cached `DEL`s of pods set up with the entry.
     assert!(installed.exists());
 }
 

@@ -2,8 +2,15 @@
 //! entry chained into a conflist and the kubeconfig beside it, as `ambit install-cni` puts
 //! them there and `ambit uninstall-node` takes them out. Which file is the primary network,
 //! and what the entry holds, are the installer's business.
+//!
+//! The two never edit the directory at the same time ([`lock_dir`]), and the kubeconfig
+//! tells them apart: `uninstall-node` removes it before the entries, and a watching
+//! installer that finds it gone takes that for the uninstall and stops repairing. On a
+//! deletion the installer (a native sidecar) outlives the agent, whose pre-stop hook
+//! uninstalls, so without this it would put the entry back on its next check.
 
 use std::{
+    fs::File,
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -29,6 +36,21 @@ pub enum CniConfError {
     },
     #[error("cannot write CNI configuration {}: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+    #[error("cannot lock the CNI configuration directory {}: {source}", path.display())]
+    Lock { path: PathBuf, source: io::Error },
+}
+
+/// Takes an exclusive lock (flock(2)) on the configuration directory itself, which the
+/// installer's sidecar and the agent's pre-stop hook see as the same host directory; it
+/// is released when the returned file is dropped.
+pub fn lock_dir(dir: &Path) -> Result<File, CniConfError> {
+    let lock_error = |source| CniConfError::Lock {
+        path: dir.to_owned(),
+        source,
+    };
+    let dir_file = File::open(dir).map_err(lock_error)?;
+    dir_file.lock().map_err(lock_error)?;
+    Ok(dir_file)
 }
 
 /// A network configuration file as read: its JSON and its mode, which a rewrite keeps.

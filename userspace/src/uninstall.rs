@@ -4,9 +4,9 @@
 //! It needs no configuration source: everything it undoes is found on the node itself,
 //! in the order that never leaves a pod unable to start or talk:
 //!
-//! 1. the `ambit-cni` entry comes out of the CNI conflists, so a pod created from now on
-//!    does not wait for an agent that is going away, and the plugin's kubeconfig (a
-//!    service-account token) is removed;
+//! 1. the plugin's kubeconfig (a service-account token) is removed and the `ambit-cni`
+//!    entry comes out of the CNI conflists, so a pod created from now on does not wait for
+//!    an agent that is going away;
 //! 2. every pinned link (the cgroup programs and each pod's `sk_lookup`) is detached:
 //!    pods' connects and inbound TCP stop being steered to the (absent) proxy;
 //! 3. each enrolled namespace recorded under `<state-dir>/netns/` gets its return-path
@@ -80,20 +80,7 @@ impl fmt::Display for Failures {
 /// an agent still running may enroll a pod again after this returns.
 pub async fn uninstall_node(args: &UninstallArgs) -> Result<(), UninstallError> {
     let mut failures = Vec::new();
-    match remove_cni_entries(&args.cni_conf_dir) {
-        Ok(changed) => {
-            for path in changed {
-                info!(conflist = %path.display(), "removed the ambit-cni entry");
-            }
-        }
-        Err(error) => failures.extend(error),
-    }
-    // Whatever became of the entries: the kubeconfig holds a service-account token. The
-    // plugin's binary stays in the CNI bin directory: the runtime runs `DEL` for pods set
-    // up while the entry was there with the configuration it cached at `ADD`, which still
-    // names `ambit-cni`; without the binary that `DEL` would fail and the sandbox never be
-    // torn down. Without an entry, nothing else runs it.
-    failures.extend(remove_kubeconfig(&args.cni_conf_dir));
+    failures.extend(unchain(&args.cni_conf_dir));
     failures.extend(detach_links(&args.bpf_pin_dir.join("links")));
     failures.extend(restore_namespaces(&SavedSettings::new(&args.state_dir)).await);
     match fs::remove_dir_all(&args.bpf_pin_dir) {
@@ -113,16 +100,40 @@ pub async fn uninstall_node(args: &UninstallArgs) -> Result<(), UninstallError> 
     }
 }
 
-fn remove_kubeconfig(conf_dir: &Path) -> Option<UninstallError> {
-    let path = conf_dir.join(cni_conf::KUBECONFIG_FILE);
-    match fs::remove_file(&path) {
-        Ok(()) => {
-            info!(kubeconfig = %path.display(), "removed the CNI plugin's kubeconfig");
-            None
+/// Takes the plugin's kubeconfig (a service-account token) and then its entries out of
+/// `conf_dir`, under the directory's lock: a watching `ambit install-cni` reads the
+/// kubeconfig's absence as this uninstall and stops putting the entry back. The plugin's
+/// binary stays in the CNI bin directory: the runtime runs `DEL` for pods set up while the
+/// entry was there with the configuration it cached at `ADD`, which still names
+/// `ambit-cni`; without the binary that `DEL` would fail and the sandbox never be torn
+/// down. Without an entry, nothing else runs it.
+fn unchain(conf_dir: &Path) -> Vec<UninstallError> {
+    let _lock = match cni_conf::lock_dir(conf_dir) {
+        Ok(lock) => lock,
+        Err(CniConfError::Lock { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Vec::new();
         }
-        Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-        Err(source) => Some(UninstallError::Kubeconfig { path, source }),
+        Err(error) => return vec![error.into()],
+    };
+    let mut failures = Vec::new();
+    let kubeconfig = conf_dir.join(cni_conf::KUBECONFIG_FILE);
+    match fs::remove_file(&kubeconfig) {
+        Ok(()) => info!(kubeconfig = %kubeconfig.display(), "removed the CNI plugin's kubeconfig"),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => failures.push(UninstallError::Kubeconfig {
+            path: kubeconfig,
+            source,
+        }),
     }
+    match remove_cni_entries(conf_dir) {
+        Ok(changed) => {
+            for path in changed {
+                info!(conflist = %path.display(), "removed the ambit-cni entry");
+            }
+        }
+        Err(errors) => failures.extend(errors),
+    }
+    failures
 }
 
 /// Detaches every link pinned in `links_dir` and removes its pin. Detaching explicitly,

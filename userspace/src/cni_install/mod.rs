@@ -8,7 +8,8 @@
 //! undo: primary network plugins rewrite their conflist without our entry, and the
 //! service-account token rotates. It never removes anything, not even on SIGTERM: a
 //! rolling update must find the entry still there, so that an enrolled pod created
-//! meanwhile never starts unmeshed. Taking it out is `ambit uninstall-node`'s job.
+//! meanwhile never starts unmeshed. Taking it out is `ambit uninstall-node`'s job, and
+//! once it has run (the kubeconfig is gone) the watch repairs nothing more.
 
 mod chain;
 mod kubeconfig;
@@ -195,12 +196,22 @@ pub async fn install_cni(
         }
         // Errors are for the next check to retry: exiting would only restart the container
         // with a growing back-off, and the previous installation stays meanwhile.
-        match installer.install() {
-            Ok(report) if report.chain == Chain::NoNetwork => {
+        match installer.repair() {
+            Ok(None) => {
+                info!(
+                    "the plugin's kubeconfig is gone: `ambit uninstall-node` ran; \
+                     no more repairs until this container starts again"
+                );
+                shutdown.await;
+                return Ok(());
+            }
+            Ok(Some(report)) if report.chain == Chain::NoNetwork => {
                 warn!(dir = %args.cni_conf_dir.display(), "no CNI network configuration to chain into");
             }
-            Ok(report) if report.changed() => info!(changed = %report, "repaired ambit-cni"),
-            Ok(_) => {}
+            Ok(Some(report)) if report.changed() => {
+                info!(changed = %report, "repaired ambit-cni");
+            }
+            Ok(Some(_)) => {}
             Err(error) => warn!(%error, "cannot check the ambit-cni installation"),
         }
     }
@@ -252,6 +263,21 @@ impl Installer {
 
     /// One pass: writes what differs from what it should be, binary first and entry last.
     pub fn install(&self) -> Result<Report, InstallError> {
+        let _lock = cni_conf::lock_dir(&self.conf_dir)?;
+        self.write_all()
+    }
+
+    /// A pass of the watch: the same, unless the kubeconfig is gone, which means that
+    /// `ambit uninstall-node` ran (see `cni_conf`): then it writes nothing and says `None`.
+    pub fn repair(&self) -> Result<Option<Report>, InstallError> {
+        let _lock = cni_conf::lock_dir(&self.conf_dir)?;
+        if !self.kubeconfig.exists() {
+            return Ok(None);
+        }
+        self.write_all().map(Some)
+    }
+
+    fn write_all(&self) -> Result<Report, InstallError> {
         let binary = self.install_binary()?;
         let kubeconfig = kubeconfig::install(
             &self.kubeconfig,

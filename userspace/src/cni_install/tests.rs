@@ -508,3 +508,53 @@ async fn the_watch_repairs_and_its_shutdown_removes_nothing() {
     );
     assert!(node.installed_binary().exists());
 }
+
+impl Node {
+    /// `ambit uninstall-node` on this node (nothing pinned, no pods).
+    async fn uninstall(&self) {
+        let args = crate::uninstall::UninstallArgs {
+            bpf_pin_dir: self.conf_dir.with_file_name("pins"),
+            state_dir: self.conf_dir.with_file_name("state"),
+            cni_conf_dir: self.conf_dir.clone(),
+        };
+        crate::uninstall::uninstall_node(&args).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_repair_after_uninstall_node_writes_nothing() {
+    let node = Node::new();
+    let conflist = node.conf("10-containerd-net.conflist", BRIDGE);
+    let installer = Installer::new(&node.args()).unwrap();
+    installer.install().unwrap();
+
+    node.uninstall().await;
+
+    assert_eq!(installer.repair().unwrap(), None);
+    assert_eq!(
+        json(&conflist),
+        serde_json::from_str::<Value>(BRIDGE).unwrap()
+    );
+    assert!(!node.kubeconfig().exists());
+}
+
+/// A deletion: the agent's pre-stop hook uninstalls while the sidecar still watches (it is
+/// stopped only after the agent); its next checks must not put the entry back.
+#[tokio::test(start_paused = true)]
+async fn the_watch_does_not_undo_an_uninstall() {
+    let node = Node::new();
+    let conflist = node.conf("10-containerd-net.conflist", BRIDGE);
+    let mut args = node.args();
+    args.watch = true;
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        node.uninstall().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    };
+    install_cni(&args, meanwhile).await.unwrap();
+    assert_eq!(
+        json(&conflist),
+        serde_json::from_str::<Value>(BRIDGE).unwrap()
+    );
+    assert!(!node.kubeconfig().exists());
+}
