@@ -113,6 +113,64 @@ fn rendered_manifests_pass_the_security_scan() {
     }
 }
 
+/// The agent's DaemonSet in the rendered base.
+fn daemonset(base: &Path) -> serde_yaml::Value {
+    let base = std::fs::read_to_string(base).unwrap();
+    serde_yaml::Deserializer::from_str(&base)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .expect("a DaemonSet")
+}
+
+/// The CNI plugin is installed by a native sidecar that keeps it installed, with nothing
+/// but the two CNI directories and no capability, and the agent listens where the
+/// plugin's entry says it does.
+#[test]
+fn the_daemonset_installs_the_cni_plugin_with_a_native_sidecar() {
+    let (_out, files) = rendered();
+    let pod = &daemonset(&files[0])["spec"]["template"]["spec"];
+    let install = pod["initContainers"]
+        .as_sequence()
+        .and_then(|init| init.iter().find(|c| c["name"] == "install-cni"))
+        .expect("an install-cni init container");
+    assert_eq!(install["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(
+        install["args"],
+        serde_yaml::to_value(["install-cni", "--watch"]).unwrap()
+    );
+    let mounts: Vec<(&str, &str)> = install["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap(),
+                m["mountPath"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        mounts,
+        [("cni-bin", "/opt/cni/bin"), ("cni-conf", "/etc/cni/net.d")],
+        "the host's paths, and nothing else"
+    );
+    let security = &install["securityContext"];
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert_eq!(security["capabilities"]["add"], serde_yaml::Value::Null);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    // `ambit install-cni --agent-socket` defaults to the plugin's default socket.
+    let agent_args = &pod["containers"][0]["args"];
+    assert!(
+        agent_args
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--cni-socket=/var/run/ambit/cni.sock"),
+        "{agent_args:?}"
+    );
+}
+
 /// The DaemonSet's pre-stop hook (a shell script) uninstalls only when the API server says
 /// the DaemonSet is gone or being deleted, or that the agent's account or rights are gone;
 /// on a rolling update, or with the API server unreachable, it leaves the node closed. Run
@@ -121,11 +179,7 @@ fn rendered_manifests_pass_the_security_scan() {
 #[test]
 fn pre_stop_uninstalls_only_when_the_daemonset_is_being_deleted() {
     let (out, files) = rendered();
-    let base = std::fs::read_to_string(&files[0]).unwrap();
-    let daemonset = serde_yaml::Deserializer::from_str(&base)
-        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
-        .find(|doc| doc["kind"] == "DaemonSet")
-        .expect("a DaemonSet");
+    let daemonset = daemonset(&files[0]);
     let command = &daemonset["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]
         ["command"];
     assert_eq!(command[0], "/bin/sh");

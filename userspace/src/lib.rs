@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod admission;
 pub mod agent;
+pub mod cni_conf;
+pub mod cni_install;
 pub mod cni_server;
 pub mod destinations;
 pub mod discovery;

@@ -29,6 +29,10 @@ enum Command {
     /// Take ambit off this node (agent stopped): release every enrolled pod, detach the
     /// kernel programs, remove the pins and the CNI entry. Pods return to direct traffic.
     UninstallNode(ambit::uninstall::UninstallArgs),
+    /// Install the `ambit-cni` plugin on this node: its binary, a kubeconfig for it, and
+    /// its entry at the end of the primary network's conflist; with `--watch`, keep them
+    /// so (the DaemonSet's sidecar). Removes nothing, ever: `uninstall-node` does.
+    InstallCni(Box<ambit::cni_install::InstallArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,7 +40,9 @@ fn main() -> std::process::ExitCode {
     let offline = match &cli.command {
         Command::Explain(args) => Some(explain::run_cli(args)),
         Command::Convert(args) => Some(explain::run_convert(args)),
-        Command::Run(_) | Command::Ca(_) | Command::UninstallNode(_) => None,
+        Command::Run(_) | Command::Ca(_) | Command::UninstallNode(_) | Command::InstallCni(_) => {
+            None
+        }
     };
     if let Some(code) = offline {
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(2));
@@ -65,6 +71,11 @@ fn main() -> std::process::ExitCode {
             Command::UninstallNode(args) => ambit::uninstall::uninstall_node(&args)
                 .await
                 .map_err(Into::into),
+            Command::InstallCni(args) => {
+                ambit::cni_install::install_cni(&args, ambit::agent::shutdown_signal())
+                    .await
+                    .map_err(Into::into)
+            }
             Command::Explain(_) | Command::Convert(_) => Ok(()),
         }
     });

@@ -4,8 +4,9 @@
 //! It needs no configuration source: everything it undoes is found on the node itself,
 //! in the order that never leaves a pod unable to start or talk:
 //!
-//! 1. the `ambit-cni` entry comes out of the CNI conflists, so a pod created from now on
-//!    does not wait for an agent that is going away;
+//! 1. the plugin's kubeconfig (a service-account token) is removed and the `ambit-cni`
+//!    entry comes out of the CNI conflists, so a pod created from now on does not wait for
+//!    an agent that is going away;
 //! 2. every pinned link (the cgroup programs and each pod's `sk_lookup`) is detached:
 //!    pods' connects and inbound TCP stop being steered to the (absent) proxy;
 //! 3. each enrolled namespace recorded under `<state-dir>/netns/` gets its return-path
@@ -17,20 +18,16 @@
 
 use std::{
     fmt, fs, io,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
-use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::{
+    cni_conf::{self, CniConfError, ConfFile},
     netns::{NetnsError, PodNetns},
     routing::{self, RoutingError, SavedError, SavedSettings},
 };
-
-/// The `type` of the chained plugin's entry in a conflist's `plugins`.
-pub const CNI_PLUGIN_TYPE: &str = "ambit-cni";
 
 #[derive(Debug, clap::Args)]
 pub struct UninstallArgs {
@@ -47,15 +44,10 @@ pub struct UninstallArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
-    #[error("cannot read CNI configuration {}: {source}", path.display())]
-    CniRead { path: PathBuf, source: io::Error },
-    #[error("CNI configuration {} is not valid JSON, left as it is: {source}", path.display())]
-    CniParse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("cannot rewrite CNI configuration {}: {source}", path.display())]
-    CniWrite { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    CniConf(#[from] CniConfError),
+    #[error("cannot remove the CNI plugin's kubeconfig {}: {source}", path.display())]
+    Kubeconfig { path: PathBuf, source: io::Error },
     #[error("cannot detach pinned link {}: {source}", path.display())]
     Detach { path: PathBuf, source: io::Error },
     #[error("cannot remove pin directory {}: {source}", path.display())]
@@ -88,14 +80,7 @@ impl fmt::Display for Failures {
 /// an agent still running may enroll a pod again after this returns.
 pub async fn uninstall_node(args: &UninstallArgs) -> Result<(), UninstallError> {
     let mut failures = Vec::new();
-    match remove_cni_entries(&args.cni_conf_dir) {
-        Ok(changed) => {
-            for path in changed {
-                info!(conflist = %path.display(), "removed the ambit-cni entry");
-            }
-        }
-        Err(error) => failures.extend(error),
-    }
+    failures.extend(unchain(&args.cni_conf_dir));
     failures.extend(detach_links(&args.bpf_pin_dir.join("links")));
     failures.extend(restore_namespaces(&SavedSettings::new(&args.state_dir)).await);
     match fs::remove_dir_all(&args.bpf_pin_dir) {
@@ -113,6 +98,42 @@ pub async fn uninstall_node(args: &UninstallArgs) -> Result<(), UninstallError> 
     } else {
         Err(UninstallError::Incomplete(Failures(failures)))
     }
+}
+
+/// Takes the plugin's kubeconfig (a service-account token) and then its entries out of
+/// `conf_dir`, under the directory's lock: a watching `ambit install-cni` reads the
+/// kubeconfig's absence as this uninstall and stops putting the entry back. The plugin's
+/// binary stays in the CNI bin directory: the runtime runs `DEL` for pods set up while the
+/// entry was there with the configuration it cached at `ADD`, which still names
+/// `ambit-cni`; without the binary that `DEL` would fail and the sandbox never be torn
+/// down. Without an entry, nothing else runs it.
+fn unchain(conf_dir: &Path) -> Vec<UninstallError> {
+    let _lock = match cni_conf::lock_dir(conf_dir) {
+        Ok(lock) => lock,
+        Err(CniConfError::Lock { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Vec::new();
+        }
+        Err(error) => return vec![error.into()],
+    };
+    let mut failures = Vec::new();
+    let kubeconfig = conf_dir.join(cni_conf::KUBECONFIG_FILE);
+    match fs::remove_file(&kubeconfig) {
+        Ok(()) => info!(kubeconfig = %kubeconfig.display(), "removed the CNI plugin's kubeconfig"),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => failures.push(UninstallError::Kubeconfig {
+            path: kubeconfig,
+            source,
+        }),
+    }
+    match remove_cni_entries(conf_dir) {
+        Ok(changed) => {
+            for path in changed {
+                info!(conflist = %path.display(), "removed the ambit-cni entry");
+            }
+        }
+        Err(errors) => failures.extend(errors),
+    }
+    failures
 }
 
 /// Detaches every link pinned in `links_dir` and removes its pin. Detaching explicitly,
@@ -196,10 +217,13 @@ pub fn remove_cni_entries(dir: &Path) -> Result<Vec<PathBuf>, Vec<UninstallError
         Ok(entries) => entries,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(vec![UninstallError::CniRead {
-                path: dir.to_owned(),
-                source,
-            }]);
+            return Err(vec![
+                CniConfError::Read {
+                    path: dir.to_owned(),
+                    source,
+                }
+                .into(),
+            ]);
         }
     };
     let mut paths: Vec<PathBuf> = entries
@@ -225,39 +249,22 @@ pub fn remove_cni_entries(dir: &Path) -> Result<Vec<PathBuf>, Vec<UninstallError
 }
 
 /// Rewrites one conflist without the `ambit-cni` entry; `false` if it had none. Every
-/// other field and plugin keeps its value and the plugins their order (object keys come
-/// out sorted, which CNI runtimes ignore).
+/// other field and plugin keeps its value and the plugins their order.
 fn remove_cni_entry(path: &Path) -> Result<bool, UninstallError> {
-    let read_error = |source| UninstallError::CniRead {
-        path: path.to_owned(),
-        source,
-    };
-    let text = fs::read(path).map_err(read_error)?;
-    let mut conflist: Value =
-        serde_json::from_slice(&text).map_err(|source| UninstallError::CniParse {
-            path: path.to_owned(),
-            source,
-        })?;
-    let Some(plugins) = conflist.get_mut("plugins").and_then(Value::as_array_mut) else {
-        return Ok(false);
-    };
-    let before = plugins.len();
-    plugins.retain(|plugin| plugin.get("type").and_then(Value::as_str) != Some(CNI_PLUGIN_TYPE));
-    if plugins.len() == before {
+    let mut conflist = ConfFile::read(path)?;
+    if !cni_conf::remove_entry(&mut conflist.json) {
         return Ok(false);
     }
-    let mode = fs::metadata(path).map_err(read_error)?.permissions().mode() & 0o7777;
-    let mut bytes = serde_json::to_vec_pretty(&conflist).expect("a JSON value serializes");
-    bytes.push(b'\n');
-    crate::state_file::write(path, &bytes, mode).map_err(|source| UninstallError::CniWrite {
-        path: path.to_owned(),
-        source,
-    })?;
+    conflist.write_to(path)?;
     Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use serde_json::Value;
+
     use super::*;
 
     /// A primary network (bridge) with the portmap plugin, and ambit chained after them
@@ -324,5 +331,37 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn uninstall_takes_out_the_entry_and_the_kubeconfig() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_dir = dir.path().join("net.d");
+        fs::create_dir(&conf_dir).unwrap();
+        let conflist = conf_dir.join("10-bridge.conflist");
+        fs::write(&conflist, CHAINED).unwrap();
+        let kubeconfig = conf_dir.join(cni_conf::KUBECONFIG_FILE);
+        fs::write(&kubeconfig, "{}").unwrap();
+        let args = UninstallArgs {
+            // Neither exists: a node whose agent never pinned anything.
+            bpf_pin_dir: dir.path().join("pins"),
+            state_dir: dir.path().join("state"),
+            cni_conf_dir: conf_dir.clone(),
+        };
+
+        uninstall_node(&args).await.unwrap();
+
+        assert!(!kubeconfig.exists(), "the plugin's token is gone");
+        let after: Value = serde_json::from_slice(&fs::read(&conflist).unwrap()).unwrap();
+        assert!(
+            !after["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(cni_conf::is_ambit),
+            "{after:#}"
+        );
+        // Idempotent.
+        uninstall_node(&args).await.unwrap();
     }
 }
