@@ -10,6 +10,9 @@
 //!   `BOOKMARK` every second, ending after `timeoutSeconds`. A resourceVersion older than
 //!   [`ApiServer::compact`]'s is answered as the real server does: one `ERROR` event
 //!   carrying a 410 `Expired` `Status`.
+//! - `GET` of one named object (`/api/v1/namespaces/{ns}/pods/{name}`,
+//!   `/api/v1/namespaces/{name}`): the object, or a 404 `NotFound` `Status`, as the CNI
+//!   plugin reads a pod and its namespace.
 //! - `POST /api/v1/namespaces/{ns}/events`: kept for [`ApiServer::events`].
 //!
 //! Served kinds: Namespace, Pod, Service, Event and `security.istio.io/v1`'s three policy
@@ -310,23 +313,44 @@ fn identify(object: &Value) -> anyhow::Result<(String, String, String)> {
     ))
 }
 
-/// What a request names: `(resource, kind, namespace if namespaced)`.
-fn route(path: &str) -> Option<(String, &'static str, Option<String>)> {
+/// What a request names.
+struct Target {
+    /// `api/v1/pods` and the like.
+    resource: String,
+    kind: &'static str,
+    /// The namespace of a namespaced request.
+    namespace: Option<String>,
+    /// The object of a request for one object; `None` for a list or a watch.
+    name: Option<String>,
+}
+
+fn route(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group_version, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("api/v1".to_owned(), rest),
         ["apis", group, version, rest @ ..] => (format!("apis/{group}/{version}"), rest),
         _ => return None,
     };
-    let (plural, namespace) = match rest {
-        [plural] => (*plural, None),
-        ["namespaces", namespace, plural] => (*plural, Some((*namespace).to_owned())),
+    let owned = |s: &&str| (*s).to_owned();
+    let (plural, namespace, name) = match rest {
+        [plural] => (*plural, None, None),
+        // Only namespaces are cluster-scoped among the served kinds.
+        ["namespaces", name] => ("namespaces", None, Some(owned(name))),
+        ["namespaces", namespace, plural] => (*plural, Some(owned(namespace)), None),
+        ["namespaces", namespace, plural, name] if *plural != "namespaces" => {
+            (*plural, Some(owned(namespace)), Some(owned(name)))
+        }
         _ => return None,
     };
     let (_, _, kind) = SERVED
         .iter()
         .find(|(gv, p, _)| *gv == group_version && *p == plural)?;
-    Some((format!("{group_version}/{plural}"), kind, namespace))
+    Some(Target {
+        resource: format!("{group_version}/{plural}"),
+        kind,
+        namespace,
+        name,
+    })
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Value {
@@ -339,6 +363,19 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Value {
         "reason": reason,
         "code": code.as_u16(),
     })
+}
+
+/// The real server's answer for an object that does not exist, `resource` being
+/// `api/v1/pods` and the like.
+fn not_found(resource: &str, name: &str) -> Response {
+    let plural = resource.rsplit('/').next().unwrap_or(resource);
+    let mut body = status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{plural} \"{name}\" not found"),
+    );
+    body["details"] = json!({"name": name, "kind": plural});
+    respond(StatusCode::NOT_FOUND, &body)
 }
 
 fn respond(code: StatusCode, body: &Value) -> Response {
@@ -357,7 +394,13 @@ async fn handle(
     Query(query): Query<BTreeMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let Some((resource, kind, namespace)) = route(uri.path()) else {
+    let Some(Target {
+        resource,
+        kind,
+        namespace,
+        name,
+    }) = route(uri.path())
+    else {
         let message = format!(
             "the server could not find the requested resource ({})",
             uri.path()
@@ -367,6 +410,15 @@ async fn handle(
             &status(StatusCode::NOT_FOUND, "NotFound", &message),
         );
     };
+    if method == Method::GET
+        && let Some(name) = name
+    {
+        let key = (resource, namespace.unwrap_or_default(), name);
+        return match shared.state.lock().unwrap().objects.get(&key) {
+            Some(object) => respond(StatusCode::OK, object),
+            None => not_found(&key.0, &key.2),
+        };
+    }
     match method {
         Method::POST if kind == "Event" => {
             let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
