@@ -1,10 +1,18 @@
 //! The protocol between the `ambit-cni` plugin and the node agent (`ambit run
 //! --cni-socket`): over a unix stream socket, one connection per request, the plugin writes
 //! one [`Request`] as a line of JSON and the agent answers with one [`Reply`] line.
+//!
+//! Also the rule both sides apply to tell a pod in the mesh from one outside it
+//! ([`membership`]): the agent for every pod it knows, the plugin when the agent cannot
+//! answer.
 
 use std::{net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+mod membership;
+
+pub use membership::{MESH_LABEL, Membership, membership, namespace_enrolled};
 
 /// Where the plugin finds the agent unless its configuration says `agent_socket`.
 pub const DEFAULT_SOCKET: &str = "/var/run/ambit/cni.sock";

@@ -3,10 +3,13 @@
 //! agent holds the pod's sockets (or has found it outside the mesh), so that an enrolled
 //! pod's first packet is already captured; `prevResult` passes through unchanged.
 //!
-//! When the agent cannot be reached, `ADD` fails (code 11, "try again later") for every
-//! pod: this plugin does not yet ask the API server whether the pod's namespace is
-//! enrolled, so it cannot tell a pod outside the mesh from one that must not start
-//! unmeshed.
+//! When the agent cannot answer (no socket, refused, timed out, closed without a reply) and
+//! the configuration names a `kubeconfig`, the plugin asks the API server for the pod and
+//! its namespace and applies the agent's own rule ([`ambit_cni::membership`]), as
+//! istio-cni does: a pod outside the mesh starts without the agent. A pod in the mesh, or
+//! one the API server cannot tell about, fails `ADD` with code 11 ("try again later"), so
+//! a meshed pod never starts unmeshed. Without `kubeconfig`, no answer from the agent
+//! fails `ADD` for every pod.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -17,9 +20,11 @@ use std::{
     time::Duration,
 };
 
-use ambit_cni::{DEFAULT_SOCKET, Reply, Request, Sandbox};
+use ambit_cni::{DEFAULT_SOCKET, Membership, Reply, Request, Sandbox};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+mod fallback;
 
 const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// How long `ADD` waits for the agent unless the configuration says `timeout`.
@@ -46,6 +51,9 @@ struct NetConf {
     /// Seconds `ADD` waits for the agent.
     #[serde(default)]
     timeout: Option<u64>,
+    /// A kubeconfig for the API server, asked when the agent cannot answer.
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
     #[serde(rename = "prevResult", default)]
     prev_result: Option<Value>,
 }
@@ -211,16 +219,54 @@ fn add(conf: &NetConf, socket: &Path, args: &[(String, String)]) -> Result<Value
             format!("unexpected answer from the ambit agent for {pod}"),
             format!("{other:?}"),
         )),
-        Err(error) => Err(CniError::new(
-            TRY_AGAIN_LATER,
-            format!(
+        Err(error) => {
+            let no_answer = format!(
                 "no answer from the ambit agent at {} for {pod}",
                 socket.display()
-            ),
+            );
+            without_agent(conf, namespace, name, &no_answer, &error).map(|()| prev)
+        }
+    }
+}
+
+/// `ADD` when the agent gave no answer (`no_answer`, because of `agent_error`): the pod
+/// may start only if the API server shows it outside the mesh.
+fn without_agent(
+    conf: &NetConf,
+    namespace: &str,
+    name: &str,
+    no_answer: &str,
+    agent_error: &std::io::Error,
+) -> Result<(), CniError> {
+    let Some(kubeconfig) = &conf.kubeconfig else {
+        return Err(CniError::new(
+            TRY_AGAIN_LATER,
+            no_answer,
             format!(
-                "{error}; a pod cannot start until the agent has redirected it or found it \
-                 outside the mesh (this plugin does not ask the API server instead)"
+                "{agent_error}; a pod cannot start until the agent has redirected it or found it \
+                 outside the mesh (set `kubeconfig` to let a pod outside the mesh start \
+                 without the agent)"
             ),
+        ));
+    };
+    match fallback::membership(kubeconfig, namespace, name) {
+        Ok(Membership::Enrolled) => Err(CniError::new(
+            TRY_AGAIN_LATER,
+            format!("{no_answer}, which the API server shows in the mesh"),
+            format!("{agent_error}; the pod cannot start until the agent has redirected it"),
+        )),
+        Ok(outside) => {
+            // stderr reaches the runtime's log: say why this pod started without the agent.
+            eprintln!(
+                "ambit-cni: {no_answer} ({agent_error}); the API server shows it outside the \
+                 mesh ({outside}), so it starts without the agent"
+            );
+            Ok(())
+        }
+        Err(api_error) => Err(CniError::new(
+            TRY_AGAIN_LATER,
+            format!("{no_answer}, and the API server cannot tell whether it is in the mesh"),
+            format!("agent: {agent_error}; API server: {api_error}"),
         )),
     }
 }
@@ -262,4 +308,63 @@ fn ask(socket: &Path, request: &Request, timeout: Duration) -> std::io::Result<R
         ));
     }
     Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    use super::*;
+
+    fn conf(value: Value) -> NetConf {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn conf_reads_kubeconfig_and_keeps_it_optional() {
+        let full = conf(json!({
+            "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ambit-cni",
+            "agent_socket": "/run/ambit.sock", "timeout": 3,
+            "kubeconfig": "/etc/cni/net.d/ambit-cni.kubeconfig",
+            "prevResult": {"cniVersion": "1.0.0", "ips": []},
+        }));
+        assert_eq!(
+            full.kubeconfig.as_deref(),
+            Some(Path::new("/etc/cni/net.d/ambit-cni.kubeconfig"))
+        );
+        assert_eq!(
+            full.agent_socket.as_deref(),
+            Some(Path::new("/run/ambit.sock"))
+        );
+        assert_eq!(full.timeout, Some(3));
+        let bare = conf(json!({"cniVersion": "1.0.0", "name": "n", "type": "ambit-cni"}));
+        assert_eq!(bare.kubeconfig, None);
+        assert_eq!(bare.agent_socket, None);
+        assert_eq!(bare.timeout, None);
+    }
+
+    #[test]
+    fn no_agent_and_no_kubeconfig_fails_add() {
+        let bare = conf(json!({"cniVersion": "1.0.0"}));
+        let agent_error = std::io::Error::from(ErrorKind::NotFound);
+        let error = without_agent(&bare, "plain", "web", "no answer", &agent_error).unwrap_err();
+        assert_eq!(error.code, TRY_AGAIN_LATER);
+        assert_eq!(error.msg, "no answer");
+    }
+
+    #[test]
+    fn no_agent_and_no_api_server_fails_add_naming_both() {
+        let unreadable = conf(json!({"cniVersion": "1.0.0", "kubeconfig": "/nonexistent/kc"}));
+        let agent_error = std::io::Error::from(ErrorKind::ConnectionRefused);
+        let error =
+            without_agent(&unreadable, "plain", "web", "no answer", &agent_error).unwrap_err();
+        assert_eq!(error.code, TRY_AGAIN_LATER);
+        assert!(error.msg.contains("cannot tell"), "{}", error.msg);
+        assert!(
+            error.details.contains("agent: connection refused")
+                && error.details.contains("/nonexistent/kc"),
+            "{}",
+            error.details
+        );
+    }
 }

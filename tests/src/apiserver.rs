@@ -13,7 +13,7 @@
 //! - `POST /api/v1/namespaces/{ns}/events`: kept for [`ApiServer::events`].
 //! - one object by name: `GET` (404 `NotFound` when absent), `POST` to the collection to
 //!   create (409 `AlreadyExists`), `PUT` to replace (409 `Conflict` when the body's
-//!   `resourceVersion` is not the stored one), as `ambit ca` uses them.
+//!   `resourceVersion` is not the stored one), as `ambit ca` and the CNI plugin use them.
 //!
 //! Served kinds: Namespace, Pod, Service, Event, Secret, ConfigMap, EndpointSlice and
 //! `security.istio.io/v1`'s three policy kinds. Anything else (`v1beta1`, `authentication.istio.io`) is a 404, as on a cluster
@@ -362,7 +362,7 @@ fn route(path: &str) -> Option<Route> {
         // `namespaces/{name}` is a Namespace; `namespaces/{ns}/{plural}` a collection.
         ["namespaces", name] => ("namespaces", None, Some(owned(name))),
         ["namespaces", namespace, plural] => (*plural, Some(owned(namespace)), None),
-        ["namespaces", namespace, plural, name] => {
+        ["namespaces", namespace, plural, name] if *plural != "namespaces" => {
             (*plural, Some(owned(namespace)), Some(owned(name)))
         }
         _ => return None,
@@ -388,6 +388,19 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Value {
         "reason": reason,
         "code": code.as_u16(),
     })
+}
+
+/// The real server's answer for an object that does not exist, `resource` being
+/// `api/v1/pods` and the like.
+fn not_found(resource: &str, name: &str) -> Response {
+    let plural = resource.rsplit('/').next().unwrap_or(resource);
+    let mut body = status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{plural} \"{name}\" not found"),
+    );
+    body["details"] = json!({"name": name, "kind": plural});
+    respond(StatusCode::NOT_FOUND, &body)
 }
 
 fn respond(code: StatusCode, body: &Value) -> Response {
@@ -428,7 +441,7 @@ async fn handle(
         return match method {
             Method::GET => match shared.state.lock().unwrap().objects.get(&key) {
                 Some(object) => respond(StatusCode::OK, object),
-                None => not_found(kind, &key.2),
+                None => not_found(&key.0, &key.2),
             },
             Method::PUT => match parse() {
                 Some(object) => replace(&shared, kind, key, object),
@@ -493,14 +506,6 @@ fn not_supported() -> Response {
     )
 }
 
-fn not_found(kind: &str, name: &str) -> Response {
-    let message = format!("{} \"{name}\" not found", kind.to_lowercase());
-    respond(
-        StatusCode::NOT_FOUND,
-        &status(StatusCode::NOT_FOUND, "NotFound", &message),
-    )
-}
-
 /// `POST` to a collection: the object is created, unless one of that name exists.
 fn create(
     shared: &Shared,
@@ -540,7 +545,7 @@ fn create(
 fn replace(shared: &Shared, kind: &str, key: (String, String, String), object: Value) -> Response {
     let mut state = shared.state.lock().unwrap();
     let Some(stored) = state.objects.get(&key) else {
-        return not_found(kind, &key.2);
+        return not_found(&key.0, &key.2);
     };
     if object["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"] {
         let message = format!(

@@ -1,7 +1,8 @@
 //! The CNI chain, as a container runtime runs it: Debian's reference `bridge` plugin (with
 //! `host-local` IPAM) sets up a pod's interface, then `ambit-cni` hands the pod to the agent
 //! (`ambit run --cni-socket`). The pods' YAML carries no `ambit.io/netns` annotation: the
-//! agent learns the namespace from `ADD`. Run as root (`cargo xtask test`).
+//! agent learns the namespace from `ADD`. Without the agent, the plugin asks the API-server
+//! double. Run as root (`cargo xtask test`).
 
 use std::{
     ffi::OsStr,
@@ -9,10 +10,11 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use ambit_tests::{Binaries, Node, Pod, check, mesh::within};
+use ambit_tests::{ApiServer, Binaries, Node, Pod, check, mesh::within};
 use serde_json::{Value, json};
 
 /// Where Debian's `containernetworking-plugins` installs the reference plugins.
@@ -32,6 +34,8 @@ struct Chain {
     node_netns: String,
     ambit_cni: PathBuf,
     socket: PathBuf,
+    /// `ambit-cni`'s `kubeconfig`, if any.
+    kubeconfig: Option<PathBuf>,
     ipam_dir: PathBuf,
     /// `ip netns` names created for sandboxes, deleted on drop.
     sandboxes: Vec<String>,
@@ -55,6 +59,7 @@ impl Chain {
             node_netns: node.netns.clone(),
             ambit_cni: binaries().ambit.with_file_name("ambit-cni"),
             socket: node.config_dir.with_extension("cni.sock"),
+            kubeconfig: None,
             ipam_dir: node.config_dir.with_extension("ipam"),
             sandboxes: Vec::new(),
         }
@@ -73,13 +78,16 @@ impl Chain {
                              "routes": [{"dst": "0.0.0.0/0"}], "dataDir": self.ipam_dir},
                 }),
             ),
-            (
-                self.ambit_cni.clone(),
-                json!({
+            (self.ambit_cni.clone(), {
+                let mut conf = json!({
                     "cniVersion": "1.0.0", "name": name, "type": "ambit-cni",
                     "agent_socket": self.socket, "timeout": 5,
-                }),
-            ),
+                });
+                if let Some(kubeconfig) = &self.kubeconfig {
+                    conf["kubeconfig"] = json!(kubeconfig);
+                }
+                conf
+            }),
         ]
     }
 
@@ -107,11 +115,20 @@ impl Chain {
         sandbox
     }
 
-    /// Runs one plugin per the spec, in the node namespace.
+    /// Runs one plugin per the spec: the reference plugins in the node namespace, where
+    /// `bridge` builds `cni0`; `ambit-cni` where the agent runs (this process's namespace,
+    /// the host's stand-in), which reaches the API-server double on loopback.
     fn invoke(&self, plugin: &Path, command: &str, sandbox: &Sandbox, conf: &Value) -> Output {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node_netns])
-            .arg(plugin)
+        let mut cmd = if plugin == self.ambit_cni {
+            Command::new(plugin)
+        } else {
+            let mut in_node = Command::new("ip");
+            in_node
+                .args(["netns", "exec", &self.node_netns])
+                .arg(plugin);
+            in_node
+        };
+        let mut child = cmd
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &sandbox.netns)
             .env(
@@ -330,8 +347,9 @@ fn pod_outside_the_mesh_starts_and_a_missing_agent_fails_add() {
     );
     chain.del(&sandbox, &result);
 
-    // Without the agent, a pod of an enrolled namespace must not start unmeshed: ADD
-    // fails with "try again later" and the runtime retries.
+    // Without the agent (and no `kubeconfig` to ask the API server), a pod of an enrolled
+    // namespace must not start unmeshed: ADD fails with "try again later" and the runtime
+    // retries.
     node.stop_agent().unwrap();
     let sandbox = chain.sandbox("foo", "late");
     let result = chain.add_interface(&sandbox);
@@ -348,4 +366,101 @@ fn pod_outside_the_mesh_starts_and_a_missing_agent_fails_add() {
     );
     // DEL never fails, agent or not.
     chain.del(&sandbox, &result);
+}
+
+/// Issue 11: a broken ambit never stops a pod outside the mesh from starting. With no agent
+/// listening, the plugin asks the API server (its `kubeconfig`): a pod in the mesh waits
+/// (code 11), a pod outside it starts; a pod the API server does not show, or any pod once
+/// the API server is down too, waits.
+#[test]
+fn without_the_agent_the_api_server_lets_only_pods_outside_the_mesh_start() {
+    let api = Arc::new(ApiServer::start().unwrap());
+    let mut node = Node::new(binaries()).unwrap();
+    node.publish_to(Arc::clone(&api)).unwrap();
+    node.namespace("foo", true).unwrap();
+    node.namespace("plain", false).unwrap();
+    let mut chain = Chain::new(&node);
+    chain.kubeconfig = Some(api.kubeconfig().to_owned());
+    // No agent is started: nothing listens on the chain's socket.
+    let mut added = Vec::new();
+
+    let (sandbox, result, output) = add_pod(&mut chain, &api, "foo", "app", json!({}));
+    let error = cni_error(&output);
+    assert_eq!(error["code"], 11, "{error:#}");
+    let msg = error["msg"].as_str().unwrap();
+    assert!(msg.contains("no answer from the ambit agent"), "{error:#}");
+    assert!(msg.contains("shows in the mesh"), "{error:#}");
+    added.push((sandbox, result));
+
+    let (sandbox, result, output) = add_pod(&mut chain, &api, "plain", "web", json!({}));
+    assert_starts_outside_the_mesh(&output, &result, "namespace is not enrolled");
+    added.push((sandbox, result));
+
+    let opted_out = json!({"ambit.io/mesh": "disabled"});
+    let (sandbox, result, output) = add_pod(&mut chain, &api, "foo", "legacy", opted_out);
+    assert_starts_outside_the_mesh(&output, &result, "opted out");
+    added.push((sandbox, result));
+
+    // A pod the API server does not show: it cannot tell.
+    let sandbox = chain.sandbox("plain", "unknown");
+    let result = chain.add_interface(&sandbox);
+    let error = cni_error(&chain.add_ambit(&sandbox, &result));
+    assert_eq!(error["code"], 11, "{error:#}");
+    let details = error["details"].as_str().unwrap();
+    assert!(details.contains(r#"pods "unknown" not found"#), "{error:#}");
+    added.push((sandbox, result));
+
+    // The API server is down too: nothing can tell that this pod is outside the mesh.
+    api.stop();
+    let (sandbox, result, output) = add_pod(&mut chain, &api, "plain", "late", json!({}));
+    let error = cni_error(&output);
+    assert_eq!(error["code"], 11, "{error:#}");
+    assert!(
+        error["msg"].as_str().unwrap().contains("cannot tell"),
+        "{error:#}"
+    );
+    added.push((sandbox, result));
+
+    for (sandbox, result) in &added {
+        chain.del(sandbox, result);
+    }
+}
+
+/// Creates pod `namespace/name` with `labels` in the API server, then its sandbox through
+/// the chain: the sandbox, the bridge's result and `ambit-cni`'s ADD.
+fn add_pod(
+    chain: &mut Chain,
+    api: &ApiServer,
+    namespace: &str,
+    name: &str,
+    labels: Value,
+) -> (Sandbox, Value, Output) {
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+    }))
+    .unwrap();
+    let sandbox = chain.sandbox(namespace, name);
+    let result = chain.add_interface(&sandbox);
+    let output = chain.add_ambit(&sandbox, &result);
+    (sandbox, result, output)
+}
+
+/// The CNI error `ambit-cni` printed for a failed command.
+fn cni_error(output: &Output) -> Value {
+    assert!(!output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// ADD succeeded without the agent, passing `prev` through, and said why on stderr.
+fn assert_starts_outside_the_mesh(output: &Output, prev: &Value, why: &str) {
+    assert!(output.status.success(), "ambit-cni ADD: {output:?}");
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed, *prev, "prevResult passes through unchanged");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("outside the mesh") && log.contains(why),
+        "{log}"
+    );
 }

@@ -22,6 +22,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use ambit_cni::Membership;
 use ambit_common::ports;
 use serde::Serialize;
 use tokio::{sync::OnceCell, task::JoinHandle};
@@ -205,18 +206,14 @@ impl WorkloadManager {
 
         let mut table = BTreeMap::new();
         for (key, pod) in &snapshot.pods {
-            let redirection = if pod.opted_out() {
-                Redirection::OptedOut
-            } else if pod.host_network {
-                Redirection::HostNetwork
-            } else if !snapshot.is_enrolled(pod) {
-                Redirection::NotEnrolled
-            } else if !self.is_local(pod) {
-                Redirection::OtherNode
-            } else if self.enrolled.contains_key(key) {
-                Redirection::Redirected
-            } else {
-                match self.enroll(pod).await {
+            let membership = snapshot.membership(pod);
+            let redirection = match membership {
+                Membership::OptedOut => Redirection::OptedOut,
+                Membership::HostNetwork => Redirection::HostNetwork,
+                Membership::NotEnrolled => Redirection::NotEnrolled,
+                Membership::Enrolled if !self.is_local(pod) => Redirection::OtherNode,
+                Membership::Enrolled if self.enrolled.contains_key(key) => Redirection::Redirected,
+                Membership::Enrolled => match self.enroll(pod).await {
                     Ok(enrolled) => {
                         info!(workload = %key, ip = ?pod.ip, "enrolled");
                         self.enrolled.insert(key.clone(), enrolled);
@@ -226,7 +223,7 @@ impl WorkloadManager {
                         warn!(workload = %key, %error, "cannot enroll");
                         Redirection::Failed(error.to_string())
                     }
-                }
+                },
             };
             let stats = self
                 .enrolled
@@ -245,7 +242,7 @@ impl WorkloadManager {
                         &pod.service_account,
                     )
                     .map_or_else(|e| e.to_string(), |id| id.to_string()),
-                    enrolled: snapshot.is_enrolled(pod),
+                    enrolled: membership == Membership::Enrolled,
                     redirection,
                     stats,
                 },

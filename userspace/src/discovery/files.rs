@@ -309,7 +309,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         let snapshot = DirState::load_strict(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap();
-        assert!(snapshot.namespaces["foo"].mesh_enabled());
+        assert!(snapshot.namespaces.contains_key("foo"));
         assert!(snapshot.is_enrolled(&snapshot.pods["foo/a"]));
     }
 

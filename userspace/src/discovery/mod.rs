@@ -10,6 +10,7 @@ pub mod objects;
 
 use std::collections::BTreeMap;
 
+use ambit_cni::Membership;
 pub use endpoints::EndpointSlice;
 pub use objects::{Namespace, Pod, Service};
 
@@ -118,16 +119,17 @@ impl Snapshot {
         errors
     }
 
-    /// True when `pod` is enrolled: its namespace carries `ambit.io/mesh=enabled`, the
-    /// pod did not opt out, and it has a network namespace of its own (a `hostNetwork`
-    /// pod's would be the node's, and redirecting it would capture the node).
+    /// Whether `pod` is in the mesh, by the rule the CNI plugin also applies: its namespace
+    /// carries `ambit.io/mesh=enabled`, the pod did not opt out, and it has a network
+    /// namespace of its own (a `hostNetwork` pod's would be the node's).
+    pub fn membership(&self, pod: &Pod) -> Membership {
+        let namespace = self.namespaces.get(&pod.namespace).map(|n| &n.labels);
+        ambit_cni::membership(namespace, &pod.labels, pod.host_network)
+    }
+
+    /// True when `pod` is enrolled (see [`Snapshot::membership`]).
     pub fn is_enrolled(&self, pod: &Pod) -> bool {
-        !pod.opted_out()
-            && !pod.host_network
-            && self
-                .namespaces
-                .get(&pod.namespace)
-                .is_some_and(Namespace::mesh_enabled)
+        self.membership(pod) == Membership::Enrolled
     }
 }
 

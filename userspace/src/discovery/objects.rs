@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use serde::Deserialize;
 
-/// Namespace label that enrolls its pods.
-pub const MESH_LABEL: &str = "ambit.io/mesh";
+/// Namespace label that enrolls its pods, and pod label that opts one out; the rule
+/// ([`ambit_cni::membership`]) is shared with the CNI plugin.
+pub use ambit_cni::MESH_LABEL;
 /// Pod annotation naming the pod's network namespace (files source).
 pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
 
@@ -42,12 +43,6 @@ pub struct Namespace {
     pub labels: Labels,
 }
 
-impl Namespace {
-    pub fn mesh_enabled(&self) -> bool {
-        self.labels.get(MESH_LABEL).map(String::as_str) == Some("enabled")
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub name: String,
@@ -68,11 +63,6 @@ impl Pod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// True when the pod opted out with `ambit.io/mesh=disabled`.
-    pub fn opted_out(&self) -> bool {
-        self.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled")
     }
 }
 

@@ -16,8 +16,6 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::discovery;
-
 pub const ROOT_CONFIGMAP: &str = "ambit-ca-root-cert";
 pub const ROOT_KEY: &str = "root-cert.pem";
 /// How often every published ConfigMap is checked again.
@@ -76,11 +74,7 @@ pub async fn publish(client: Client, own_namespace: String, root_pem: String) {
 
 /// The agents' own rule for a namespace in the mesh.
 fn in_mesh(namespace: &Namespace) -> bool {
-    discovery::Namespace {
-        name: namespace.name_any(),
-        labels: namespace.labels().clone(),
-    }
-    .mesh_enabled()
+    ambit_cni::namespace_enrolled(namespace.labels())
 }
 
 struct Publisher {
