@@ -211,7 +211,7 @@ impl WorkloadManager {
                 Redirection::HostNetwork
             } else if !snapshot.is_enrolled(pod) {
                 Redirection::NotEnrolled
-            } else if !self.is_local(pod) {
+            } else if !pod.runs_on(&self.node_name) {
                 Redirection::OtherNode
             } else if self.enrolled.contains_key(key) {
                 Redirection::Redirected
@@ -255,12 +255,6 @@ impl WorkloadManager {
         self.release_leftovers();
     }
 
-    /// True for pods of this node: those naming it in `spec.nodeName`, or naming no node
-    /// (a single-node configuration).
-    fn is_local(&self, pod: &Pod) -> bool {
-        pod.node_name.as_ref().is_none_or(|n| *n == self.node_name)
-    }
-
     /// True when the pod set up as `then` is still in `snapshot`, unchanged, and still
     /// this agent's to redirect; otherwise it must be released (and maybe set up again).
     fn still_served(&self, snapshot: &Snapshot, key: &str, then: &Pod) -> bool {
@@ -272,7 +266,7 @@ impl WorkloadManager {
 
     /// True for the pods this agent redirects.
     fn serves(&self, snapshot: &Snapshot, pod: &Pod) -> bool {
-        snapshot.is_enrolled(pod) && self.is_local(pod)
+        snapshot.is_enrolled(pod) && pod.runs_on(&self.node_name)
     }
 
     async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {

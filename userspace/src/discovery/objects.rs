@@ -10,6 +10,9 @@ use serde::Deserialize;
 pub const MESH_LABEL: &str = "ambit.io/mesh";
 /// Pod annotation naming the pod's network namespace (files source).
 pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
+/// Annotation of a static pod's mirror in the API server: the UID the kubelet runs the pod
+/// under (its `metadata.uid` is the API server's own).
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -24,6 +27,8 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
+    #[serde(default)]
+    pub uid: Option<String>,
     /// RFC 3339, as Kubernetes writes it; compared as a string, which orders correctly.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
@@ -52,6 +57,9 @@ impl Namespace {
 pub struct Pod {
     pub name: String,
     pub namespace: String,
+    /// The UID the node knows the pod by (in `K8S_POD_UID` and its cgroup path):
+    /// `metadata.uid`, or for a static pod's mirror the kubelet's own UID of the pod.
+    pub uid: Option<String>,
     pub labels: Labels,
     pub service_account: String,
     pub ip: Option<IpAddr>,
@@ -73,6 +81,12 @@ impl Pod {
     /// True when the pod opted out with `ambit.io/mesh=disabled`.
     pub fn opted_out(&self) -> bool {
         self.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled")
+    }
+
+    /// True when `node` runs the pod: it names that node in `spec.nodeName`, or no node
+    /// (a single-node configuration).
+    pub fn runs_on(&self, node: &str) -> bool {
+        self.node_name.as_ref().is_none_or(|n| n == node)
     }
 }
 
@@ -250,6 +264,11 @@ impl Pod {
                 .annotations
                 .get(NETNS_ANNOTATION)
                 .map(PathBuf::from),
+            uid: metadata
+                .annotations
+                .get(MIRROR_ANNOTATION)
+                .cloned()
+                .or(metadata.uid),
             name: metadata.name,
             labels: metadata.labels,
             node_name: spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -320,6 +339,18 @@ mod tests {
         assert_eq!(pod.ip, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/x")));
         assert!(!pod.host_network);
+    }
+
+    #[test]
+    fn pod_uid_is_the_kubelets() {
+        let uid = |doc| Pod::from_yaml(yaml(doc)).unwrap().unwrap().uid;
+        assert_eq!(uid("metadata: {name: p, uid: 0f1e}"), Some("0f1e".into()));
+        // A static pod runs under the kubelet's UID; the API server's is its mirror's.
+        assert_eq!(
+            uid("metadata: {name: p, uid: 0f1e, annotations: {kubernetes.io/config.mirror: 9a8b}}"),
+            Some("9a8b".into())
+        );
+        assert_eq!(uid("metadata: {name: p}"), None);
     }
 
     #[test]
