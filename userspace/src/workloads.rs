@@ -44,8 +44,11 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("pod has no network namespace: no ambit.io/netns annotation, no CNI ADD")]
-    MissingNetns,
+    #[error(
+        "pod has no network namespace: no ambit.io/netns annotation, no CNI ADD{}",
+        why.as_ref().map_or_else(String::new, |why| format!(", {why}"))
+    )]
+    MissingNetns { why: Option<String> },
     #[error("pod has no status.podIP")]
     MissingIp,
     #[error(transparent)]
@@ -271,7 +274,9 @@ impl WorkloadManager {
 
     async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
         let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account)?;
-        let path = pod.netns.clone().ok_or(EnrollError::MissingNetns)?;
+        let path = pod.netns.clone().ok_or_else(|| EnrollError::MissingNetns {
+            why: pod.netns_missing.clone(),
+        })?;
         let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
         let netns = PodNetns::enter(&path)?;
         let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {

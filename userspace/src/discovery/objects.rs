@@ -63,8 +63,12 @@ pub struct Pod {
     pub labels: Labels,
     pub service_account: String,
     pub ip: Option<IpAddr>,
-    /// From [`NETNS_ANNOTATION`].
+    /// From [`NETNS_ANNOTATION`], or filled in by the agent (`cni_server::overlay`,
+    /// `pod_cgroup::Adopter`).
     pub netns: Option<PathBuf>,
+    /// Why the agent found no network namespace where it looked for one (never set by a
+    /// configuration source); shown with the pod's enrollment failure.
+    pub netns_missing: Option<String>,
     /// `spec.nodeName`: the node running the pod; only that node's agent enrolls it.
     pub node_name: Option<String>,
     /// `spec.hostNetwork`: the pod shares its node's network namespace and IP, which
@@ -264,6 +268,7 @@ impl Pod {
                 .annotations
                 .get(NETNS_ANNOTATION)
                 .map(PathBuf::from),
+            netns_missing: None,
             uid: metadata
                 .annotations
                 .get(MIRROR_ANNOTATION)
