@@ -217,24 +217,11 @@ fn start_agent(node: &mut Node, chain: &Chain) {
 }
 
 fn workload(node: &Node, key: &str) -> Value {
-    let workloads = node.agent().unwrap().admin_get("/workloads").unwrap();
-    let (namespace, name) = key.split_once('/').unwrap();
-    workloads
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["namespace"] == namespace && w["name"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
+    node.agent().unwrap().workload(key).unwrap()
 }
 
 fn outbound(node: &Node, key: &str) -> Vec<Value> {
-    let report = node.agent().unwrap().admin_get("/connections").unwrap();
-    ["closed", "live"]
-        .iter()
-        .flat_map(|k| report[*k].as_array().cloned().unwrap_or_default())
-        .filter(|c| c["workload"] == key && c["direction"] == "outbound")
-        .collect()
+    node.agent().unwrap().recorded(key, "outbound").unwrap()
 }
 
 #[test]
