@@ -113,6 +113,41 @@ impl Agent {
         serde_json::from_str(&response.body).with_context(|| format!("admin {path} is not JSON"))
     }
 
+    /// Every connection the proxy recorded, live and recently closed, in the order it saw
+    /// them.
+    pub fn connections(&self) -> anyhow::Result<Vec<Value>> {
+        let report = self.admin_get("/connections")?;
+        let mut all: Vec<Value> = ["closed", "live"]
+            .iter()
+            .flat_map(|k| report[*k].as_array().cloned().unwrap_or_default())
+            .collect();
+        all.sort_by_key(|c| c["id"].as_u64());
+        Ok(all)
+    }
+
+    /// Connections the proxy recorded for `workload` (`ns/name`) in `direction`.
+    pub fn recorded(&self, workload: &str, direction: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .connections()?
+            .into_iter()
+            .filter(|c| c["workload"] == workload && c["direction"] == direction)
+            .collect())
+    }
+
+    /// The admin API's entry for `workload` (`ns/name`), or null.
+    pub fn workload(&self, workload: &str) -> anyhow::Result<Value> {
+        let workloads = self.admin_get("/workloads")?;
+        let (namespace, name) = workload.split_once('/').context("namespace/name")?;
+        Ok(workloads
+            .as_array()
+            .and_then(|list| {
+                list.iter()
+                    .find(|w| w["namespace"] == namespace && w["name"] == name)
+                    .cloned()
+            })
+            .unwrap_or(Value::Null))
+    }
+
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -6,6 +6,7 @@ use std::{
     ffi::OsString,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -52,8 +53,13 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    /// `metadata.uid`, shaped as the API server makes them (a UUID).
+    pub uid: String,
     /// `ip netns` name.
     pub netns: String,
+    /// Whether the configuration names the namespace (`ambit.io/netns`); without it the
+    /// agent must find the namespace itself (see [`Node::hide_netns`]).
+    pub netns_annotation: bool,
     /// The node side of the pod's veth pair, in the node namespace.
     pub veth: String,
     /// The id of the node the pod runs on (`spec.nodeName`).
@@ -278,7 +284,10 @@ impl Node {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            // The node's id is hex digits, as a UUID's are.
+            uid: format!("{:0>8}-0000-4000-8000-{index:012x}", self.id),
             netns: format!("ambit-{}-p{index}", self.id),
+            netns_annotation: true,
             veth: format!("veth{index}"),
             node: node.to_owned(),
             status_ip: None,
@@ -355,6 +364,52 @@ impl Node {
         self.write_config()
     }
 
+    /// Leaves the `ambit.io/netns` annotation out of the pod's YAML, as the API server shows
+    /// a pod.
+    pub fn hide_netns(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.model(pod)?.netns_annotation = false;
+        self.write_config()
+    }
+
+    /// The cgroup a kubelet with the systemd cgroup driver gives a containerd container of
+    /// `pod` (best-effort QoS), below the node's cgroup.
+    pub fn container_cgroup(&self, pod: &Pod) -> PathBuf {
+        self.cgroup
+            .join("kubepods.slice/kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                pod.uid.replace('-', "_")
+            ))
+            .join(format!("cri-containerd-{}.scope", "0a".repeat(32)))
+    }
+
+    /// Starts a process that only waits (a sandbox's `pause`) in `pod`'s network namespace
+    /// and in `cgroup`, a descendant of the node's cgroup created as needed; returns its
+    /// PID once it is in both. Stopped, and its cgroups removed, when the node is dropped.
+    pub fn start_process_in(&mut self, pod: &Pod, cgroup: &Path) -> anyhow::Result<u32> {
+        if !cgroup.starts_with(&self.cgroup) {
+            bail!("{} is not below the node's cgroup", cgroup.display());
+        }
+        std::fs::create_dir_all(cgroup)
+            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        let mut cmd = self.command_in(cgroup, pod, "sleep");
+        cmd.arg("infinity");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", command_line(&cmd)))?;
+        let pid = child.id();
+        self.processes.push(child);
+        let netns = |path: &Path| std::fs::metadata(path).map(|m| m.ino()).ok();
+        let target = netns(&pod.netns_path());
+        for _ in 0..100 {
+            if target.is_some() && netns(Path::new(&format!("/proc/{pid}/ns/net"))) == target {
+                return Ok(pid);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("process {pid} did not enter {} within 5 s", pod.netns)
+    }
+
     /// Shows `ip` as the pod's `status.podIP` (its interfaces keep their addresses).
     pub fn set_pod_ip(&mut self, pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
         self.model(pod)?.status_ip = Some(ip);
@@ -394,6 +449,11 @@ impl Node {
     /// A command that runs inside `pod`: in its network namespace and in the node's cgroup,
     /// where a kubelet would have put it.
     pub fn command(&self, pod: &Pod, program: &str) -> Command {
+        self.command_in(&self.cgroup, pod, program)
+    }
+
+    /// A command in `pod`'s network namespace and in `cgroup`.
+    fn command_in(&self, cgroup: &Path, pod: &Pod, program: &str) -> Command {
         let mut cmd = Command::new("sh");
         // Join the cgroup first: `nsenter` keeps the cgroup, `ip netns exec` would hide /sys.
         cmd.args([
@@ -401,7 +461,7 @@ impl Node {
             r#"echo $$ > "$1" && n="$2" && shift 2 && exec nsenter --net="$n" -- "$@""#,
             "sh",
         ])
-        .arg(self.cgroup.join("cgroup.procs"))
+        .arg(cgroup.join("cgroup.procs"))
         .arg(pod.netns_path())
         .arg(program);
         cmd
@@ -634,6 +694,11 @@ impl Node {
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
         });
         let pods = self.pods.iter().chain(&self.remote_pods).map(|pod| {
+            let annotations = if pod.netns_annotation {
+                json!({"ambit.io/netns": pod.netns_path()})
+            } else {
+                json!({})
+            };
             json!({
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -641,7 +706,7 @@ impl Node {
                     "name": pod.name,
                     "namespace": pod.namespace,
                     "labels": pod.labels,
-                    "annotations": {"ambit.io/netns": pod.netns_path()},
+                    "annotations": annotations,
                 },
                 "spec": {"serviceAccountName": pod.service_account, "nodeName": pod.node},
                 "status": {"phase": "Running", "podIP": pod.pod_ip().to_string()},
@@ -689,13 +754,18 @@ impl Node {
                 // Quoted: a value such as `true` or `1` must stay a string.
                 .map(|(k, v)| format!("{k}: \"{v}\""))
                 .collect();
+            let annotations = if pod.netns_annotation {
+                format!("ambit.io/netns: {}", pod.netns_path().display())
+            } else {
+                String::new()
+            };
             write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\n  annotations: {{ambit.io/netns: {}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: \"{}\"}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: \"{}\"\n  labels: {{{}}}\n  annotations: {{{annotations}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: \"{}\"}}\n",
                 pod.name,
                 pod.namespace,
+                pod.uid,
                 labels.join(", "),
-                pod.netns_path().display(),
                 pod.service_account,
                 pod.node,
                 pod.pod_ip()
@@ -736,9 +806,7 @@ impl Drop for Node {
         let _ = ip(&["netns", "del", &self.netns]);
         // Unpinning releases the kernel programs and maps of this node's agent.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        // The child first: a cgroup with children cannot be removed.
-        let _ = std::fs::remove_dir(&self.agent_cgroup);
-        let _ = std::fs::remove_dir(&self.cgroup);
+        remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_dir_all(self.state_dir());
         // A failing test keeps the agent's and the applications' logs for the reader.
@@ -775,6 +843,19 @@ impl Drop for Capture {
         let _ = std::fs::remove_file(&self.file);
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// Removes `cgroup` and every cgroup below it, children first (a cgroup with children
+/// cannot be removed; its files are the kernel's and go with it). Best effort, for Drop.
+fn remove_cgroup(cgroup: &Path) {
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(cgroup);
 }
 
 /// The first cgroup2 mount (`/sys/fs/cgroup` or, on hybrid hosts, `/sys/fs/cgroup/unified`).

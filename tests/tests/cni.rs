@@ -206,7 +206,9 @@ fn pod(node: &Node, sandbox: &Sandbox, namespace: &str, name: &str, ip: Ipv4Addr
         ip,
         service_account: "default".to_owned(),
         labels: Default::default(),
+        uid: String::new(),
         netns: sandbox.netns.clone(),
+        netns_annotation: false,
         veth: String::new(),
         node: node.id.clone(),
         status_ip: None,
@@ -234,24 +236,11 @@ fn start_agent(node: &mut Node, chain: &Chain) {
 }
 
 fn workload(node: &Node, key: &str) -> Value {
-    let workloads = node.agent().unwrap().admin_get("/workloads").unwrap();
-    let (namespace, name) = key.split_once('/').unwrap();
-    workloads
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["namespace"] == namespace && w["name"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
+    node.agent().unwrap().workload(key).unwrap()
 }
 
 fn outbound(node: &Node, key: &str) -> Vec<Value> {
-    let report = node.agent().unwrap().admin_get("/connections").unwrap();
-    ["closed", "live"]
-        .iter()
-        .flat_map(|k| report[*k].as_array().cloned().unwrap_or_default())
-        .filter(|c| c["workload"] == key && c["direction"] == "outbound")
-        .collect()
+    node.agent().unwrap().recorded(key, "outbound").unwrap()
 }
 
 #[test]

@@ -24,6 +24,7 @@ use crate::{
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
     jwks::{JwksFetcher, JwksOptions},
+    pod_cgroup::{Adopter, HostPaths},
     policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
     proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
@@ -262,11 +263,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
 
+    let mut adopter = Adopter::new(HostPaths::default(), &args.node_name);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         let mut snapshot = snapshots.borrow_and_update().clone();
         cni_server::overlay(&mut snapshot, &sandboxes.borrow_and_update());
+        // After the CNI overlay: a sandbox the plugin reported wins over a process found.
+        adopter.overlay(&mut snapshot).await;
         // Published before the pods are reconciled: admission reads each pod from it, so a
         // pod's listeners never serve before the configuration that enrolls it is in force.
         // Retries reconcile the same snapshot; live connections are re-checked only when

@@ -145,11 +145,17 @@ pub struct CniServer {
 
 /// Fills in each pod's network namespace and address from its sandbox where the
 /// configuration source shows none (the API server knows neither until the chain returns).
+/// A sandbox whose UID is not the pod's belongs to an earlier pod of the same name, whose
+/// `DEL` has not come yet.
 pub fn overlay(snapshot: &mut Snapshot, sandboxes: &Sandboxes) {
     for (key, pod) in &mut snapshot.pods {
         let Some(sandbox) = sandboxes.get(key) else {
             continue;
         };
+        let same_pod = sandbox.uid.is_empty() || pod.uid.as_ref().is_none_or(|u| *u == sandbox.uid);
+        if !same_pod {
+            continue;
+        }
         if pod.netns.is_none() {
             pod.netns = Some(sandbox.netns.clone());
         }
@@ -373,6 +379,39 @@ mod tests {
         assert_eq!(a.ip, Some("10.45.0.9".parse().unwrap()));
         assert_eq!(b.netns.as_deref(), Some(Path::new("/run/netns/b")));
         assert_eq!(b.ip, Some("10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn overlay_skips_the_sandbox_of_an_earlier_pod_of_the_same_name() {
+        let mut snapshot = files::snapshot_of(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: foo, uid: new}\n",
+        );
+        let sandbox = |uid: &str| Sandbox {
+            namespace: "foo".into(),
+            name: "a".into(),
+            uid: uid.into(),
+            netns: format!("/cni/{uid}").into(),
+            ips: vec![],
+        };
+        for (uid, netns) in [
+            ("old", None),
+            ("new", Some("/cni/new")),
+            ("", Some("/cni/")),
+        ] {
+            let mut snapshot = snapshot.clone();
+            overlay(&mut snapshot, &[("foo/a".to_owned(), sandbox(uid))].into());
+            let found = snapshot.pods["foo/a"].netns.as_deref();
+            assert_eq!(found, netns.map(Path::new), "sandbox uid {uid:?}");
+        }
+        snapshot.pods.get_mut("foo/a").unwrap().uid = None;
+        overlay(
+            &mut snapshot,
+            &[("foo/a".to_owned(), sandbox("old"))].into(),
+        );
+        assert!(
+            snapshot.pods["foo/a"].netns.is_some(),
+            "a pod without UID takes any"
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod jwks;
 pub mod kube_client;
 pub mod netns;
+pub mod pod_cgroup;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

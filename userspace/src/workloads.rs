@@ -45,8 +45,11 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("pod has no network namespace: no ambit.io/netns annotation, no CNI ADD")]
-    MissingNetns,
+    #[error(
+        "pod has no network namespace: no ambit.io/netns annotation, no CNI ADD{}",
+        why.as_ref().map_or_else(String::new, |why| format!(", {why}"))
+    )]
+    MissingNetns { why: Option<String> },
     #[error("pod has no status.podIP")]
     MissingIp,
     #[error(transparent)]
@@ -211,7 +214,7 @@ impl WorkloadManager {
                 Membership::OptedOut => Redirection::OptedOut,
                 Membership::HostNetwork => Redirection::HostNetwork,
                 Membership::NotEnrolled => Redirection::NotEnrolled,
-                Membership::Enrolled if !self.is_local(pod) => Redirection::OtherNode,
+                Membership::Enrolled if !pod.runs_on(&self.node_name) => Redirection::OtherNode,
                 Membership::Enrolled if self.enrolled.contains_key(key) => Redirection::Redirected,
                 Membership::Enrolled => match self.enroll(pod).await {
                     Ok(enrolled) => {
@@ -252,12 +255,6 @@ impl WorkloadManager {
         self.release_leftovers();
     }
 
-    /// True for pods of this node: those naming it in `spec.nodeName`, or naming no node
-    /// (a single-node configuration).
-    fn is_local(&self, pod: &Pod) -> bool {
-        pod.node_name.as_ref().is_none_or(|n| *n == self.node_name)
-    }
-
     /// True when the pod set up as `then` is still in `snapshot`, unchanged, and still
     /// this agent's to redirect; otherwise it must be released (and maybe set up again).
     fn still_served(&self, snapshot: &Snapshot, key: &str, then: &Pod) -> bool {
@@ -269,12 +266,14 @@ impl WorkloadManager {
 
     /// True for the pods this agent redirects.
     fn serves(&self, snapshot: &Snapshot, pod: &Pod) -> bool {
-        snapshot.is_enrolled(pod) && self.is_local(pod)
+        snapshot.is_enrolled(pod) && pod.runs_on(&self.node_name)
     }
 
     async fn enroll(&mut self, pod: &Pod) -> Result<EnrolledPod, EnrollError> {
         let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account)?;
-        let path = pod.netns.clone().ok_or(EnrollError::MissingNetns)?;
+        let path = pod.netns.clone().ok_or_else(|| EnrollError::MissingNetns {
+            why: pod.netns_missing.clone(),
+        })?;
         let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
         let netns = PodNetns::enter(&path)?;
         let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {

@@ -11,6 +11,9 @@ use serde::Deserialize;
 pub use ambit_cni::MESH_LABEL;
 /// Pod annotation naming the pod's network namespace (files source).
 pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
+/// Annotation of a static pod's mirror in the API server: the UID the kubelet runs the pod
+/// under (its `metadata.uid` is the API server's own).
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -25,6 +28,8 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
+    #[serde(default)]
+    pub uid: Option<String>,
     /// RFC 3339, as Kubernetes writes it; compared as a string, which orders correctly.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
@@ -47,11 +52,18 @@ pub struct Namespace {
 pub struct Pod {
     pub name: String,
     pub namespace: String,
+    /// The UID the node knows the pod by (in `K8S_POD_UID` and its cgroup path):
+    /// `metadata.uid`, or for a static pod's mirror the kubelet's own UID of the pod.
+    pub uid: Option<String>,
     pub labels: Labels,
     pub service_account: String,
     pub ip: Option<IpAddr>,
-    /// From [`NETNS_ANNOTATION`].
+    /// From [`NETNS_ANNOTATION`], or filled in by the agent (`cni_server::overlay`,
+    /// `pod_cgroup::Adopter`).
     pub netns: Option<PathBuf>,
+    /// Why the agent found no network namespace where it looked for one (never set by a
+    /// configuration source); shown with the pod's enrollment failure.
+    pub netns_missing: Option<String>,
     /// `spec.nodeName`: the node running the pod; only that node's agent enrolls it.
     pub node_name: Option<String>,
     /// `spec.hostNetwork`: the pod shares its node's network namespace and IP, which
@@ -63,6 +75,12 @@ impl Pod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// True when `node` runs the pod: it names that node in `spec.nodeName`, or no node
+    /// (a single-node configuration).
+    pub fn runs_on(&self, node: &str) -> bool {
+        self.node_name.as_ref().is_none_or(|n| n == node)
     }
 }
 
@@ -240,6 +258,12 @@ impl Pod {
                 .annotations
                 .get(NETNS_ANNOTATION)
                 .map(PathBuf::from),
+            netns_missing: None,
+            uid: metadata
+                .annotations
+                .get(MIRROR_ANNOTATION)
+                .cloned()
+                .or(metadata.uid),
             name: metadata.name,
             labels: metadata.labels,
             node_name: spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -310,6 +334,18 @@ mod tests {
         assert_eq!(pod.ip, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/x")));
         assert!(!pod.host_network);
+    }
+
+    #[test]
+    fn pod_uid_is_the_kubelets() {
+        let uid = |doc| Pod::from_yaml(yaml(doc)).unwrap().unwrap().uid;
+        assert_eq!(uid("metadata: {name: p, uid: 0f1e}"), Some("0f1e".into()));
+        // A static pod runs under the kubelet's UID; the API server's is its mirror's.
+        assert_eq!(
+            uid("metadata: {name: p, uid: 0f1e, annotations: {kubernetes.io/config.mirror: 9a8b}}"),
+            Some("9a8b".into())
+        );
+        assert_eq!(uid("metadata: {name: p}"), None);
     }
 
     #[test]
