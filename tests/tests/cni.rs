@@ -189,6 +189,8 @@ impl Drop for Chain {
             let _ = Command::new("ip").args(["netns", "del", netns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.ipam_dir);
+        // The agent leaves its socket file behind when it stops, as any unix listener does.
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
