@@ -272,17 +272,18 @@ metadata: {name: legacy}
         )
     }
 
+    /// The endpoints of the service port at `addr`.
+    fn service_at(d: &Destinations, addr: &str) -> Result<Vec<ServiceEndpoint>, String> {
+        d.service(addr.parse().unwrap()).unwrap().endpoints.clone()
+    }
+
     fn targets(d: &Destinations, addr: &str) -> Result<Vec<(String, u16)>, String> {
-        d.service(addr.parse().unwrap())
-            .unwrap()
-            .endpoints
-            .clone()
-            .map(|endpoints| {
-                endpoints
-                    .iter()
-                    .map(|e| (e.endpoint.ip.to_string(), e.port))
-                    .collect()
-            })
+        service_at(d, addr).map(|endpoints| {
+            endpoints
+                .iter()
+                .map(|e| (e.endpoint.ip.to_string(), e.port))
+                .collect()
+        })
     }
 
     #[test]
@@ -304,10 +305,7 @@ metadata: {name: legacy}
     }
 
     fn service_endpoints_at(d: &Destinations, addr: &str) -> Vec<Endpoint> {
-        d.service(addr.parse().unwrap())
-            .unwrap()
-            .endpoints
-            .clone()
+        service_at(d, addr)
             .unwrap()
             .into_iter()
             .map(|e| e.endpoint)
