@@ -91,6 +91,18 @@ fn published_root(api: &ApiServer, namespace: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Waits up to `limit` for `root` to be published in `namespace`.
+fn assert_published(api: &ApiServer, namespace: &str, root: &str, limit: Duration) {
+    let published = within(limit, || {
+        published_root(api, namespace).as_deref() == Some(root)
+    });
+    assert!(
+        published.is_some(),
+        "the root is not published in {namespace}: {:?}",
+        published_root(api, namespace)
+    );
+}
+
 #[test]
 fn the_ca_generates_its_root_into_cacerts_once_and_publishes_it_to_enrolled_namespaces() {
     let api = ApiServer::start().expect("API server double");
@@ -112,37 +124,20 @@ fn the_ca_generates_its_root_into_cacerts_once_and_publishes_it_to_enrolled_name
     assert!(secret_file(&secret, "ca-key.pem").contains("PRIVATE KEY"));
 
     for namespace in [CA_NAMESPACE, "foo"] {
-        let published = within(Duration::from_secs(5), || {
-            published_root(&api, namespace).as_deref() == Some(root.as_str())
-        });
-        assert!(
-            published.is_some(),
-            "the root is not published in {namespace}"
-        );
+        assert_published(&api, namespace, &root, Duration::from_secs(5));
     }
     assert_eq!(published_root(&api, "bar"), None, "bar is not in the mesh");
 
     // A namespace enrolled later gets it too.
     namespace(&api, "bar", true);
-    let published = within(Duration::from_secs(5), || {
-        published_root(&api, "bar").as_deref() == Some(root.as_str())
-    });
-    assert!(
-        published.is_some(),
-        "the root is not published in bar once enrolled"
-    );
+    assert_published(&api, "bar", &root, Duration::from_secs(5));
 
     // A restarted CA signs with the root in the Secret: nothing is generated again.
     drop(ca);
     let _ca = start_ca(&api, state.path());
     namespace(&api, "late", true);
-    let published = within(Duration::from_secs(10), || {
-        published_root(&api, "late").as_deref() == Some(root.as_str())
-    });
-    assert!(
-        published.is_some(),
-        "the restarted CA publishes another root"
-    );
+    // The same root: the restarted CA read it from the Secret.
+    assert_published(&api, "late", &root, Duration::from_secs(10));
     assert_eq!(
         api.get("v1", "Secret", CA_NAMESPACE, "cacerts").unwrap(),
         secret,
