@@ -12,6 +12,7 @@ use crate::admission::{self, Admission, Handling, Peer, Refusal};
 
 use super::{
     PodProxy, Shared,
+    connections::CloseReason,
     limits::{Exceeded, GaugePermit, InboundPermit, Source},
     socket::{self, SocketError},
 };
@@ -34,6 +35,16 @@ pub enum EntryError {
     Limit(#[from] Exceeded),
     #[error(transparent)]
     Upstream(#[from] SocketError),
+}
+
+impl EntryError {
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Self::Refused(refusal) => refusal.into(),
+            Self::Limit(_) => CloseReason::Limit,
+            Self::Upstream(_) => CloseReason::ConnectFailed,
+        }
+    }
 }
 
 /// Admits `peer` to `destination` on `pod` against the configuration in force.

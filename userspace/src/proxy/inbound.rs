@@ -14,13 +14,16 @@ use tracing::debug;
 
 use super::{
     Accepted, PodProxy, Shared,
-    connections::{ConnectionGuard, Direction, Path},
+    connections::{Close, ConnectionGuard, Direction, Opening, Path},
     entry::{self, Entered},
     forward::{self, Recheck},
     l7,
     limits::Source,
 };
-use crate::admission::Peer;
+use crate::{
+    admission::{Handling, Peer},
+    peers::Client,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -58,14 +61,24 @@ async fn handle(
         descriptor: _descriptor,
     } = accepted;
     let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
-    let mut record = shared.connections.open(
-        Direction::Inbound,
-        Path::PlaintextInbound,
-        &pod.key,
-        client,
+    let client_of = Client {
+        ip: client.ip(),
+        identity: None,
+        baggage: None,
+    };
+    let opening = Opening {
+        direction: Direction::Inbound,
+        path: Path::PlaintextInbound,
+        workload: &pod.key,
+        source: client,
         destination,
-        Arc::clone(&pod.stats),
-    );
+        ends: shared
+            .applied
+            .borrow()
+            .peers
+            .inbound(&pod.key, destination, &client_of),
+    };
+    let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let peer = Peer {
         identity: None,
         ip: client.ip(),
@@ -74,13 +87,21 @@ async fn handle(
     {
         Ok(entered) => entered,
         Err(error) => {
-            record.finish(Some(error.to_string()));
+            refused(&mut record, &error);
             forward::reset(stream);
             return Err(error.into());
         }
     };
     deliver(stream, entered, pod, shared, None, &mut record).await;
     Ok(())
+}
+
+/// Closes the record of a connection that did not get in.
+pub fn refused(record: &mut ConnectionGuard, error: &entry::EntryError) {
+    if let entry::EntryError::Refused(refusal) = error {
+        record.refused(refusal);
+    }
+    record.finish(Close::new(error.reason(), error));
 }
 
 /// Serves an admitted connection until it ends: bytes relayed to the application when it
@@ -102,6 +123,9 @@ pub async fn deliver<C>(
         upstream,
         held: _held,
     } = entered;
+    if let Handling::Connection(permit) = &admission.handling {
+        record.permitted(permit);
+    }
     match upstream {
         Some(mut upstream) => {
             let recheck = Recheck {
