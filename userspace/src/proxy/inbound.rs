@@ -6,7 +6,7 @@
 //! destination the client asked for. accept → admit with no identity (PeerAuthentication
 //! mode of the port, then authorization) → count against the limits → [`deliver`].
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     admission::{Handling, Peer},
-    peers::Client,
+    peers::{Client, Peers},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -66,25 +66,21 @@ async fn handle(
         identity: None,
         baggage: None,
     };
-    let opening = Opening {
-        direction: Direction::Inbound,
-        path: Path::PlaintextInbound,
-        workload: &pod.key,
-        source: client,
+    let applied = Arc::clone(&shared.applied.borrow());
+    let mut record = open(
+        &shared,
+        &applied.peers,
+        &pod,
+        Path::PlaintextInbound,
+        (client, &client_of),
         destination,
-        ends: shared
-            .applied
-            .borrow()
-            .peers
-            .inbound(&pod.key, destination, &client_of),
-    };
-    let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
+    );
     let peer = Peer {
         identity: None,
         ip: client.ip(),
     };
-    let entered = match entry::enter(&shared, &pod, &peer, &Source::Ip(peer.ip), destination).await
-    {
+    let source = Source::Ip(peer.ip);
+    let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
             refused(&mut record, &error);
@@ -94,6 +90,28 @@ async fn handle(
     };
     deliver(stream, entered, pod, shared, None, &mut record).await;
     Ok(())
+}
+
+/// Records a connection from `client` to `destination` arriving on `path`, its ends named
+/// by `peers`.
+pub fn open(
+    shared: &Shared,
+    peers: &Peers,
+    pod: &PodProxy,
+    path: Path,
+    (client, client_of): (SocketAddr, &Client),
+    destination: SocketAddr,
+) -> ConnectionGuard {
+    let ends = peers.inbound(&pod.key, destination, client_of);
+    let opening = Opening {
+        direction: Direction::Inbound,
+        path,
+        workload: &pod.key,
+        source: client,
+        destination,
+        ends,
+    };
+    shared.connections.open(opening, Arc::clone(&pod.stats))
 }
 
 /// Closes the record of a connection that did not get in.

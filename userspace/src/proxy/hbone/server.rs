@@ -35,7 +35,7 @@ use crate::{
     peers::Client,
     proxy::{
         Accepted, PodProxy, Shared,
-        connections::{Close, CloseReason, Direction, Opening, Path},
+        connections::{Close, CloseReason, Path},
         entry::{self, EntryError},
         forward, inbound, l7,
         limits::{Gauge, GaugePermit, Source},
@@ -251,20 +251,16 @@ async fn open_stream(
         identity: peer.identity.as_ref().map(|id| (id, &principal)),
         baggage: Some(&claimed),
     };
-    let opening = Opening {
-        direction: Direction::Inbound,
-        path: Path::HboneInbound,
-        workload: &pod.key,
-        source: client,
+    let applied = Arc::clone(&shared.applied.borrow());
+    let mut record = inbound::open(
+        &shared,
+        &applied.peers,
+        &pod,
+        Path::HboneInbound,
+        (client, &client_of),
         destination,
-        ends: shared
-            .applied
-            .borrow()
-            .peers
-            .inbound(&pod.key, destination, &client_of),
-    };
-    let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
-    let entered = match entry::enter(&shared, &pod, &peer, &source, destination).await {
+    );
+    let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
             debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
