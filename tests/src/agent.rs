@@ -30,8 +30,29 @@ pub struct Agent {
     pub access_log: PathBuf,
 }
 
+/// Starts of an agent that lost one of its ports to another process.
+const START_ATTEMPTS: usize = 3;
+
 impl Agent {
+    /// Starts the agent on free loopback ports. A port that was free when picked can be
+    /// taken before the agent binds it (a parallel test's client connection, say): the
+    /// agent then exits, and is started again on other ports.
     pub(crate) fn start(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(node, options) {
+                Err(error)
+                    if attempt < START_ATTEMPTS
+                        && format!("{error:#}").contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
         let (admin, readiness, metrics) = (free_port()?, free_port()?, free_port()?);
         let log = node.config_dir.with_extension("agent.log");
         let access_log = node.config_dir.with_extension("access.log");

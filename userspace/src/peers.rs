@@ -239,7 +239,7 @@ impl Peers {
     /// workload is the pod at its address or, from a mutual TLS peer the configuration
     /// does not know, what its `baggage` claims within its verified namespace.
     pub fn inbound(&self, pod: &str, destination: SocketAddr, client: &Client) -> Ends {
-        let workload = self.at(client.ip).cloned().or_else(|| {
+        let workload = self.at(client.addr.ip()).cloned().or_else(|| {
             let (identity, _) = client.identity?;
             let claimed = client.baggage?;
             let namespace = claimed.namespace.as_deref()?;
@@ -276,7 +276,7 @@ impl Peers {
 
 /// The client of an inbound connection, as its listener knows it.
 pub struct Client<'a> {
-    pub ip: IpAddr,
+    pub addr: SocketAddr,
     /// On mutual TLS: the verified identity, and its SPIFFE ID as a label value.
     pub identity: Option<(&'a SpiffeId, &'a Arc<str>)>,
     /// What an HBONE client's `CONNECT` claims about its workload.
@@ -520,7 +520,7 @@ spec: {clusterIP: 10.96.0.2, selector: {app: web}, ports: [{port: 80, targetPort
         };
         let (honest, lying) = (claim("bar"), claim("foo"));
         let client = |baggage| Client {
-            ip: "10.9.9.9".parse().unwrap(),
+            addr: "10.9.9.9:40000".parse().unwrap(),
             identity: Some((&id, &principal)),
             baggage: Some(baggage),
         };
@@ -541,7 +541,7 @@ spec: {clusterIP: 10.96.0.2, selector: {app: web}, ports: [{port: 80, targetPort
             "foo/web-7d4b9-x2x7q",
             destination,
             &Client {
-                ip: "10.0.0.21".parse().unwrap(),
+                addr: "10.0.0.21:40000".parse().unwrap(),
                 identity: None,
                 baggage: None,
             },

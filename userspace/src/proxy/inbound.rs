@@ -62,7 +62,7 @@ async fn handle(
     } = accepted;
     let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
     let client_of = Client {
-        ip: client.ip(),
+        addr: client,
         identity: None,
         baggage: None,
     };
@@ -72,7 +72,7 @@ async fn handle(
         &applied.peers,
         &pod,
         Path::PlaintextInbound,
-        (client, &client_of),
+        &client_of,
         destination,
     );
     let peer = Peer {
@@ -99,15 +99,15 @@ pub fn open(
     peers: &Peers,
     pod: &PodProxy,
     path: Path,
-    (client, client_of): (SocketAddr, &Client),
+    client: &Client,
     destination: SocketAddr,
 ) -> ConnectionGuard {
-    let ends = peers.inbound(&pod.key, destination, client_of);
+    let ends = peers.inbound(&pod.key, destination, client);
     let opening = Opening {
         direction: Direction::Inbound,
         path,
         workload: &pod.key,
-        source: client,
+        source: client.addr,
         destination,
         ends,
     };

@@ -247,7 +247,7 @@ async fn open_stream(
     };
     let claimed = baggage::parse(request.headers());
     let client_of = Client {
-        ip: client.ip(),
+        addr: client,
         identity: peer.identity.as_ref().map(|id| (id, &principal)),
         baggage: Some(&claimed),
     };
@@ -257,7 +257,7 @@ async fn open_stream(
         &applied.peers,
         &pod,
         Path::HboneInbound,
-        (client, &client_of),
+        &client_of,
         destination,
     );
     let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
