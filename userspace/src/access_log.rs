@@ -52,6 +52,8 @@ pub enum AccessLogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the access log's writer thread: {0}")]
+    Writer(std::io::Error),
 }
 
 /// The data path's handle on the writer. Cloning shares it.
@@ -83,10 +85,7 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("access-log".to_owned())
             .spawn(move || write_entries(entries, out))
-            .map_err(|source| AccessLogError::Open {
-                path: PathBuf::from("<writer thread>"),
-                source,
-            })?;
+            .map_err(AccessLogError::Writer)?;
         Ok(Self {
             queue: Some(queue),
             refusals_only: *target == Target::Off,
