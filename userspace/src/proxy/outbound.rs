@@ -151,9 +151,12 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             Route::Direct(target) => (Some(*target), false),
             Route::Refuse(_) => (None, false),
         };
-        let peers = &applied.peers;
-        let ends = peers.outbound(&pod.key, destination, target, mtls);
-        let baggage = peers.pod(&pod.key).and_then(|w| w.baggage.clone());
+        let ends = applied.peers.outbound(&pod.key, destination, target, mtls);
+        let baggage = ends
+            .source
+            .workload
+            .as_ref()
+            .and_then(|w| w.baggage.clone());
         (route, ends, baggage)
     };
     debug!(workload = %pod.key, %destination, ?route, "outbound");
