@@ -1,5 +1,6 @@
 //! The agent under test: the real `ambit run` binary, one per node, with its own cgroup
-//! (a child of the node's, see [`Node::agent_cgroup`]), pin directory and admin ports.
+//! (a child of the node's, see [`Node::agent_cgroup`]), pin directory, admin and metrics
+//! ports, and access log file.
 
 use std::{
     fs::File,
@@ -21,14 +22,40 @@ pub struct Agent {
     child: Child,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
+    /// `--metrics-addr`, on loopback: agents of parallel tests share the host's network.
+    pub metrics: SocketAddr,
     /// The agent's stderr.
     pub log: PathBuf,
+    /// `--access-log`.
+    pub access_log: PathBuf,
 }
 
+/// Starts of an agent that lost one of its ports to another process.
+const START_ATTEMPTS: usize = 3;
+
 impl Agent {
+    /// Starts the agent on free loopback ports. A port that was free when picked can be
+    /// taken before the agent binds it (a parallel test's client connection, say): the
+    /// agent then exits, and is started again on other ports.
     pub(crate) fn start(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
-        let (admin, readiness) = (free_port()?, free_port()?);
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(node, options) {
+                Err(error)
+                    if attempt < START_ATTEMPTS
+                        && format!("{error:#}").contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
+        let (admin, readiness, metrics) = (free_port()?, free_port()?, free_port()?);
         let log = node.config_dir.with_extension("agent.log");
+        let access_log = node.config_dir.with_extension("access.log");
         // The shell joins the agent's cgroup, then becomes (exec) the agent, through
         // `prlimit` when asked: the child's PID stays the agent's.
         let mut cmd = Command::new("sh");
@@ -52,6 +79,9 @@ impl Agent {
             .args(&options.args)
             .args(["--admin-addr", &admin.to_string()])
             .args(["--readiness-addr", &readiness.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .arg("--access-log")
+            .arg(&access_log)
             .env("RUST_LOG", "info,ambit=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -62,7 +92,9 @@ impl Agent {
             child,
             admin,
             readiness,
+            metrics,
             log,
+            access_log,
         };
         agent.wait_ready()?;
         agent.check_cgroup(node)?;
@@ -98,19 +130,13 @@ impl Agent {
     /// GET `path` on the admin API, as JSON; any status but 200 is an error carrying the
     /// body.
     pub fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
-        let output = check(Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{}{path}", self.admin),
-        ]))?;
-        let response = CurlResult::from_output(&output);
-        if response.code != 200 {
-            bail!("admin {path}: {}: {}", response.code, response.body.trim());
-        }
-        serde_json::from_str(&response.body).with_context(|| format!("admin {path} is not JSON"))
+        let body = get(self.admin, path)?;
+        serde_json::from_str(&body).with_context(|| format!("admin {path} is not JSON"))
+    }
+
+    /// The metrics endpoint's text (`GET /metrics`).
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        get(self.metrics, "/metrics")
     }
 
     /// Every connection the proxy recorded, live and recently closed, in the order it saw
@@ -151,6 +177,14 @@ impl Agent {
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The access log's lines so far, as JSON.
+    pub fn access_log_lines(&self) -> anyhow::Result<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).with_context(|| format!("not JSON: {line}")))
+            .collect()
     }
 
     /// Fails unless the agent runs in [`Node::agent_cgroup`].
@@ -203,6 +237,23 @@ impl Drop for Agent {
             let _ = self.stop();
         }
     }
+}
+
+/// The body of `GET http://<addr><path>`; any status but 200 is an error carrying it.
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let output = check(Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "3",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{addr}{path}"),
+    ]))?;
+    let response = CurlResult::from_output(&output);
+    if response.code != 200 {
+        bail!("{addr}{path}: {}: {}", response.code, response.body.trim());
+    }
+    Ok(response.body)
 }
 
 /// A loopback port that was free a moment ago.

@@ -14,16 +14,20 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::{
+    access_log::{self, AccessLog},
     admin::{self, AdminState},
     cni_server::{self, CniServer},
     discovery::{Snapshot, files, kubernetes},
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
     jwks::{JwksFetcher, JwksOptions},
+    metrics::{self, Metrics},
+    peers::ClusterNames,
     pod_cgroup::{Adopter, HostPaths},
     policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
@@ -70,6 +74,19 @@ pub struct RunArgs {
     /// Readiness endpoint address (`/healthz/ready`).
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub readiness_addr: SocketAddr,
+    /// Prometheus metrics address (`GET /metrics`), reachable from off the node.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Where access log lines go: `stdout`, a file (appended to), or `off` (refusals are
+    /// still written to stdout).
+    #[arg(long, default_value = "stdout")]
+    pub access_log: access_log::Target,
+    /// The cluster's name in the `baggage` of HBONE requests (Istio's `CLUSTER_ID`).
+    #[arg(long, env = "CLUSTER_ID", default_value_t = ClusterNames::default().id)]
+    pub cluster_id: String,
+    /// The cluster's DNS domain, in Service hostnames (`destination_service`).
+    #[arg(long, default_value_t = ClusterNames::default().domain)]
+    pub cluster_domain: String,
     /// Unix socket where the `ambit-cni` plugin reports pod sandboxes (the DaemonSet uses
     /// `/var/run/ambit/cni.sock`); off by default, when pods name their network namespace
     /// with the `ambit.io/netns` annotation.
@@ -184,8 +201,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     let trust_domain = args.identity.keys.trust_domain.clone();
+    let pool = Pool::default();
+    let metrics = {
+        let mut metrics = Metrics::new();
+        metrics.register_collector(metrics::Process);
+        metrics.register_collector(metrics::Certificates(identity.manager.clone()));
+        metrics.register_collector(metrics::HbonePool(pool.clone()));
+        Arc::new(metrics)
+    };
+    let access_log = AccessLog::start(&args.access_log, metrics.access_log_dropped.clone())?;
+    let metrics_listener = metrics::server::bind(args.metrics_addr).await?;
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
-    source.start(&args, snapshot_tx).await?;
+    source
+        .start(&args, snapshot_tx, metrics.config_rejected.clone())
+        .await?;
     let store = cni_server::SandboxStore::new(&args.state_dir);
     let saved = match &args.cni_socket {
         Some(_) => store.load()?,
@@ -204,16 +233,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         trust_domain_aliases: args.identity.trust_domain_aliases.clone(),
         jwt_keys: Arc::new(jwks.clone()),
         clock_skew: args.jwt.jwt_clock_skew,
+        cluster: ClusterNames {
+            id: args.cluster_id.clone(),
+            domain: args.cluster_domain.clone(),
+        },
         ..PolicySettings::new(&args.root_namespace, &trust_domain)
     };
     let applied = |snapshot: Snapshot| {
         // Fetching starts before the engine that needs the keys is in force; URIs the
         // snapshot no longer uses are dropped with their keys.
         jwks.track(jwks_uris(&snapshot.policies));
+        metrics.config_reloads.inc();
         Arc::new(Applied::new(snapshot, &settings))
     };
     let (applied_tx, applied_rx) = watch::channel(applied(snapshots.borrow().clone()));
-    let connections = Arc::new(ConnectionLog::default());
+    let connections = Arc::new(ConnectionLog::new(Arc::clone(&metrics), access_log));
     let limits = Limits::from(&args.limits);
     let descriptors = Descriptors::new(open_files, open_descriptors(), limits.fd_reserve);
     let shared = Shared {
@@ -221,7 +255,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connections: Arc::clone(&connections),
         applied: applied_rx.clone(),
         identities: identity.manager.clone(),
-        pool: Pool::default(),
+        pool,
         limits: Arc::new(limits),
         descriptors,
     };
@@ -241,11 +275,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
     let admin_state = AdminState {
         workloads: manager.table(),
-        connections,
+        connections: Arc::clone(&connections),
         identities: identity.manager.clone(),
         applied: applied_rx,
     };
     tokio::spawn(admin::serve_admin(admin_listener, admin_state));
+    tokio::spawn(metrics::server::serve(metrics_listener, connections));
     if let Some(path) = &args.cni_socket {
         let listener = cni_server::bind(path)?;
         let server = CniServer {
@@ -261,7 +296,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness_listener,
         Arc::clone(&ready),
     ));
-    info!(admin = %args.admin_addr, readiness = %args.readiness_addr, "admin API listening");
+    info!(admin = %args.admin_addr, readiness = %args.readiness_addr, metrics = %args.metrics_addr,
+        "admin API listening");
 
     let mut adopter = Adopter::new(HostPaths::default(), &args.node_name);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
@@ -327,21 +363,30 @@ impl SourceConfig {
     /// Starts the source and returns once it has published its first full snapshot:
     /// reconciling before that would release a restarted agent's pods only because the
     /// source had not shown them yet.
-    async fn start(self, args: &RunArgs, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+    /// `rejected` counts the files and objects rejected.
+    async fn start(
+        self,
+        args: &RunArgs,
+        tx: watch::Sender<Snapshot>,
+        rejected: Counter,
+    ) -> anyhow::Result<()> {
         match self {
             Self::Files(dir) => {
                 let mut initial = files::DirState::new(&args.root_namespace);
                 for error in initial.reload(&dir) {
                     error!("config rejected: {error}");
+                    rejected.inc();
                 }
                 tx.send_replace(initial.snapshot());
-                tokio::spawn(files::watch_dir(dir, args.root_namespace.clone(), tx));
+                let root = args.root_namespace.clone();
+                tokio::spawn(files::watch_dir(dir, root, tx, rejected));
             }
             Self::Kubernetes(client) => {
                 let mut first = tx.subscribe();
                 let options = kubernetes::Options {
                     root_namespace: args.root_namespace.clone(),
                     node_name: args.node_name.clone(),
+                    rejected,
                 };
                 tokio::spawn(kubernetes::watch_cluster(client, options, tx));
                 info!("waiting for the first list of the API server's objects");

@@ -96,6 +96,11 @@ impl Destinations {
     pub fn service(&self, addr: SocketAddr) -> Option<&ServiceTarget> {
         self.services.get(&addr)
     }
+
+    /// Every service port, by cluster address.
+    pub fn services(&self) -> impl Iterator<Item = (&SocketAddr, &ServiceTarget)> {
+        self.services.iter()
+    }
 }
 
 /// Without EndpointSlices (the `files` source, or before the controller has written
@@ -184,7 +189,11 @@ fn pods_by_ip(snapshot: &Snapshot, trust_domain: &str) -> HashMap<IpAddr, Endpoi
 
 /// The identity a pod's proxy presents: only an enrolled pod has one (never a
 /// `hostNetwork` pod, see [`Snapshot::is_enrolled`]).
-fn mesh_identity(snapshot: &Snapshot, pod: &Pod, trust_domain: &str) -> Option<SpiffeId> {
+pub(crate) fn mesh_identity(
+    snapshot: &Snapshot,
+    pod: &Pod,
+    trust_domain: &str,
+) -> Option<SpiffeId> {
     snapshot
         .is_enrolled(pod)
         .then(|| SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account).ok())

@@ -1,7 +1,8 @@
-//! The ambit node agent as a library: discovery, redirection, identity, policy and the
-//! proxy, wired together by `ambit run` in `main.rs`.
+//! The ambit node agent as a library: discovery, redirection, identity, policy, the proxy
+//! and its telemetry (metrics, access logs), wired together by `ambit run` in `main.rs`.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod agent;
@@ -14,7 +15,9 @@ pub mod explain;
 pub mod identity;
 pub mod jwks;
 pub mod kube_client;
+pub mod metrics;
 pub mod netns;
+pub mod peers;
 pub mod pod_cgroup;
 pub mod policy;
 pub mod proxy;

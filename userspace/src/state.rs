@@ -1,5 +1,5 @@
 //! The configuration in force: the latest snapshot with the policy engine and the
-//! destination index built from it, published together so a reader never pairs pods of one
+//! destination and peer indexes built from it, published together so a reader never pairs pods of one
 //! version with policies of another.
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
@@ -10,14 +10,14 @@ use crate::{
     admission::protocol::{self, Protocol},
     destinations::Destinations,
     discovery::Snapshot,
+    peers::{ClusterNames, Peers},
     policy::{
         PolicyEngine, Workload,
         jwt::{DEFAULT_CLOCK_SKEW, NoRemoteKeys, RemoteKeys},
     },
 };
 
-/// How the policies of every snapshot are read: the mesh's names, and how JWTs are
-/// verified.
+/// How every snapshot is read: the mesh's names, and how JWTs are verified.
 #[derive(Clone)]
 pub struct PolicySettings {
     /// Whose selector-less policies apply mesh-wide.
@@ -29,6 +29,8 @@ pub struct PolicySettings {
     pub jwt_keys: Arc<dyn RemoteKeys>,
     /// The leeway on `exp` and `nbf`.
     pub clock_skew: Duration,
+    /// What telemetry calls the cluster ([`Peers`]).
+    pub cluster: ClusterNames,
 }
 
 impl PolicySettings {
@@ -40,6 +42,7 @@ impl PolicySettings {
             trust_domain_aliases: Vec::new(),
             jwt_keys: Arc::new(NoRemoteKeys),
             clock_skew: DEFAULT_CLOCK_SKEW,
+            cluster: ClusterNames::default(),
         }
     }
 }
@@ -48,6 +51,8 @@ pub struct Applied {
     pub snapshot: Snapshot,
     pub policies: PolicyEngine,
     pub destinations: Destinations,
+    /// Who is at an address, as metrics and access logs name it.
+    pub peers: Peers,
     /// Enrolled pods with an address, by `namespace/name`.
     workloads: HashMap<String, Served>,
 }
@@ -75,6 +80,12 @@ impl Applied {
             .with_remote_keys(Arc::clone(&settings.jwt_keys))
             .with_jwt_clock_skew(settings.clock_skew);
         let destinations = Destinations::new(&snapshot, &settings.trust_domain);
+        let peers = Peers::new(
+            &snapshot,
+            &destinations,
+            &settings.trust_domain,
+            &settings.cluster,
+        );
         let workloads = snapshot
             .pods
             .iter()
@@ -93,6 +104,7 @@ impl Applied {
             snapshot,
             policies,
             destinations,
+            peers,
             workloads,
         }
     }

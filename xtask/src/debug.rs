@@ -160,8 +160,13 @@ fn connections_table(report: &Value) -> Vec<Vec<String>> {
     ])];
     for (state, key) in [("live", "live"), ("closed", "closed")] {
         for c in report[key].as_array().into_iter().flatten() {
+            // A closed connection says why, as its stable code.
+            let state = match c["close_reason"].as_str() {
+                Some(reason) => format!("{state}: {reason}"),
+                None => state.to_owned(),
+            };
             rows.push(vec![
-                state.to_owned(),
+                state,
                 text(&c["workload"]),
                 text(&c["direction"]),
                 text(&c["path"]),

@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs, only where missing, what building ambit needs:
 //! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), Python's `grpcio`
-//! (the gRPC tests' client and server), `kubectl` and the manifest checkers
+//! (the gRPC tests' client and server) and `prometheus-client` (Prometheus' own parser of
+//! the metrics text), `kubectl` and the manifest checkers
 //! (`kubernetes-validate`, `checkov`), `rust-src` for the nightly toolchain, and
 //! bpf-linker built against LLVM 22. Checks that the nightly's
 //! LLVM major matches bpf-linker's, since a mismatch fails late with `Invalid record`.
@@ -46,9 +47,16 @@ const MANIFEST_TOOLS: &str = "/opt/ambit-manifest-tools";
 const MANIFEST_CHECKERS: &[(&str, &str)] =
     &[("kubernetes-validate", "1.37.0"), ("checkov", "3.3.30")];
 
+/// Python modules the tests import, from PyPI, as (pip name, module): the gRPC tests'
+/// client and server, and Prometheus' parser of the text format (`tests/tests/metrics.rs`).
+const PYTHON_MODULES: &[(&str, &str)] = &[
+    ("grpcio", "grpc"),
+    ("prometheus-client", "prometheus_client.parser"),
+];
+
 pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
-    install_grpcio()?;
+    install_python_modules()?;
     install_kubectl()?;
     install_manifest_checkers()?;
     check_nightly()?;
@@ -94,43 +102,56 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
-/// Installs `grpcio` from PyPI for the first `python3` on PATH: the interpreter the test
-/// bed starts `tests/grpc/echo.py` with, since `cargo xtask test` runs setup and the tests
-/// in one environment.
-fn install_grpcio() -> anyhow::Result<()> {
-    if python_has_grpc()? {
+/// Installs [`PYTHON_MODULES`] from PyPI for the first `python3` on PATH: the interpreter
+/// the test bed starts `tests/grpc/echo.py` and the metrics parser with, since
+/// `cargo xtask test` runs setup and the tests in one environment.
+fn install_python_modules() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for (package, module) in PYTHON_MODULES {
+        if !python_imports(module)? {
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
         return Ok(());
     }
     let mut pip = Command::new("python3");
-    pip.args(["-m", "pip", "install", "--quiet", "grpcio"]);
+    pip.args(["-m", "pip", "install", "--quiet"]).args(&missing);
     if externally_managed()? {
         // PEP 668: Debian's own python3 refuses pip outside a virtual environment. Run as
         // root, pip installs into /usr/local/lib/python3.*/dist-packages, apart from the
-        // files apt manages, and the tests need grpcio in that very interpreter (not a
-        // venv), so the override is deliberate. Without root pip would fall back to the
+        // files apt manages, and the tests need the modules in that very interpreter (not
+        // a venv), so the override is deliberate. Without root pip would fall back to the
         // user's site, which the tests, run as root, do not see.
         if !is_root() {
             bail!(
-                "python3 ({}) lacks grpcio and is the system's: run `sudo cargo xtask setup`",
-                python_path()
+                "python3 ({}) lacks {} and is the system's: run `sudo cargo xtask setup`",
+                python_path(),
+                missing.join(", ")
             );
         }
         pip.arg("--break-system-packages");
     }
-    eprintln!("setup: installing grpcio from PyPI for {}", python_path());
+    eprintln!(
+        "setup: installing {} from PyPI for {}",
+        missing.join(", "),
+        python_path()
+    );
     run(&mut pip)?;
-    if !python_has_grpc()? {
-        bail!(
-            "pip installed grpcio, but {} still cannot import grpc",
-            python_path()
-        );
+    for (package, module) in PYTHON_MODULES {
+        if !python_imports(module)? {
+            bail!(
+                "pip installed {package}, but {} still cannot import {module}",
+                python_path()
+            );
+        }
     }
     Ok(())
 }
 
-fn python_has_grpc() -> anyhow::Result<bool> {
+fn python_imports(module: &str) -> anyhow::Result<bool> {
     let status = Command::new("python3")
-        .args(["-c", "import grpc"])
+        .args(["-c", &format!("import {module}")])
         .stderr(std::process::Stdio::null())
         .status()
         .context("no python3 on PATH: install python3 and python3-pip")?;

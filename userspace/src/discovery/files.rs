@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -241,9 +242,14 @@ impl DirState {
 }
 
 /// Follows `dir` and publishes a new [`Snapshot`] on `tx` whenever the objects change;
-/// `root_namespace` receives converted `MeshPolicy` objects.
-/// Runs until `tx` has no receivers.
-pub async fn watch_dir(dir: PathBuf, root_namespace: String, tx: watch::Sender<Snapshot>) {
+/// `root_namespace` receives converted `MeshPolicy` objects, `rejected` counts the files
+/// and policies rejected. Runs until `tx` has no receivers.
+pub async fn watch_dir(
+    dir: PathBuf,
+    root_namespace: String,
+    tx: watch::Sender<Snapshot>,
+    rejected: Counter,
+) {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     // Keep the watcher alive for the whole loop; without it we fall back to rescanning.
     let _watcher = match start_watcher(&dir, events_tx) {
@@ -265,6 +271,7 @@ pub async fn watch_dir(dir: PathBuf, root_namespace: String, tx: watch::Sender<S
         }
         for error in state.reload(&dir) {
             warn!("config rejected, keeping the previous version: {error}");
+            rejected.inc();
         }
         let snapshot = state.snapshot();
         let changed = tx.send_if_modified(|current| {

@@ -25,6 +25,7 @@ use kube::{
         watcher::{self, Event, watcher},
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
@@ -80,6 +81,8 @@ pub struct Options {
     pub root_namespace: String,
     /// Named as the source of the Events the agent posts.
     pub node_name: String,
+    /// Counts the objects rejected (`ambit_config_rejected_total`).
+    pub rejected: Counter,
 }
 
 /// Follows the cluster and publishes a new [`Snapshot`] on `tx` whenever the objects
@@ -89,6 +92,7 @@ pub async fn watch_cluster(client: Client, options: Options, tx: watch::Sender<S
     let reporter = Reporter {
         client: client.clone(),
         node_name: options.node_name,
+        rejected: options.rejected,
     };
     let mut kinds: Vec<Watched> = resources().into_iter().map(Watched::new).collect();
     let mut events = select_all(kinds.iter().enumerate().map(|(index, kind)| {
@@ -126,7 +130,7 @@ pub async fn watch_cluster(client: Client, options: Options, tx: watch::Sender<S
                 // An incomplete list would release the pods not listed yet; the kind
                 // whose list completes last schedules the first publication.
                 if kinds.iter().all(|kind| kind.synced) {
-                    let snapshot = assemble(&kinds, &options.root_namespace, &mut conversion_errors);
+                    let snapshot = assemble(&kinds, &options.root_namespace, &mut conversion_errors, &reporter.rejected);
                     if tx.send_if_modified(|current| {
                         let changed = *current != snapshot;
                         if changed {
@@ -145,7 +149,12 @@ pub async fn watch_cluster(client: Client, options: Options, tx: watch::Sender<S
 
 /// The union of every kind's objects, Istio 1.1 policies converted. `reported` holds the
 /// conversion errors of the last call: they are logged again only when they change.
-fn assemble(kinds: &[Watched], root_namespace: &str, reported: &mut Vec<String>) -> Snapshot {
+fn assemble(
+    kinds: &[Watched],
+    root_namespace: &str,
+    reported: &mut Vec<String>,
+    rejected: &Counter,
+) -> Snapshot {
     let mut snapshot = Snapshot::default();
     let mut policies: BTreeMap<(&str, &str), &PolicyObject> = BTreeMap::new();
     for kind in kinds {
@@ -169,6 +178,7 @@ fn assemble(kinds: &[Watched], root_namespace: &str, reported: &mut Vec<String>)
     if errors != *reported {
         for error in &errors {
             warn!("{error} (policy left out until this is fixed)");
+            rejected.inc();
         }
         *reported = errors;
     }
@@ -280,6 +290,7 @@ impl Watched {
                 let message = error.to_string();
                 if self.rejected.get(&key) != Some(&message) {
                     warn!("{message} (rejected, keeping the last good version)");
+                    reporter.rejected.inc();
                     if matches!(error, Rejected::Policy(_)) {
                         reporter.invalid_policy(&self.resource, &object, &message);
                     }
@@ -309,10 +320,12 @@ fn key(object: &DynamicObject) -> String {
     }
 }
 
-/// Posts Events on the objects the agent rejects, so `kubectl describe` shows why.
+/// Posts Events on the objects the agent rejects, so `kubectl describe` shows why, and
+/// counts them.
 struct Reporter {
     client: Client,
     node_name: String,
+    rejected: Counter,
 }
 
 impl Reporter {
@@ -415,6 +428,7 @@ mod tests {
         Reporter {
             client: Client::try_from(config).unwrap(),
             node_name: "n1".to_owned(),
+            rejected: Counter::default(),
         }
     }
 
@@ -477,7 +491,7 @@ mod tests {
             }
             assert!(kind.rejected.is_empty(), "{:?}", kind.rejected);
         }
-        let snapshot = assemble(&kinds, "istio-system", &mut Vec::new());
+        let snapshot = assemble(&kinds, "istio-system", &mut Vec::new(), &Counter::default());
         let Some(Object::Policy(v1)) = kinds[0].objects.get("foo/p") else {
             panic!("v1 policy converted")
         };

@@ -30,9 +30,21 @@ pub struct ObjectMeta {
     pub annotations: Labels,
     #[serde(default)]
     pub uid: Option<String>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
     /// RFC 3339, as Kubernetes writes it; compared as a string, which orders correctly.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+}
+
+/// One of `metadata.ownerReferences`: the object that created this one.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    /// Set on the one reference that manages the object (its controller).
+    #[serde(default)]
+    pub controller: bool,
 }
 
 impl ObjectMeta {
@@ -56,6 +68,8 @@ pub struct Pod {
     /// `metadata.uid`, or for a static pod's mirror the kubelet's own UID of the pod.
     pub uid: Option<String>,
     pub labels: Labels,
+    /// `metadata.ownerReferences`: what names the pod's workload (`crate::peers`).
+    pub owners: Vec<OwnerReference>,
     pub service_account: String,
     pub ip: Option<IpAddr>,
     /// From [`NETNS_ANNOTATION`], or filled in by the agent (`cni_server::overlay`,
@@ -266,6 +280,7 @@ impl Pod {
                 .or(metadata.uid),
             name: metadata.name,
             labels: metadata.labels,
+            owners: metadata.owner_references,
             node_name: spec.as_ref().and_then(|s| s.node_name.clone()),
             host_network: spec.as_ref().is_some_and(|s| s.host_network),
             service_account: spec

@@ -106,6 +106,8 @@ struct Slot {
     /// The current certificate; receivers are the TLS resolvers and `fetch` callers.
     cert: watch::Sender<Option<Arc<WorkloadCert>>>,
     status: Status,
+    /// Failed requests since the first pod of the identity enrolled; never reset.
+    rotation_failures: u64,
 }
 
 /// What the worker is doing for one identity, for the report.
@@ -192,6 +194,7 @@ impl SecretManager {
                 pods: 1,
                 cert: watch::Sender::new(None),
                 status: Status::Requesting,
+                rotation_failures: 0,
             },
         );
         // The worker only stops when every handle is gone, and `self` is one.
@@ -249,6 +252,28 @@ impl SecretManager {
     pub fn certs_report(&self) -> CertsReport {
         report::build(&self.shared.lock())
     }
+
+    /// Per identity: when its certificate expires and how often asking for one failed.
+    pub fn cert_states(&self) -> Vec<CertState> {
+        self.shared
+            .lock()
+            .iter()
+            .map(|(id, slot)| CertState {
+                identity: id.clone(),
+                not_after: slot.cert.borrow().as_ref().map(|c| c.not_after()),
+                rotation_failures: slot.rotation_failures,
+            })
+            .collect()
+    }
+}
+
+/// One identity's certificate, for metrics.
+#[derive(Clone, Debug)]
+pub struct CertState {
+    pub identity: SpiffeId,
+    /// `None` before the first certificate and after expiry without a successor.
+    pub not_after: Option<SystemTime>,
+    pub rotation_failures: u64,
 }
 
 /// A worker waiting for its CA client; see [`SecretManager::new`].
@@ -383,6 +408,7 @@ impl Worker {
                 let until = now + backoff(&self.config, entry.failures);
                 entry.next_request = Some(until);
                 tracing::warn!(%id, failures = entry.failures, %error, "certificate request failed");
+                slot.rotation_failures += 1;
                 slot.status = Status::Backoff {
                     until,
                     failures: entry.failures,

@@ -1,6 +1,9 @@
 //! The proxy's own record of the connections it handles: live ones, a bounded history of
-//! closed ones, and per-workload counters. Served by the admin API (`/connections`,
-//! `/workloads`).
+//! closed ones, and per-workload counters, served by the admin API (`/connections`,
+//! `/workloads`). Also the one hook of every connection's telemetry: opening counts it in
+//! the [metrics](crate::metrics), closing adds its bytes, counts it closed with its
+//! typed [`CloseReason`] and writes its [access log](crate::access_log) line, as each
+//! request on it does.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -9,12 +12,22 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::copy::Traffic;
+use crate::{
+    access_log::{AccessLog, Common, ConnectionEntry, Entry, RequestEntry, Side},
+    admission::Refusal,
+    metrics::{
+        ConnectionTally, Metrics,
+        labels::{RequestProtocol, ResponseFlags},
+    },
+    peers::Ends,
+    policy::{Permit, Verdict},
+};
 
 /// Closed connections kept for inspection.
 const HISTORY: usize = 1024;
@@ -43,6 +56,107 @@ pub enum Path {
     HboneInbound,
 }
 
+/// Why a connection ended, as a stable code for metrics and access logs.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Both sides ended it.
+    Done,
+    /// A read or a write failed (a reset, a broken pipe), or HTTP on it did.
+    Io,
+    /// Authorization denied it, when it opened or when a new configuration re-checked it.
+    Denied,
+    /// Plaintext to a port whose PeerAuthentication mode is STRICT.
+    MtlsRequired,
+    /// The pod is no longer served at that address (it left the mesh or moved).
+    NotServed,
+    /// Not somewhere the proxy relays to: one of its own listeners, another pod.
+    BadDestination,
+    /// A limit of the data path was reached (per workload, per source, descriptors).
+    Limit,
+    /// The connection to the destination failed, timed out, or its proxy refused it.
+    ConnectFailed,
+    /// The HBONE tunnel could not be set up (TLS, secure naming, HTTP/2).
+    TunnelFailed,
+    /// Nowhere to send it: a Service without ready endpoints, a contested address.
+    NoRoute,
+    /// The kernel recorded no original destination for it.
+    NoOriginalDestination,
+    /// Its task ended first: the pod was released or the agent stopped.
+    Aborted,
+}
+
+impl From<&Refusal> for CloseReason {
+    fn from(refusal: &Refusal) -> Self {
+        match refusal {
+            Refusal::NotServed(_) => Self::NotServed,
+            Refusal::NotThisPod(_) | Refusal::ProxyPort(_) => Self::BadDestination,
+            Refusal::StrictMtls { .. } => Self::MtlsRequired,
+            Refusal::Denied { .. } => Self::Denied,
+        }
+    }
+}
+
+/// How a connection ended: the code, and what went wrong in words.
+#[derive(Clone, Debug)]
+pub struct Close {
+    pub reason: CloseReason,
+    pub error: Option<String>,
+}
+
+impl Close {
+    /// Both sides ended it.
+    pub fn done() -> Self {
+        Self {
+            reason: CloseReason::Done,
+            error: None,
+        }
+    }
+
+    pub fn new(reason: CloseReason, error: &impl std::fmt::Display) -> Self {
+        Self {
+            reason,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// An authorization decision as records and access logs show it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Decided {
+    #[serde(rename = "decision", serialize_with = "allow_or_deny")]
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy.
+    pub policy: Option<String>,
+    /// The index of the deciding rule in that policy.
+    pub rule: Option<usize>,
+}
+
+impl Decided {
+    fn new(verdict: &Verdict, allowed: bool) -> Self {
+        Self {
+            allowed,
+            policy: verdict.policy.as_ref().map(ToString::to_string),
+            rule: verdict.rule,
+        }
+    }
+}
+
+fn allow_or_deny<S: Serializer>(allowed: &bool, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if *allowed { "allow" } else { "deny" })
+}
+
+/// A connection as its listener opens it.
+pub struct Opening<'a> {
+    pub direction: Direction,
+    pub path: Path,
+    /// `namespace/name` of the pod whose listener accepted it.
+    pub workload: &'a str,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub ends: Ends,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionRecord {
     pub id: u64,
@@ -57,7 +171,12 @@ pub struct ConnectionRecord {
     pub closed_ms: Option<u64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub close_reason: Option<CloseReason>,
     pub error: Option<String>,
+    /// The authorization decision of a connection authorized as a whole, or of the
+    /// refusal that closed it.
+    #[serde(flatten)]
+    pub decision: Option<Decided>,
     /// On a connection authorized request by request, the latest decisions (oldest first).
     #[serde(skip_serializing_if = "VecDeque::is_empty")]
     pub requests: VecDeque<RequestRecord>,
@@ -89,17 +208,46 @@ pub struct WorkloadStats {
     pub bytes_received: AtomicU64,
 }
 
-#[derive(Default)]
 pub struct ConnectionLog {
     next_id: AtomicU64,
     inner: Mutex<LogInner>,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
 }
 
 #[derive(Default)]
 struct LogInner {
-    /// Live records carry their traffic counters, read when a report is made.
-    live: BTreeMap<u64, (ConnectionRecord, Arc<Traffic>)>,
+    /// Live records carry what they share with their guard, read when a report is made.
+    live: BTreeMap<u64, (ConnectionRecord, Arc<Live>)>,
     closed: VecDeque<ConnectionRecord>,
+}
+
+/// What a connection's guard, its request log and the live table share.
+struct Live {
+    traffic: Arc<Traffic>,
+    tally: ConnectionTally,
+    ends: Ends,
+    direction: Direction,
+    path: Path,
+    source: SocketAddr,
+    destination: SocketAddr,
+    opened: Instant,
+}
+
+impl Live {
+    fn common(&self, decision: Option<Decided>) -> Common {
+        let mtls = self.ends.mtls;
+        Common {
+            time: SystemTime::now(),
+            direction: self.direction,
+            path: self.path,
+            source: Side::new(self.source, &self.ends.source, mtls),
+            destination: Side::new(self.destination, &self.ends.destination, mtls),
+            service: self.ends.service.clone(),
+            mtls,
+            decision,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -109,45 +257,71 @@ pub struct ConnectionsReport {
 }
 
 impl ConnectionLog {
-    /// Records a new connection; the guard closes the record when finished or dropped.
-    pub fn open(
-        self: &Arc<Self>,
-        direction: Direction,
-        path: Path,
-        workload: &str,
-        source: SocketAddr,
-        destination: SocketAddr,
-        stats: Arc<WorkloadStats>,
-    ) -> ConnectionGuard {
+    pub fn new(metrics: Arc<Metrics>, access_log: AccessLog) -> Self {
+        Self {
+            next_id: AtomicU64::new(0),
+            inner: Mutex::default(),
+            metrics,
+            access_log,
+        }
+    }
+
+    /// Records a new connection and counts it opened; the guard closes the record when
+    /// finished or dropped.
+    pub fn open(self: &Arc<Self>, opening: Opening, stats: Arc<WorkloadStats>) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let counter = match direction {
+        let counter = match opening.direction {
             Direction::Outbound => &stats.connections_outbound,
             Direction::Inbound => &stats.connections_inbound,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let record = ConnectionRecord {
             id,
-            direction,
-            path,
-            workload: workload.to_owned(),
-            source,
-            destination,
+            direction: opening.direction,
+            path: opening.path,
+            workload: opening.workload.to_owned(),
+            source: opening.source,
+            destination: opening.destination,
             opened_ms: now_ms(),
             closed_ms: None,
             bytes_sent: 0,
             bytes_received: 0,
+            close_reason: None,
             error: None,
+            decision: None,
             requests: VecDeque::new(),
         };
-        let traffic = Arc::new(Traffic::default());
-        self.lock().live.insert(id, (record, Arc::clone(&traffic)));
+        let live = Arc::new(Live {
+            traffic: Arc::default(),
+            tally: self.metrics.open(opening.direction, &opening.ends),
+            ends: opening.ends,
+            direction: opening.direction,
+            path: opening.path,
+            source: opening.source,
+            destination: opening.destination,
+            opened: Instant::now(),
+        });
+        self.lock().live.insert(id, (record, Arc::clone(&live)));
         ConnectionGuard {
             log: Arc::clone(self),
             id,
             stats,
-            traffic,
+            live,
+            decision: None,
             finished: false,
         }
+    }
+
+    /// Adds the bytes live connections moved so far to the metrics, so that a scrape
+    /// sees long connections grow rather than jump when they close.
+    pub fn report_traffic(&self) {
+        for (_, live) in self.lock().live.values() {
+            live.tally.report(&live.traffic);
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn report(&self) -> ConnectionsReport {
@@ -156,10 +330,10 @@ impl ConnectionLog {
             live: inner
                 .live
                 .values()
-                .map(|(record, traffic)| {
+                .map(|(record, live)| {
                     let mut record = record.clone();
-                    record.bytes_sent = traffic.sent.load(Ordering::Relaxed);
-                    record.bytes_received = traffic.received.load(Ordering::Relaxed);
+                    record.bytes_sent = live.traffic.sent.load(Ordering::Relaxed);
+                    record.bytes_received = live.traffic.received.load(Ordering::Relaxed);
                     record
                 })
                 .collect(),
@@ -180,13 +354,16 @@ impl ConnectionLog {
         }
     }
 
-    fn close(&self, id: u64, sent: u64, received: u64, error: Option<String>) {
+    /// Moves the record to the history with how it ended.
+    fn close(&self, id: u64, traffic: &Traffic, close: &Close, decision: Option<&Decided>) {
         let mut inner = self.lock();
         if let Some((mut record, _)) = inner.live.remove(&id) {
             record.closed_ms = Some(now_ms());
-            record.bytes_sent = sent;
-            record.bytes_received = received;
-            record.error = error;
+            record.bytes_sent = traffic.sent.load(Ordering::Relaxed);
+            record.bytes_received = traffic.received.load(Ordering::Relaxed);
+            record.close_reason = Some(close.reason);
+            record.error = close.error.clone();
+            record.decision = decision.cloned();
             if inner.closed.len() == HISTORY {
                 inner.closed.pop_front();
             }
@@ -201,19 +378,21 @@ pub struct ConnectionGuard {
     log: Arc<ConnectionLog>,
     id: u64,
     stats: Arc<WorkloadStats>,
-    traffic: Arc<Traffic>,
+    live: Arc<Live>,
+    /// Kept here rather than in the shared record, so that deciding takes no lock.
+    decision: Option<Decided>,
     finished: bool,
 }
 
 impl ConnectionGuard {
     /// The counters the copy loop updates.
     pub fn traffic(&self) -> &Traffic {
-        &self.traffic
+        &self.live.traffic
     }
 
     /// The same counters, for a stream that counts its own bytes.
     pub fn shared_traffic(&self) -> Arc<Traffic> {
-        Arc::clone(&self.traffic)
+        Arc::clone(&self.live.traffic)
     }
 
     /// A handle that adds request decisions to this connection's record.
@@ -221,42 +400,121 @@ impl ConnectionGuard {
         RequestLog {
             log: Arc::clone(&self.log),
             id: self.id,
+            live: Arc::clone(&self.live),
         }
     }
 
-    /// Closes the record with the bytes counted so far and `error`, if the connection
-    /// ended with one.
-    pub fn finish(&mut self, error: Option<String>) {
+    /// Authorization let the connection in as a whole.
+    pub fn permitted(&mut self, permit: &Permit) {
+        self.decide(permit.verdict(), true);
+    }
+
+    /// Admission refused the connection, or a new configuration does.
+    pub fn refused(&mut self, refusal: &Refusal) {
+        match refusal {
+            Refusal::Denied { denied, .. } => self.decide(denied.verdict(), false),
+            Refusal::StrictMtls { policy, .. } => {
+                self.decision = Some(Decided {
+                    allowed: false,
+                    policy: policy.as_ref().map(ToString::to_string),
+                    rule: None,
+                });
+            }
+            Refusal::NotServed(_) | Refusal::NotThisPod(_) | Refusal::ProxyPort(_) => {}
+        }
+    }
+
+    fn decide(&mut self, verdict: &Verdict, allowed: bool) {
+        self.log.metrics.authorized(verdict, allowed);
+        self.decision = Some(Decided::new(verdict, allowed));
+    }
+
+    /// Closes the record with the bytes counted so far and how it ended, counts it closed
+    /// and writes its access log line.
+    pub fn finish(&mut self, close: Close) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let sent = self.traffic.sent.load(Ordering::Relaxed);
-        let received = self.traffic.received.load(Ordering::Relaxed);
+        let live = &self.live;
+        let sent = live.traffic.sent.load(Ordering::Relaxed);
+        let received = live.traffic.received.load(Ordering::Relaxed);
         self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         self.stats
             .bytes_received
             .fetch_add(received, Ordering::Relaxed);
-        self.log.close(self.id, sent, received, error);
+        live.tally.close(&live.traffic, close.reason);
+        self.log
+            .close(self.id, &live.traffic, &close, self.decision.as_ref());
+        self.log
+            .access_log
+            .write(Entry::Connection(ConnectionEntry {
+                common: live.common(self.decision.take()),
+                bytes_sent: sent,
+                bytes_received: received,
+                duration_ms: millis(live.opened),
+                close_reason: close.reason,
+                error: close.error,
+            }));
     }
 }
 
-/// Adds request decisions to one connection's record, from the tasks serving its requests.
+/// One request's outcome, for its metrics and access log line.
+pub struct RequestOutcome<'a> {
+    pub record: RequestRecord,
+    /// The authorization decision, when policies decided the request.
+    pub verdict: Option<&'a Verdict>,
+    pub protocol: RequestProtocol,
+    pub flags: ResponseFlags,
+    pub started: Instant,
+}
+
+/// Adds request decisions to one connection's record, from the tasks serving its
+/// requests, and records their metrics and access log lines.
 #[derive(Clone)]
 pub struct RequestLog {
     log: Arc<ConnectionLog>,
     id: u64,
+    live: Arc<Live>,
 }
 
 impl RequestLog {
-    pub fn record(&self, request: RequestRecord) {
-        self.log.record_request(self.id, request);
+    pub fn record(&self, outcome: RequestOutcome) {
+        let RequestOutcome {
+            record,
+            verdict,
+            protocol,
+            flags,
+            started,
+        } = outcome;
+        let decision = verdict.map(|verdict| {
+            self.log.metrics.authorized(verdict, record.allowed);
+            Decided::new(verdict, record.allowed)
+        });
+        self.live
+            .tally
+            .request(protocol, flags, record.status, started.elapsed());
+        self.log.access_log.write(Entry::Request(RequestEntry {
+            common: self.live.common(decision),
+            method: record.method.clone(),
+            request_path: record.path.clone(),
+            status: record.status,
+            duration_ms: millis(started),
+        }));
+        self.log.record_request(self.id, record);
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.finish(Some("aborted".to_owned()));
+        self.finish(Close {
+            reason: CloseReason::Aborted,
+            error: None,
+        });
     }
+}
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn now_ms() -> u64 {

@@ -8,10 +8,14 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use crate::admission::{self, Admission, Handling, Peer, Refusal};
+use crate::{
+    admission::{self, Admission, Handling, Peer, Refusal},
+    state::Applied,
+};
 
 use super::{
     PodProxy, Shared,
+    connections::CloseReason,
     limits::{Exceeded, GaugePermit, InboundPermit, Source},
     socket::{self, SocketError},
 };
@@ -36,6 +40,16 @@ pub enum EntryError {
     Upstream(#[from] SocketError),
 }
 
+impl EntryError {
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Self::Refused(refusal) => refusal.into(),
+            Self::Limit(_) => CloseReason::Limit,
+            Self::Upstream(_) => CloseReason::ConnectFailed,
+        }
+    }
+}
+
 /// Admits `peer` to `destination` on `pod` against the configuration in force.
 pub fn admit(
     shared: &Shared,
@@ -52,16 +66,18 @@ pub fn admit(
     )
 }
 
-/// Admits, counts (`source` is who the connection is charged to) and, for a connection
-/// authorized as a whole, connects to the application.
+/// Admits against `applied` (the configuration in force, read once by the caller),
+/// counts (`source` is who the connection is charged to) and, for a connection authorized
+/// as a whole, connects to the application.
 pub async fn enter(
     shared: &Shared,
+    applied: &Applied,
     pod: &PodProxy,
     peer: &Peer,
     source: &Source,
     destination: SocketAddr,
 ) -> Result<Entered, EntryError> {
-    let admission = admit(shared, pod, peer, destination)?;
+    let admission = admission::admit(applied, &pod.key, pod.ip, peer, destination)?;
     let permit = pod.counters.inbound(&shared.limits, source)?;
     let descriptor = shared.descriptors.acquire()?;
     let upstream = match admission.handling {

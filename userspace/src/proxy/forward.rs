@@ -8,7 +8,11 @@ use tokio::{
 };
 use tracing::info;
 
-use super::{PodProxy, connections::ConnectionGuard, copy::copy_both_ways};
+use super::{
+    PodProxy,
+    connections::{Close, CloseReason, ConnectionGuard},
+    copy::copy_both_ways,
+};
 use crate::{
     admission::{self, Peer, Refusal},
     state::AppliedRx,
@@ -67,11 +71,20 @@ pub async fn relay<C, S>(
             None => std::future::pending().await,
         }
     };
-    let error = tokio::select! {
-        result = copy => result.err().map(|e| e.to_string()),
-        refusal = refused => Some(format!("closed: {refusal}")),
+    let close = tokio::select! {
+        result = copy => match result {
+            Ok(()) => Close::done(),
+            Err(error) => Close::new(CloseReason::Io, &error),
+        },
+        refusal = refused => closed_by(record, &refusal),
     };
-    record.finish(error);
+    record.finish(close);
+}
+
+/// Records that a new configuration refused a live connection.
+pub fn closed_by(record: &mut ConnectionGuard, refusal: &Refusal) -> Close {
+    record.refused(refusal);
+    Close::new(refusal.into(), &format_args!("closed: {refusal}"))
 }
 
 /// Closes `stream` with a reset rather than a FIN, so the client sees the refusal the

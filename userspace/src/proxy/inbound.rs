@@ -6,7 +6,7 @@
 //! destination the client asked for. accept → admit with no identity (PeerAuthentication
 //! mode of the port, then authorization) → count against the limits → [`deliver`].
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -14,13 +14,16 @@ use tracing::debug;
 
 use super::{
     Accepted, PodProxy, Shared,
-    connections::{ConnectionGuard, Direction, Path},
+    connections::{Close, ConnectionGuard, Direction, Opening, Path},
     entry::{self, Entered},
     forward::{self, Recheck},
     l7,
     limits::Source,
 };
-use crate::admission::Peer;
+use crate::{
+    admission::{Handling, Peer},
+    peers::{Client, Peers},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -58,29 +61,65 @@ async fn handle(
         descriptor: _descriptor,
     } = accepted;
     let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
-    let mut record = shared.connections.open(
-        Direction::Inbound,
+    let client_of = Client {
+        addr: client,
+        identity: None,
+        baggage: None,
+    };
+    let applied = Arc::clone(&shared.applied.borrow());
+    let mut record = open(
+        &shared,
+        &applied.peers,
+        &pod,
         Path::PlaintextInbound,
-        &pod.key,
-        client,
+        &client_of,
         destination,
-        Arc::clone(&pod.stats),
     );
     let peer = Peer {
         identity: None,
         ip: client.ip(),
     };
-    let entered = match entry::enter(&shared, &pod, &peer, &Source::Ip(peer.ip), destination).await
-    {
+    let source = Source::Ip(peer.ip);
+    let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
-            record.finish(Some(error.to_string()));
+            refused(&mut record, &error);
             forward::reset(stream);
             return Err(error.into());
         }
     };
     deliver(stream, entered, pod, shared, None, &mut record).await;
     Ok(())
+}
+
+/// Records a connection from `client` to `destination` arriving on `path`, its ends named
+/// by `peers`.
+pub fn open(
+    shared: &Shared,
+    peers: &Peers,
+    pod: &PodProxy,
+    path: Path,
+    client: &Client,
+    destination: SocketAddr,
+) -> ConnectionGuard {
+    let ends = peers.inbound(&pod.key, destination, client);
+    let opening = Opening {
+        direction: Direction::Inbound,
+        path,
+        workload: &pod.key,
+        source: client.addr,
+        destination,
+        ends,
+    };
+    shared.connections.open(opening, Arc::clone(&pod.stats))
+}
+
+/// Closes the record of a connection that did not get in.
+pub fn refused(record: &mut ConnectionGuard, error: &entry::EntryError) {
+    if let entry::EntryError::Refused(refusal) = error {
+        record.refused(refusal);
+    }
+    record.finish(Close::new(error.reason(), error));
 }
 
 /// Serves an admitted connection until it ends: bytes relayed to the application when it
@@ -102,6 +141,9 @@ pub async fn deliver<C>(
         upstream,
         held: _held,
     } = entered;
+    if let Handling::Connection(permit) = &admission.handling {
+        record.permitted(permit);
+    }
     match upstream {
         Some(mut upstream) => {
             let recheck = Recheck {

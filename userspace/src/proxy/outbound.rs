@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::{
     Accepted, PodProxy, Shared,
-    connections::{Direction, Path},
+    connections::{Close, CloseReason, Direction, Opening, Path},
     forward, hbone,
     limits::Exceeded,
     socket,
@@ -143,24 +143,36 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             return Err(exceeded.into());
         }
     };
-    let route = decide(
-        &shared.applied.borrow().destinations,
-        destination,
-        usize::from(peer.port()),
-    );
+    let (route, ends, baggage) = {
+        let applied = shared.applied.borrow();
+        let route = decide(&applied.destinations, destination, usize::from(peer.port()));
+        let (target, mtls) = match &route {
+            Route::Hbone { target, .. } => (Some(*target), true),
+            Route::Direct(target) => (Some(*target), false),
+            Route::Refuse(_) => (None, false),
+        };
+        let ends = applied.peers.outbound(&pod.key, destination, target, mtls);
+        let baggage = ends
+            .source
+            .workload
+            .as_ref()
+            .and_then(|w| w.baggage.clone());
+        (route, ends, baggage)
+    };
     debug!(workload = %pod.key, %destination, ?route, "outbound");
     let path = match route {
         Route::Hbone { .. } => Path::Hbone,
         Route::Direct(_) | Route::Refuse(_) => Path::Plaintext,
     };
-    let mut record = shared.connections.open(
-        Direction::Outbound,
+    let opening = Opening {
+        direction: Direction::Outbound,
         path,
-        &pod.key,
-        SocketAddr::new(pod.ip, peer.port()),
+        workload: &pod.key,
+        source: SocketAddr::new(pod.ip, peer.port()),
         destination,
-        Arc::clone(&pod.stats),
-    );
+        ends,
+    };
+    let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
         Route::Direct(addr) => match direct(pod, shared, addr).await {
             Ok((upstream, _descriptor)) => {
@@ -175,7 +187,7 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             allowed,
         } => match shared
             .pool
-            .open(pod, shared, allowed, gateway, target)
+            .open(pod, shared, allowed, gateway, target, baggage)
             .await
         {
             Ok(tunnel) => {
@@ -186,9 +198,21 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         },
         Route::Refuse(reason) => OutboundError::Refused(reason),
     };
-    record.finish(Some(error.to_string()));
+    record.finish(Close::new(error.reason(), &error));
     forward::reset(stream);
     Err(error)
+}
+
+impl OutboundError {
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Self::NoOrigDst { .. } => CloseReason::NoOriginalDestination,
+            Self::Refused(_) => CloseReason::NoRoute,
+            Self::Upstream(_) => CloseReason::ConnectFailed,
+            Self::Hbone(error) => error.reason(),
+            Self::Limit(_) => CloseReason::Limit,
+        }
+    }
 }
 
 /// A plain TCP connection from the pod to `addr`, with the descriptor it holds.

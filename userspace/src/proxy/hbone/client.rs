@@ -19,14 +19,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
-use super::HboneError;
+use super::{HboneError, baggage};
 use crate::{
     identity::SpiffeId,
     proxy::{PodProxy, Shared, socket},
@@ -91,8 +91,25 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The open connections the pool holds.
+    pub fn connections(&self) -> usize {
+        let slots: Vec<Slot> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .map(|slot| {
+                let state = lock(slot);
+                state
+                    .connections
+                    .iter()
+                    .filter(|p| !p.sender.is_closed())
+                    .count()
+            })
+            .sum()
+    }
+
     /// Opens a tunnel from `pod` to `target` through the proxy at `gateway`, which must
-    /// present one of the `allowed` identities.
+    /// present one of the `allowed` identities. The `CONNECT` carries the pod's `baggage`
+    /// and its address as `forwarded`.
     pub async fn open(
         &self,
         pod: &PodProxy,
@@ -100,6 +117,7 @@ impl Pool {
         allowed: Vec<SpiffeId>,
         gateway: SocketAddr,
         target: SocketAddr,
+        baggage: Option<HeaderValue>,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source_pod: pod.ip,
@@ -116,14 +134,19 @@ impl Pool {
             }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
-        let (sender, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
-        match request(sender, stream, target).await {
+        let connect = Connect {
+            target,
+            baggage,
+            forwarded: baggage::forwarded(pod.ip),
+        };
+        let (pooled, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
+        match request(pooled, stream, &connect).await {
             Err(HboneError::Http(error)) if reused => {
                 // The pooled connection died under us (the peer restarted, say): once more
                 // on a fresh one.
                 debug!(%gateway, %error, "pooled HBONE connection failed; reconnecting");
-                let (sender, stream, _) = pick(&slot, pod, shared, &key, true).await?;
-                request(sender, stream, target).await
+                let (pooled, stream, _) = pick(&slot, pod, shared, &key, true).await?;
+                request(pooled, stream, &connect).await
             }
             other => other,
         }
@@ -131,15 +154,15 @@ impl Pool {
 }
 
 /// A connection of `slot` with room for one more stream, opening one if none has or
-/// `fresh` asks for a new one. Returns its sender, the new stream's count on it and
-/// whether it was reused.
+/// `fresh` asks for a new one. Returns it, the new stream's count on it and whether it
+/// was reused.
 async fn pick(
     slot: &Slot,
     pod: &PodProxy,
     shared: &Shared,
     key: &PoolKey,
     fresh: bool,
-) -> Result<(Sender, StreamCount, bool), HboneError> {
+) -> Result<(Pooled, StreamCount, bool), HboneError> {
     let connecting = {
         let mut state = lock(slot);
         let now = SystemTime::now();
@@ -150,11 +173,7 @@ async fn pick(
             .filter(|_| !fresh)
             .find(|p| p.streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION);
         if let Some(pooled) = reusable {
-            return Ok((
-                pooled.sender.clone(),
-                StreamCount::new(&pooled.streams),
-                true,
-            ));
+            return Ok((pooled.clone(), StreamCount::new(&pooled.streams), true));
         }
         Arc::clone(state.connecting.get_or_insert_with(Connecting::default))
     };
@@ -184,7 +203,8 @@ async fn pick(
         }
     }
     let pooled = result.map_err(HboneError::Setup)?;
-    Ok((pooled.sender, StreamCount::new(&pooled.streams), false))
+    let stream = StreamCount::new(&pooled.streams);
+    Ok((pooled, stream, false))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -275,18 +295,30 @@ async fn connect(pod: &PodProxy, shared: &Shared, key: &PoolKey) -> Result<Poole
     })
 }
 
-/// Opens the stream `stream` counts; the count is released on every error path by its drop.
-async fn request(
-    mut sender: Sender,
-    stream: StreamCount,
+/// What one `CONNECT` asks for, and says about its client.
+struct Connect {
     target: SocketAddr,
+    baggage: Option<HeaderValue>,
+    forwarded: HeaderValue,
+}
+
+/// Opens the stream `stream` counts on `pooled`; the count is released on every error
+/// path by its drop.
+async fn request(
+    pooled: Pooled,
+    stream: StreamCount,
+    connect: &Connect,
 ) -> Result<Tunnel, HboneError> {
+    let mut sender = pooled.sender;
     sender.ready().await?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri(target.to_string())
-        .body(Empty::new())?;
-    let mut response = sender.send_request(request).await?;
+        .uri(connect.target.to_string())
+        .header(baggage::FORWARDED, connect.forwarded.clone());
+    if let Some(value) = &connect.baggage {
+        request = request.header(baggage::BAGGAGE, value.clone());
+    }
+    let mut response = sender.send_request(request.body(Empty::new())?).await?;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Status(response.status()));
     }

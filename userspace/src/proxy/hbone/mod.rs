@@ -3,6 +3,7 @@
 //! [`client`] opens streams over pooled connections; [`server`] terminates them in the
 //! destination pod.
 
+pub mod baggage;
 pub mod client;
 pub mod request;
 pub mod server;
@@ -10,7 +11,7 @@ pub mod server;
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    proxy::{limits::Exceeded, socket::SocketError},
+    proxy::{connections::CloseReason, limits::Exceeded, socket::SocketError},
     tls::TlsError,
 };
 
@@ -46,4 +47,27 @@ pub enum HboneError {
     Setup(Arc<HboneError>),
     #[error(transparent)]
     Limit(#[from] Exceeded),
+}
+
+impl HboneError {
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Self::Socket(_) | Self::Timeout(_) => CloseReason::ConnectFailed,
+            // The destination proxy answers 401 for a refusal, 503 when the application
+            // refused.
+            Self::Status(status) if *status == http::StatusCode::UNAUTHORIZED => {
+                CloseReason::Denied
+            }
+            Self::Status(status) if *status == http::StatusCode::SERVICE_UNAVAILABLE => {
+                CloseReason::ConnectFailed
+            }
+            Self::Tls(_)
+            | Self::Http(_)
+            | Self::Status(_)
+            | Self::Request(_)
+            | Self::HandshakeTimeout(_) => CloseReason::TunnelFailed,
+            Self::Setup(error) => error.reason(),
+            Self::Limit(_) => CloseReason::Limit,
+        }
+    }
 }

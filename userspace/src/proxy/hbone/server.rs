@@ -29,12 +29,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{HboneError, request};
+use super::{HboneError, baggage, request};
 use crate::{
     admission::Peer,
+    peers::Client,
     proxy::{
         Accepted, PodProxy, Shared,
-        connections::{Direction, Path},
+        connections::{Close, CloseReason, Path},
         entry::{self, EntryError},
         forward, inbound, l7,
         limits::{Gauge, GaugePermit, Source},
@@ -106,6 +107,7 @@ async fn serve_connection(
         ip: client.ip(),
     });
     let source = Arc::new(Source::Identity(verified.id().clone()));
+    let principal: Arc<str> = Arc::from(verified.id().to_string());
     let forwarded_client_cert =
         l7::forwarded_client_cert(&pod.identity, verified.fingerprint(), verified.id());
     let activity = Arc::new(Activity::default());
@@ -114,11 +116,13 @@ async fn serve_connection(
         service_fn(move |request| {
             let (pod, shared, peer) = (Arc::clone(&pod), shared.clone(), Arc::clone(&peer));
             let (source, open) = (Arc::clone(&source), activity.open());
-            let forwarded_client_cert = forwarded_client_cert.clone();
+            let (principal, forwarded_client_cert) =
+                (Arc::clone(&principal), forwarded_client_cert.clone());
             async move {
                 let stream = Stream {
                     client,
                     peer,
+                    principal,
                     source,
                     open,
                     forwarded_client_cert,
@@ -209,6 +213,8 @@ impl Activity {
 struct Stream {
     client: std::net::SocketAddr,
     peer: Arc<Peer>,
+    /// The peer's verified identity as a label value.
+    principal: Arc<str>,
     /// The verified identity, which the stream is counted against.
     source: Arc<Source>,
     open: GaugePermit,
@@ -227,6 +233,7 @@ async fn open_stream(
     let Stream {
         client,
         peer,
+        principal,
         source,
         open,
         forwarded_client_cert,
@@ -238,19 +245,26 @@ async fn open_stream(
             return StatusCode::BAD_REQUEST;
         }
     };
-    let mut record = shared.connections.open(
-        Direction::Inbound,
+    let claimed = baggage::parse(request.headers());
+    let client_of = Client {
+        addr: client,
+        identity: peer.identity.as_ref().map(|id| (id, &principal)),
+        baggage: Some(&claimed),
+    };
+    let applied = Arc::clone(&shared.applied.borrow());
+    let mut record = inbound::open(
+        &shared,
+        &applied.peers,
+        &pod,
         Path::HboneInbound,
-        &pod.key,
-        client,
+        &client_of,
         destination,
-        Arc::clone(&pod.stats),
     );
-    let entered = match entry::enter(&shared, &pod, &peer, &source, destination).await {
+    let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
         Err(error) => {
             debug!(workload = %pod.key, %error, "HBONE stream refused or failed");
-            record.finish(Some(error.to_string()));
+            inbound::refused(&mut record, &error);
             return match error {
                 EntryError::Refused(_) | EntryError::Limit(_) => StatusCode::UNAUTHORIZED,
                 EntryError::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -262,7 +276,7 @@ async fn open_stream(
         let _open = open;
         let tunnel = match upgrade.await {
             Ok(tunnel) => TokioIo::new(tunnel),
-            Err(error) => return record.finish(Some(error.to_string())),
+            Err(error) => return record.finish(Close::new(CloseReason::Io, &error)),
         };
         inbound::deliver(
             tunnel,

@@ -16,7 +16,12 @@ mod respond;
 mod rewind;
 mod upstream;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, request::Parts};
 use http_body_util::Either;
@@ -30,7 +35,7 @@ use tracing::debug;
 
 use super::{
     PodProxy, Shared,
-    connections::{ConnectionGuard, RequestLog, RequestRecord},
+    connections::{Close, CloseReason, ConnectionGuard, RequestLog, RequestOutcome, RequestRecord},
     entry,
     forward::{self, Recheck},
     hbone,
@@ -40,7 +45,10 @@ use crate::admission::{
     normalize::{FramingError, check_framing},
     protocol::Detected,
 };
-use crate::policy::authz::ACCESS_DENIED;
+use crate::{
+    metrics::labels::{RequestProtocol, ResponseFlags},
+    policy::{Permit, Verdict, authz::ACCESS_DENIED},
+};
 use respond::Body;
 pub use respond::forwarded_client_cert;
 use upstream::{Upstream, UpstreamError};
@@ -96,7 +104,7 @@ pub async fn serve<C>(
     let (client, detected) = match admission.handling {
         Handling::Detect => match rewind::detect(client, DETECT_WITHIN).await {
             Ok(detected) => detected,
-            Err(error) => return record.finish(Some(error.to_string())),
+            Err(error) => return record.finish(Close::new(CloseReason::Io, &error)),
         },
         Handling::Requests | Handling::Connection(_) => (
             rewind::Rewind::new(bytes::Bytes::new(), client),
@@ -112,15 +120,19 @@ pub async fn serve<C>(
         whole,
     };
     if detected == Detected::Opaque {
-        if let Err(refusal) = admission.authorize_connection() {
-            return record.finish(Some(refusal.to_string()));
+        match admission.authorize_connection() {
+            Ok(permit) => record.permitted(&permit),
+            Err(refusal) => {
+                record.refused(&refusal);
+                return record.finish(Close::new((&refusal).into(), &refusal));
+            }
         }
         let upstream = entry::connect(&conn.shared, &conn.pod, &conn.peer, conn.destination);
         match upstream.await {
             Ok(mut upstream) => {
                 forward::relay(client, &mut upstream, record, Some(recheck(true))).await;
             }
-            Err(error) => record.finish(Some(error.to_string())),
+            Err(error) => record.finish(Close::new(CloseReason::ConnectFailed, &error)),
         }
         return;
     }
@@ -145,11 +157,14 @@ pub async fn serve<C>(
     };
     let client = counted::Counted::new(client, record.shared_traffic());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-    let error = tokio::select! {
-        served = served => served.err().map(|e| e.to_string()),
-        refusal = recheck(false).refused() => Some(format!("closed: {refusal}")),
+    let close = tokio::select! {
+        served = served => match served {
+            Ok(()) => Close::done(),
+            Err(error) => Close::new(CloseReason::Io, &error),
+        },
+        refusal = recheck(false).refused() => forward::closed_by(record, &refusal),
     };
-    record.finish(error);
+    record.finish(close);
 }
 
 /// Why the proxy answers a request itself.
@@ -179,6 +194,26 @@ impl Answer {
         }
     }
 
+    /// `response_flags`: refused by policy, or the application could not be reached.
+    fn flags(&self) -> ResponseFlags {
+        match self {
+            Self::Request(RequestDenied::Denied(_)) | Self::Connection(Refusal::Denied { .. }) => {
+                ResponseFlags::Deny
+            }
+            Self::Upstream(_) => ResponseFlags::Connect,
+            Self::Framing(_) | Self::Request(_) | Self::Connection(_) => ResponseFlags::None,
+        }
+    }
+
+    /// The policy's verdict, when a policy denied.
+    fn verdict(&self) -> Option<&Verdict> {
+        match self {
+            Self::Request(RequestDenied::Denied(denied))
+            | Self::Connection(Refusal::Denied { denied, .. }) => Some(denied.verdict()),
+            _ => None,
+        }
+    }
+
     /// What the client reads: Envoy's text for a denial, the reason for the rest.
     fn message(&self) -> String {
         match self {
@@ -192,12 +227,13 @@ impl Answer {
 
 /// Decides one request and answers it, from the application or from the proxy.
 async fn handle(mut request: Request<Incoming>, conn: &Connection) -> Response<Body> {
+    let started = Instant::now();
     let grpc = respond::is_grpc(request.headers());
     let upgrade = respond::wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let method = parts.method.to_string();
-    let (response, verdict) = match decide(conn, &mut parts) {
+    let (response, path, verdict) = match decide(conn, &mut parts) {
         Ok(permit) => {
             respond::prepare_headers(
                 &mut parts.headers,
@@ -206,31 +242,76 @@ async fn handle(mut request: Request<Incoming>, conn: &Connection) -> Response<B
             );
             let forwarded = Request::from_parts(parts_for_upstream(parts, conn), body);
             let path = forwarded.uri().path().to_owned();
-            let response = match conn.upstream.send(conn, forwarded).await {
+            let (response, failed) = match conn.upstream.send(conn, forwarded).await {
                 Ok(mut response) => {
                     if let Some(downstream) = downstream_upgrade
                         && response.status() == StatusCode::SWITCHING_PROTOCOLS
                     {
                         tunnel(downstream, hyper::upgrade::on(&mut response));
                     }
-                    response.map(Either::Left)
+                    (response.map(Either::Left), None)
                 }
                 Err(error) => {
                     debug!(workload = %conn.pod.key, %error, "request to the application failed");
                     let answer = Answer::from(error);
-                    respond::answer(answer.status(), &answer.message(), grpc)
+                    let response = respond::answer(answer.status(), &answer.message(), grpc);
+                    (response, Some(answer))
                 }
             };
-            (response, Ok((path, permit.0)))
+            (response, path, Ok((permit.0, failed)))
         }
         Err(answer) => {
             let response = respond::answer(answer.status(), &answer.message(), grpc);
-            (response, Err((parts.uri.path().to_owned(), answer)))
+            (response, parts.uri.path().to_owned(), Err(answer))
         }
     };
-    conn.requests
-        .record(request_record(method, response.status(), verdict));
+    let status = response.status();
+    conn.requests.record(request_outcome(
+        method, path, status, grpc, &verdict, started,
+    ));
     response
+}
+
+/// What is recorded of a request answered `status`: allowed with its permit (and the
+/// answer when the application could not be reached), or the proxy's answer.
+fn request_outcome<'v>(
+    method: String,
+    path: String,
+    status: StatusCode,
+    grpc: bool,
+    verdict: &'v Result<(Permit, Option<Answer>), Answer>,
+    started: Instant,
+) -> RequestOutcome<'v> {
+    let (decided, flags, reason) = match verdict {
+        Ok((permit, failed)) => (
+            Some(permit.verdict()),
+            failed.as_ref().map_or(ResponseFlags::None, Answer::flags),
+            permit.verdict().reason.to_string(),
+        ),
+        Err(answer) => (answer.verdict(), answer.flags(), answer.to_string()),
+    };
+    let record = RequestRecord {
+        method,
+        path,
+        status: status.as_u16(),
+        allowed: verdict.is_ok(),
+        policy: decided
+            .and_then(|v| v.policy.as_ref())
+            .map(ToString::to_string),
+        rule: decided.and_then(|v| v.rule),
+        reason,
+    };
+    RequestOutcome {
+        record,
+        verdict: decided,
+        protocol: if grpc {
+            RequestProtocol::Grpc
+        } else {
+            RequestProtocol::Http
+        },
+        flags,
+        started,
+    }
 }
 
 /// Admits the connection again against the configuration in force, then decides the
@@ -281,38 +362,4 @@ fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
         let mut upstream = TokioIo::new(upstream);
         let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
     });
-}
-
-fn request_record(
-    method: String,
-    status: StatusCode,
-    verdict: Result<(String, crate::policy::Permit), (String, Answer)>,
-) -> RequestRecord {
-    let (path, allowed, decided, reason) = match &verdict {
-        Ok((path, permit)) => (
-            path,
-            true,
-            Some(permit.verdict()),
-            permit.verdict().reason.to_string(),
-        ),
-        Err((path, answer)) => {
-            let decided = match answer {
-                Answer::Request(RequestDenied::Denied(denied))
-                | Answer::Connection(Refusal::Denied { denied, .. }) => Some(denied.verdict()),
-                _ => None,
-            };
-            (path, false, decided, answer.to_string())
-        }
-    };
-    RequestRecord {
-        method,
-        path: path.clone(),
-        status: status.as_u16(),
-        allowed,
-        policy: decided
-            .and_then(|v| v.policy.as_ref())
-            .map(ToString::to_string),
-        rule: decided.and_then(|v| v.rule),
-        reason,
-    }
 }
