@@ -6,21 +6,19 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-
 use crate::admission::{self, Admission, Handling, Peer, Refusal};
 
 use super::{
     PodProxy, Shared,
     limits::{Exceeded, GaugePermit, InboundPermit, Source},
-    socket::{self, SocketError},
+    socket::{self, ProxyStream, SocketError},
 };
 
 /// An inbound connection let in: what was decided, its connection to the application
 /// when it is authorized as a whole, and the counts it holds until dropped.
 pub struct Entered {
     pub admission: Admission,
-    pub upstream: Option<TcpStream>,
+    pub upstream: Option<ProxyStream>,
     /// Counts against the limits, held until the connection ends.
     pub held: (InboundPermit, GaugePermit),
 }
@@ -81,7 +79,7 @@ pub async fn connect(
     pod: &PodProxy,
     peer: &Peer,
     destination: SocketAddr,
-) -> Result<TcpStream, SocketError> {
+) -> Result<ProxyStream, SocketError> {
     socket::connect(
         &pod.netns,
         destination,

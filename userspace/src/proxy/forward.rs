@@ -1,11 +1,8 @@
 //! Relaying an admitted connection, and ending it when the configuration stops admitting it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::{PodProxy, connections::ConnectionGuard, copy::copy_both_ways};
@@ -72,12 +69,4 @@ pub async fn relay<C, S>(
         refusal = refused => Some(format!("closed: {refusal}")),
     };
     record.finish(error);
-}
-
-/// Closes `stream` with a reset rather than a FIN, so the client sees the refusal the
-/// upstream gave (or the policy's) instead of an empty, successful connection.
-pub fn reset(stream: TcpStream) {
-    let socket = socket2::SockRef::from(&stream);
-    let _ = socket.set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

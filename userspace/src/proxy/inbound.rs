@@ -75,7 +75,7 @@ async fn handle(
         Ok(entered) => entered,
         Err(error) => {
             record.finish(Some(error.to_string()));
-            forward::reset(stream);
+            stream.reset();
             return Err(error.into());
         }
     };

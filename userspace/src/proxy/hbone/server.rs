@@ -36,7 +36,7 @@ use crate::{
         Accepted, PodProxy, Shared,
         connections::{Direction, Path},
         entry::{self, EntryError},
-        forward, inbound, l7,
+        inbound, l7,
         limits::{Gauge, GaugePermit, Source},
     },
     tls::MeshAcceptor,
@@ -84,7 +84,7 @@ async fn serve_connection(
     let (handshake, _connection) = match permits {
         Ok(permits) => permits,
         Err(exceeded) => {
-            forward::reset(stream);
+            stream.reset();
             return Err(exceeded.into());
         }
     };
