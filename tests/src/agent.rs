@@ -30,17 +30,25 @@ pub struct Agent {
     pub access_log: PathBuf,
 }
 
+/// The access log of the agent that logs to `log`: one per agent, like its log, since a
+/// second agent may run beside the first.
+pub(crate) fn access_log_of(log: &std::path::Path) -> PathBuf {
+    log.with_extension("access.log")
+}
+
 /// Starts of an agent that lost one of its ports to another process.
 const START_ATTEMPTS: usize = 3;
 
 impl Agent {
-    /// Starts the agent on free loopback ports. A port that was free when picked can be
-    /// taken before the agent binds it (a parallel test's client connection, say): the
-    /// agent then exits, and is started again on other ports.
-    pub(crate) fn start(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
+    /// Starts an agent for `node` on free loopback ports, logging to `log`, and waits until
+    /// it is ready or, when `options` expect it [`AgentOptions::unready`], until its
+    /// readiness endpoint answers. A port that was free when picked can be taken before the
+    /// agent binds it (a parallel test's client connection, say): the agent then exits, and
+    /// is started again on other ports.
+    pub(crate) fn start(node: &Node, options: &AgentOptions, log: PathBuf) -> anyhow::Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(node, options) {
+            match Self::start_once(node, options, log.clone()) {
                 Err(error)
                     if attempt < START_ATTEMPTS
                         && format!("{error:#}").contains("Address already in use") =>
@@ -52,10 +60,9 @@ impl Agent {
         }
     }
 
-    fn start_once(node: &Node, options: &AgentOptions) -> anyhow::Result<Self> {
+    fn start_once(node: &Node, options: &AgentOptions, log: PathBuf) -> anyhow::Result<Self> {
         let (admin, readiness, metrics) = (free_port()?, free_port()?, free_port()?);
-        let log = node.config_dir.with_extension("agent.log");
-        let access_log = node.config_dir.with_extension("access.log");
+        let access_log = access_log_of(&log);
         // The shell joins the agent's cgroup, then becomes (exec) the agent, through
         // `prlimit` when asked: the child's PID stays the agent's.
         let mut cmd = Command::new("sh");
@@ -96,7 +103,7 @@ impl Agent {
             log,
             access_log,
         };
-        agent.wait_ready()?;
+        agent.wait_readiness(|code| options.unready || code == 200)?;
         agent.check_cgroup(node)?;
         Ok(agent)
     }
@@ -114,6 +121,14 @@ impl Agent {
         self.child.kill()?;
         self.child.wait()?;
         bail!("the agent did not exit within 10 s of SIGTERM")
+    }
+
+    /// Kills the agent with SIGKILL, as the OOM killer or a crash would end it, and waits
+    /// for it to exit.
+    pub(crate) fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("cannot kill the agent")?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// The agent's process id, for reading its `/proc` figures (CPU time, RSS) or
@@ -137,6 +152,16 @@ impl Agent {
     /// The metrics endpoint's text (`GET /metrics`).
     pub fn metrics_text(&self) -> anyhow::Result<String> {
         get(self.metrics, "/metrics")
+    }
+
+    /// `GET /healthz/ready`: the status (0 when nothing answered) and the body.
+    pub fn readiness(&self) -> anyhow::Result<CurlResult> {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "1", "-w", "\n%{http_code}"])
+            .arg(format!("http://{}/healthz/ready", self.readiness))
+            .output()
+            .context("cannot run curl")?;
+        Ok(CurlResult::from_output(&output))
     }
 
     /// Every connection the proxy recorded, live and recently closed, in the order it saw
@@ -207,9 +232,11 @@ impl Agent {
         Ok(())
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let url = format!("http://{}/healthz/ready", self.readiness);
+    /// Polls the readiness endpoint until it answers with a status that satisfies `done`,
+    /// for at most 20 s.
+    fn wait_readiness(&mut self, done: impl Fn(u16) -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = None;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 bail!(
@@ -217,17 +244,17 @@ impl Agent {
                     self.log_text()
                 );
             }
-            let ready = Command::new("curl")
-                .args(["-sf", "--max-time", "1", &url])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
-            if ready.success() {
+            let answer = self.readiness()?;
+            if answer.code != 0 && done(answer.code) {
                 return Ok(());
             }
+            last = Some(answer);
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("the agent was not ready within 20 s:\n{}", self.log_text())
+        bail!(
+            "the agent was not ready within 20 s (last answer {last:?}):\n{}",
+            self.log_text()
+        )
     }
 }
 

@@ -11,6 +11,7 @@ mod agent;
 pub mod apiserver;
 pub mod mesh;
 mod node;
+pub mod probe;
 mod run;
 
 pub use agent::Agent;

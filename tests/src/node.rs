@@ -103,6 +103,9 @@ pub struct AgentOptions {
     /// (it raises its soft limit to the hard one), to test what happens when its
     /// descriptors run out.
     pub nofile: Option<u64>,
+    /// The agent cannot serve every pod (another process holds a pod's ports), so it will
+    /// not be ready: starting waits only until its readiness endpoint answers.
+    pub unready: bool,
 }
 
 impl AgentOptions {
@@ -110,7 +113,15 @@ impl AgentOptions {
     pub fn args(args: &[&str]) -> Self {
         Self {
             args: args.iter().map(OsString::from).collect(),
-            nofile: None,
+            ..Self::default()
+        }
+    }
+
+    /// Options for an agent that will not be ready (see [`Self::unready`]).
+    pub fn not_ready() -> Self {
+        Self {
+            unready: true,
+            ..Self::default()
         }
     }
 }
@@ -614,16 +625,17 @@ impl Node {
     pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<&Agent> {
         self.start_agent_opts(&AgentOptions {
             args: args.iter().map(|a| a.to_os_string()).collect(),
-            nofile: None,
+            ..AgentOptions::default()
         })
     }
 
-    /// Starts the agent as `options` say.
+    /// Starts the agent as `options` say, and waits until it is ready (unless
+    /// [`AgentOptions::unready`]).
     pub fn start_agent_opts(&mut self, options: &AgentOptions) -> anyhow::Result<&Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let agent = Agent::start(self, options)?;
+        let agent = Agent::start(self, options, self.agent_log())?;
         Ok(self.agent.insert(agent))
     }
 
@@ -633,6 +645,33 @@ impl Node {
             Some(mut agent) => agent.stop(),
             None => bail!("the agent is not running"),
         }
+    }
+
+    /// Kills the agent (SIGKILL) and waits for it to exit: it leaves its kernel programs
+    /// pinned, as a crash would, and [`Self::start_agent`] starts the next one on them.
+    pub fn kill_agent(&mut self) -> anyhow::Result<()> {
+        match self.agent.take() {
+            Some(mut agent) => agent.kill(),
+            None => bail!("the agent is not running"),
+        }
+    }
+
+    /// Starts a second agent beside the running one, on the same pins, state and
+    /// configuration, as a rolling update with surge would; returns once its readiness
+    /// endpoint answers, whatever it says. It is stopped when dropped.
+    pub fn start_agent_beside(&self) -> anyhow::Result<Agent> {
+        self.agent()?;
+        Agent::start(self, &AgentOptions::not_ready(), self.second_agent_log())
+    }
+
+    /// The log of the node's agent.
+    pub(crate) fn agent_log(&self) -> PathBuf {
+        self.config_dir.with_extension("agent.log")
+    }
+
+    /// The log of an agent started by [`Self::start_agent_beside`].
+    pub(crate) fn second_agent_log(&self) -> PathBuf {
+        self.config_dir.with_extension("agent-beside.log")
     }
 
     pub fn agent(&self) -> anyhow::Result<&Agent> {
@@ -811,7 +850,10 @@ impl Drop for Node {
         let _ = std::fs::remove_dir_all(self.state_dir());
         // A failing test keeps the agent's and the applications' logs for the reader.
         if !std::thread::panicking() {
-            let _ = std::fs::remove_file(self.config_dir.with_extension("agent.log"));
+            for log in [self.agent_log(), self.second_agent_log()] {
+                let _ = std::fs::remove_file(crate::agent::access_log_of(&log));
+                let _ = std::fs::remove_file(log);
+            }
             let _ = std::fs::remove_dir_all(self.apps_dir());
         }
     }

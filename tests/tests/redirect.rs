@@ -326,7 +326,15 @@ fn a_pod_whose_enrollment_fails_is_closed_until_it_leaves_the_mesh() {
     node.serve(&blocked, &hold, &["serve", "15001"], 15001)
         .unwrap();
     node.serve_http(&blocked, HTTP_PORT).unwrap();
-    node.start_agent().unwrap();
+    node.start_agent_opts(&ambit_tests::AgentOptions::not_ready())
+        .unwrap();
+    // Another process holds the pod's ports: the agent says it is not ready, and why.
+    let readiness = |node: &ambit_tests::Node| node.agent().unwrap().readiness().unwrap();
+    let unready = within(Duration::from_secs(5), || {
+        let answer = readiness(&node);
+        answer.code == 503 && answer.body.contains("foo/blocked")
+    });
+    assert!(unready.is_some(), "{:?}", readiness(&node));
     let state = |node: &ambit_tests::Node| {
         let workloads = node.agent().unwrap().admin_get("/workloads").unwrap();
         workloads
@@ -362,6 +370,11 @@ fn a_pod_whose_enrollment_fails_is_closed_until_it_leaves_the_mesh() {
         state(&node)["state"] == "not-enrolled"
     });
     assert!(released.is_some(), "{:#}", state(&node));
+    assert_eq!(
+        readiness(&node).code,
+        200,
+        "released, the pod no longer holds readiness"
+    );
     let out = node
         .curl(Some(&blocked), &format!("http://{}:{HTTP_PORT}/ip", web.ip))
         .unwrap();

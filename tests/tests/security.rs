@@ -3,8 +3,7 @@
 //! never how a fix works. Run as root (`cargo xtask test`); nothing here is skipped.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, ChildStdout, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -15,6 +14,7 @@ use ambit_tests::{
         policies::{BAR_STRICT, DENY_FOO_IN_BAR, FOO_STRICT},
         within,
     },
+    probe::{Held, last_json, probe, probe_command},
 };
 use serde_json::Value;
 
@@ -102,76 +102,6 @@ fn curl_until(
         done
     });
     (last.expect("curl ran at least once"), reached.is_some())
-}
-
-/// Runs `ambit-probe ARGS...` in `pod` (with room for many descriptors) and returns its
-/// last JSON line.
-fn probe(node: &Node, pod: &Pod, args: &[&str]) -> Value {
-    let output = probe_command(node, pod, args)
-        .output()
-        .expect("run ambit-probe");
-    last_json(&output.stdout, &output.stderr, args)
-}
-
-fn probe_command(node: &Node, pod: &Pod, args: &[&str]) -> std::process::Command {
-    let mut cmd = node.command(pod, "prlimit");
-    cmd.arg("--nofile=16384")
-        .arg(&node.binaries.probe)
-        .args(args);
-    cmd
-}
-
-fn last_json(stdout: &[u8], stderr: &[u8], args: &[&str]) -> Value {
-    let stdout = String::from_utf8_lossy(stdout);
-    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "ambit-probe {args:?} printed no JSON ({e}): stdout {stdout:?} stderr {:?}",
-            String::from_utf8_lossy(stderr)
-        )
-    })
-}
-
-/// A running `ambit-probe open`, read line by line; killed on drop.
-struct Held {
-    child: Child,
-    lines: BufReader<ChildStdout>,
-    args: Vec<String>,
-}
-
-impl Held {
-    fn start(node: &Node, pod: &Pod, args: &[&str]) -> Self {
-        let mut child = probe_command(node, pod, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ambit-probe");
-        let lines = BufReader::new(child.stdout.take().expect("piped"));
-        Self {
-            child,
-            lines,
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-        }
-    }
-
-    /// The next JSON line; the probe always ends by itself, so this returns.
-    fn next(&mut self) -> Value {
-        let mut line = String::new();
-        self.lines.read_line(&mut line).expect("read ambit-probe");
-        serde_json::from_str(&line).unwrap_or_else(|e| {
-            panic!(
-                "ambit-probe {:?}: expected a JSON line, got {line:?} ({e})",
-                self.args
-            )
-        })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Open descriptors of process `pid`.
@@ -608,7 +538,7 @@ fn a_relabel_that_brings_a_deny_closes_held_plaintext_connections() {
         &client,
         &["open", &target, "1", "--echo", "--hold-seconds", "12"],
     );
-    let opened = held.next();
+    let opened = held.next_line();
     let since_open = Instant::now();
     assert_eq!(
         opened["echoed"], 1,
@@ -621,7 +551,7 @@ fn a_relabel_that_brings_a_deny_closes_held_plaintext_connections() {
         explain(&mesh, "legacy/sleep", "foo/httpbin")["decision"] == "DENY"
     });
     assert!(applied.is_some(), "the agent took the relabel");
-    let done = held.next();
+    let done = held.next_line();
     let closed_ms = done["last_closed_ms"].as_u64().map(u128::from);
     assert!(
         done["closed"] == 1 && closed_ms.is_some_and(|ms| ms < relabelled_ms + 4000),
@@ -710,12 +640,12 @@ fn half_open_handshakes_are_closed_after_the_handshake_timeout() {
             "3000",
         ],
     );
-    let opened = held.next();
+    let opened = held.next_line();
     assert!(
         opened["connected"].as_u64() > Some(0),
         "legacy/sleep connects to 15008: {opened}"
     );
-    let done = held.next();
+    let done = held.next_line();
     assert!(
         done["closed"] == opened["connected"]
             && done["last_closed_ms"].as_u64().is_some_and(|ms| ms < 5000),
@@ -757,7 +687,7 @@ fn a_connection_flood_starves_neither_the_mesh_nor_config_reloads() {
             )
         })
         .collect();
-    let opened: Vec<Value> = floods.iter_mut().map(Held::next).collect();
+    let opened: Vec<Value> = floods.iter_mut().map(Held::next_line).collect();
     let pid = node.agent().unwrap().pid();
     let context = format!(
         "while legacy/sleep holds {opened:?} (agent at {} of {NOFILE} descriptors)",
@@ -865,8 +795,8 @@ fn inbound_connections_per_source_are_capped() {
                 "3000",
             ],
         );
-        let opened = held.next();
-        let _done = held.next();
+        let opened = held.next_line();
+        let _done = held.next_line();
         opened
     };
     let first = open("10", "2");

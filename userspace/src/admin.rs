@@ -4,7 +4,10 @@
 //! and counters. `/connections`: live connections and recently closed ones. `/certs`: the
 //! certificate of every identity on the node. `/explain?from=NS/POD&to=NS/POD&port=N…`:
 //! the policy decision for a connection or request, as `ambit explain` gives it.
-//! Readiness (`/healthz/ready`) answers 200 once the first configuration has been applied.
+//! Readiness (`/healthz/ready`) answers 200 once the first configuration has been applied
+//! and this process serves every enrolled pod of the node but those that cannot be served
+//! for a reason of their own ([`crate::workloads::Failure`]); otherwise 503. Either way the
+//! body says which pods are not served and why.
 
 use std::{
     net::SocketAddr,
@@ -21,6 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -28,7 +32,7 @@ use crate::{
     identity::{CertsReport, SecretManager},
     proxy::connections::ConnectionLog,
     state::AppliedRx,
-    workloads::WorkloadTable,
+    workloads::{Redirection, WorkloadStatus, WorkloadTable},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,15 +76,76 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState) -> std::io::R
     axum::serve(listener, app).await
 }
 
-pub async fn serve_readiness(listener: TcpListener, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+/// What the readiness endpoint reads.
+#[derive(Clone)]
+pub struct ReadinessState {
+    /// Set once the first configuration has been applied.
+    pub configured: Arc<AtomicBool>,
+    pub workloads: WorkloadTable,
+}
+
+/// The body of `/healthz/ready`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// False until the first configuration has been applied.
+    pub configured: bool,
+    /// Enrolled pods of this node this process does not serve for a reason of its own
+    /// (their ports held by another process, say): each makes it not ready.
+    pub unserved: Vec<PodFailure>,
+    /// Enrolled pods held closed for a reason of their own (no network namespace, say):
+    /// reported, but no agent could serve them, so they leave readiness alone.
+    pub held_closed: Vec<PodFailure>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct PodFailure {
+    /// `namespace/name`.
+    pub workload: String,
+    pub reason: String,
+}
+
+impl Readiness {
+    pub fn of<'a>(
+        configured: bool,
+        workloads: impl IntoIterator<Item = &'a WorkloadStatus>,
+    ) -> Self {
+        let (mut unserved, mut held_closed) = (Vec::new(), Vec::new());
+        for status in workloads {
+            let Redirection::Failed(failure) = &status.redirection else {
+                continue;
+            };
+            let pod = PodFailure {
+                workload: format!("{}/{}", status.namespace, status.name),
+                reason: failure.reason.clone(),
+            };
+            match failure.lies_with_pod {
+                true => held_closed.push(pod),
+                false => unserved.push(pod),
+            }
+        }
+        Self {
+            ready: configured && unserved.is_empty(),
+            configured,
+            unserved,
+            held_closed,
+        }
+    }
+}
+
+pub async fn serve_readiness(listener: TcpListener, state: ReadinessState) -> std::io::Result<()> {
     let app = Router::new().route(
         "/healthz/ready",
         get(move || async move {
-            if ready.load(Ordering::Acquire) {
-                (StatusCode::OK, "ready\n")
-            } else {
-                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
+            let readiness = {
+                let table = state.workloads.read().unwrap_or_else(|e| e.into_inner());
+                Readiness::of(state.configured.load(Ordering::Acquire), table.values())
+            };
+            let status = match readiness.ready {
+                true => StatusCode::OK,
+                false => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, Json(readiness))
         }),
     );
     axum::serve(listener, app).await
@@ -107,5 +172,69 @@ async fn explain(State(state): State<AdminState>, Query(args): Query<ExplainArgs
     match policy_explain::explain(&applied, &args) {
         Ok(explanation) => Json(explanation).into_response(),
         Err(error) => (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::Failure;
+
+    fn pod(name: &str, redirection: Redirection) -> WorkloadStatus {
+        WorkloadStatus {
+            namespace: "foo".into(),
+            name: name.into(),
+            ip: None,
+            identity: String::new(),
+            enrolled: true,
+            redirection,
+            stats: Arc::default(),
+        }
+    }
+
+    fn failed(reason: &str, lies_with_pod: bool) -> Redirection {
+        Redirection::Failed(Failure {
+            reason: reason.into(),
+            lies_with_pod,
+        })
+    }
+
+    fn failure(workload: &str, reason: &str) -> PodFailure {
+        PodFailure {
+            workload: workload.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn ready_once_configured_and_serving_every_pod_it_can() {
+        let served = [
+            pod("a", Redirection::Redirected),
+            pod("b", Redirection::NotEnrolled),
+        ];
+        assert!(!Readiness::of(false, &served).ready, "not configured yet");
+        assert!(Readiness::of(true, &served).ready);
+
+        let no_netns = [
+            pod("a", Redirection::Redirected),
+            pod("b", failed("no netns", true)),
+        ];
+        let readiness = Readiness::of(true, &no_netns);
+        assert!(readiness.ready, "a pod no agent could serve: {readiness:?}");
+        assert_eq!(readiness.held_closed, [failure("foo/b", "no netns")]);
+
+        let ports_taken = [
+            pod("a", failed("address in use", false)),
+            pod("b", failed("no netns", true)),
+        ];
+        assert_eq!(
+            Readiness::of(true, &ports_taken),
+            Readiness {
+                ready: false,
+                configured: true,
+                unserved: vec![failure("foo/a", "address in use")],
+                held_closed: vec![failure("foo/b", "no netns")],
+            }
+        );
     }
 }

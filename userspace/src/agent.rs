@@ -20,7 +20,7 @@ use tracing::{error, info};
 
 use crate::{
     access_log::{self, AccessLog},
-    admin::{self, AdminState},
+    admin::{self, AdminState, ReadinessState},
     cni_server::{self, CniServer},
     discovery::{Snapshot, files, kubernetes},
     identity::cli::parse_duration,
@@ -267,7 +267,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.node_name.clone(),
         crate::routing::SavedSettings::new(&args.state_dir),
     );
-    let ready = Arc::new(AtomicBool::new(false));
+    let configured = Arc::new(AtomicBool::new(false));
 
     let admin_listener = admin::bind(args.admin_addr).await?;
     let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)
@@ -292,10 +292,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(server.serve(listener));
         info!(socket = %path.display(), "CNI socket listening");
     }
-    tokio::spawn(admin::serve_readiness(
-        readiness_listener,
-        Arc::clone(&ready),
-    ));
+    let readiness = ReadinessState {
+        configured: Arc::clone(&configured),
+        workloads: manager.table(),
+    };
+    tokio::spawn(admin::serve_readiness(readiness_listener, readiness));
     info!(admin = %args.admin_addr, readiness = %args.readiness_addr, metrics = %args.metrics_addr,
         "admin API listening");
 
@@ -316,7 +317,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         manager.reconcile(&snapshot).await;
         reconciled_tx.send_replace(Arc::new(snapshot));
-        ready.store(true, Ordering::Release);
+        configured.store(true, Ordering::Release);
         loop {
             tokio::select! {
                 changed = snapshots.changed() => {

@@ -345,7 +345,7 @@ impl CniServer {
             Some(Redirection::OtherNode) => Ok(Reply::Failed {
                 reason: "the pod is scheduled on another node".into(),
             }),
-            Some(Redirection::Failed(reason)) => Err(Some(reason.clone())),
+            Some(Redirection::Failed(failure)) => Err(Some(failure.reason.clone())),
             None => Err(None),
         }
     }

@@ -97,6 +97,8 @@ pub struct Redirector {
     listeners: SockMap<MapData>,
     orig_dst: OrigDstTable,
     /// Pod IP → slot pair. Slots are handed out lowest first and reused after release.
+    /// Those of pods already in the pinned map are taken over at load, so that an agent
+    /// started beside another never moves a pod the other serves onto a different slot.
     slots: BTreeMap<IpAddr, PodSlots>,
     /// Kept alive for the lifetime of the agent: dropping it closes the log ring buffer.
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -158,9 +160,15 @@ impl Redirector {
         sk_lookup.load().map_err(program_error(SK_LOOKUP_PROGRAM))?;
 
         let enrolled = take_map(&mut ebpf, ENROLLED_NETNS_MAP)?;
-        let inbound_pods = take_map(&mut ebpf, INBOUND_PODS_MAP)?;
+        let inbound_pods: HashMap<MapData, SockAddr, PodSlots> =
+            take_map(&mut ebpf, INBOUND_PODS_MAP)?;
         let listeners = take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?;
         let orig_dst = OrigDstTable(Arc::new(Mutex::new(take_map(&mut ebpf, ORIG_DST_MAP)?)));
+        let slots = inbound_pods
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, slots)| (SocketAddr::from(key).ip(), slots))
+            .collect();
         info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), own_cgroup,
             "kernel programs ready; connects from the agent's cgroup are not redirected");
         Ok(Self {
@@ -170,7 +178,7 @@ impl Redirector {
             inbound_pods,
             listeners,
             orig_dst,
-            slots: BTreeMap::new(),
+            slots,
             _logger: logger,
         })
     }

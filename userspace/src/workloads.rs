@@ -5,7 +5,9 @@
 //! inside its namespace, installs the return path for transparent connections (`routing`),
 //! hands the listeners to the kernel and asks for its identity's certificate. A pod that
 //! fails (its namespace is gone, say) stays registered and so closed, is reported with the
-//! reason in `/workloads` and retried on the next pass.
+//! reason in `/workloads` and retried on the next pass. A failure on the agent's side (its
+//! ports held by another process, say) also makes the agent not ready; one that lies with
+//! the pod does not (see [`Failure`]).
 //!
 //! Only a change of what a pod was set up with (namespace, address, service account)
 //! re-enrolls it; labels are read at each decision from the configuration in force. A
@@ -83,7 +85,40 @@ pub enum Redirection {
     /// Enrolled, and served by the agent of the node it runs on (`spec.nodeName`).
     OtherNode,
     /// Enrolled, but setting it up failed; retried.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why an enrolled pod could not be set up. Shown as its reason alone.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Failure {
+    pub reason: String,
+    /// The pod gives the agent nothing it can set up (no network namespace, or one that no
+    /// longer exists, no address, an IPv6 address, an invalid identity): no agent could
+    /// serve it, so it is held closed without making the agent unready. Any other failure
+    /// (listening ports held by another process, a kernel map or routing error) is the
+    /// agent's own and does.
+    #[serde(skip)]
+    pub lies_with_pod: bool,
+}
+
+impl From<&EnrollError> for Failure {
+    fn from(error: &EnrollError) -> Self {
+        let missing = |source: &std::io::Error| source.kind() == std::io::ErrorKind::NotFound;
+        let lies_with_pod = match error {
+            EnrollError::MissingNetns { .. }
+            | EnrollError::MissingIp
+            | EnrollError::Identity(_)
+            | EnrollError::Redirect(RedirectError::Ipv6(_)) => true,
+            EnrollError::Netns(NetnsError::Open { source, .. })
+            | EnrollError::OpenNetns { source, .. } => missing(source),
+            _ => false,
+        };
+        Self {
+            reason: error.to_string(),
+            lies_with_pod,
+        }
+    }
 }
 
 /// One pod as the admin API shows it.
@@ -224,7 +259,7 @@ impl WorkloadManager {
                     }
                     Err(error) => {
                         warn!(workload = %key, %error, "cannot enroll");
-                        Redirection::Failed(error.to_string())
+                        Redirection::Failed(Failure::from(&error))
                     }
                 },
             };
@@ -397,5 +432,46 @@ impl WorkloadManager {
 
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, WorkloadStatus>> {
         self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    #[test]
+    fn failures_that_lie_with_the_pod_are_told_apart() {
+        let netns = PathBuf::from("/var/run/netns/pod");
+        let open = |kind: io::ErrorKind| {
+            EnrollError::Netns(NetnsError::Open {
+                path: netns.clone(),
+                source: kind.into(),
+            })
+        };
+        let listen = EnrollError::Socket(socket::SocketError::Listen {
+            addr: "127.0.0.1:15001".parse().unwrap(),
+            pod: "/var/run/netns/pod".into(),
+            source: io::ErrorKind::AddrInUse.into(),
+        });
+        let cases = [
+            (EnrollError::MissingNetns { why: None }, true),
+            (EnrollError::MissingIp, true),
+            (
+                EnrollError::Redirect(RedirectError::Ipv6("fd00::1".parse().unwrap())),
+                true,
+            ),
+            (open(io::ErrorKind::NotFound), true),
+            (open(io::ErrorKind::PermissionDenied), false),
+            (listen, false),
+        ];
+        for (error, lies_with_pod) in cases {
+            assert_eq!(
+                Failure::from(&error).lies_with_pod,
+                lies_with_pod,
+                "{error}"
+            );
+        }
     }
 }

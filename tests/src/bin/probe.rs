@@ -19,9 +19,10 @@
 //!   connections at once and holds them idle, sending nothing unless `--echo` (then one
 //!   byte each, and waits for it to come back). Prints
 //!   `{"event": "opened", "connected", "echoed", "failed"}` once every attempt has ended,
-//!   then `{"event": "done", "closed", "first_closed_ms", "last_closed_ms"}` when every
-//!   connection was closed by the peer or S seconds passed, times counted from the first
-//!   line. Run it with a raised `prlimit --nofile` for large N.
+//!   then `{"event": "done", "closed", "reset", "first_closed_ms", "last_closed_ms"}` when
+//!   every connection was closed by the peer or S seconds passed, times counted from the
+//!   first line; `reset` counts the connections that ended with a reset rather than an end
+//!   of stream. Run it with a raised `prlimit --nofile` for large N.
 //! - `ambit-probe sink PORT`: listens on `[::]:PORT` (IPv4 and IPv6), accepts, reads and
 //!   never answers: a peer that stalls every handshake.
 
@@ -290,17 +291,26 @@ async fn open(
         tokio::spawn(async move {
             // Reads until the peer closes or resets; anything it sends is dropped.
             let mut sink = [0u8; 256];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            let _ = closed_tx.send(opened.elapsed());
+            let reset = loop {
+                match stream.read(&mut sink).await {
+                    Ok(0) => break false,
+                    Ok(_) => {}
+                    Err(_) => break true,
+                }
+            };
+            let _ = closed_tx.send((opened.elapsed(), reset));
         });
     }
     drop(closed_tx);
-    let mut closes = Vec::new();
+    let (mut closes, mut resets) = (Vec::new(), 0);
     let deadline = tokio::time::sleep(hold);
     tokio::pin!(deadline);
     while closes.len() < connected {
         tokio::select! {
-            Some(after) = closed_rx.recv() => closes.push(after.as_millis()),
+            Some((after, reset)) = closed_rx.recv() => {
+                closes.push(after.as_millis());
+                resets += usize::from(reset);
+            }
             () = &mut deadline => break,
         }
     }
@@ -309,6 +319,7 @@ async fn open(
         json!({
             "event": "done",
             "closed": closes.len(),
+            "reset": resets,
             "first_closed_ms": closes.iter().min(),
             "last_closed_ms": closes.iter().max(),
         })

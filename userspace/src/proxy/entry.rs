@@ -6,8 +6,6 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-
 use crate::{
     admission::{self, Admission, Handling, Peer, Refusal},
     state::Applied,
@@ -17,14 +15,14 @@ use super::{
     PodProxy, Shared,
     connections::CloseReason,
     limits::{Exceeded, GaugePermit, InboundPermit, Source},
-    socket::{self, SocketError},
+    socket::{self, ProxyStream, SocketError},
 };
 
 /// An inbound connection let in: what was decided, its connection to the application
 /// when it is authorized as a whole, and the counts it holds until dropped.
 pub struct Entered {
     pub admission: Admission,
-    pub upstream: Option<TcpStream>,
+    pub upstream: Option<ProxyStream>,
     /// Counts against the limits, held until the connection ends.
     pub held: (InboundPermit, GaugePermit),
 }
@@ -97,7 +95,7 @@ pub async fn connect(
     pod: &PodProxy,
     peer: &Peer,
     destination: SocketAddr,
-) -> Result<TcpStream, SocketError> {
+) -> Result<ProxyStream, SocketError> {
     socket::connect(
         &pod.netns,
         destination,

@@ -1,11 +1,8 @@
 //! Relaying an admitted connection, and ending it when the configuration stops admitting it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::{
@@ -85,12 +82,4 @@ pub async fn relay<C, S>(
 pub fn closed_by(record: &mut ConnectionGuard, refusal: &Refusal) -> Close {
     record.refused(refusal);
     Close::new(refusal.into(), &format_args!("closed: {refusal}"))
-}
-
-/// Closes `stream` with a reset rather than a FIN, so the client sees the refusal the
-/// upstream gave (or the policy's) instead of an empty, successful connection.
-pub fn reset(stream: TcpStream) {
-    let socket = socket2::SockRef::from(&stream);
-    let _ = socket.set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

@@ -84,7 +84,7 @@ async fn handle(
         Ok(entered) => entered,
         Err(error) => {
             refused(&mut record, &error);
-            forward::reset(stream);
+            stream.reset();
             return Err(error.into());
         }
     };

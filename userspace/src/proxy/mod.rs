@@ -23,10 +23,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::OnceCell,
-};
+use tokio::{net::TcpListener, sync::OnceCell};
 use tracing::{debug, warn};
 
 use crate::{
@@ -38,6 +35,7 @@ use crate::{
 };
 use connections::{ConnectionLog, WorkloadStats};
 use limits::{Descriptors, GaugePermit, Limits, WorkloadCounters};
+use socket::ProxyStream;
 
 /// What every listener of one enrolled pod needs to know about it. Only what cannot change
 /// without re-enrolling the pod: its labels, and so the policies that select it, are read
@@ -71,7 +69,7 @@ pub struct Shared {
 
 /// A connection one of a pod's listeners accepted.
 pub struct Accepted {
-    pub stream: TcpStream,
+    pub stream: ProxyStream,
     pub peer: SocketAddr,
     /// The descriptor `stream` holds, counted against the node's budget.
     pub descriptor: GaugePermit,
@@ -93,6 +91,7 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let stream = ProxyStream::new(stream);
                 // Small writes (a TLS record, a 1-byte reply) go out at once: with Nagle's
                 // algorithm a second small write waits for the peer's delayed ACK, up to
                 // 40 ms per short connection.
@@ -103,7 +102,7 @@ pub async fn accept_loop<F, Fut>(
                     Ok(descriptor) => descriptor,
                     Err(exceeded) => {
                         debug!(workload = %pod.key, role, %peer, %exceeded, "connection reset");
-                        forward::reset(stream);
+                        stream.reset();
                         continue;
                     }
                 };

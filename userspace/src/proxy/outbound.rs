@@ -11,7 +11,6 @@ use std::{
 };
 
 use ambit_common::ports;
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
@@ -19,7 +18,7 @@ use super::{
     connections::{Close, CloseReason, Direction, Opening, Path},
     forward, hbone,
     limits::Exceeded,
-    socket,
+    socket::{self, ProxyStream},
 };
 use crate::{destinations::Destinations, identity::SpiffeId};
 
@@ -133,13 +132,13 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         descriptor: _descriptor,
     } = accepted;
     let Some(destination) = shared.orig_dst.take(pod.netns_cookie, peer) else {
-        forward::reset(stream);
+        stream.reset();
         return Err(OutboundError::NoOrigDst { peer });
     };
     let _permit = match pod.counters.outbound(&shared.limits) {
         Ok(permit) => permit,
         Err(exceeded) => {
-            forward::reset(stream);
+            stream.reset();
             return Err(exceeded.into());
         }
     };
@@ -199,7 +198,7 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         Route::Refuse(reason) => OutboundError::Refused(reason),
     };
     record.finish(Close::new(error.reason(), &error));
-    forward::reset(stream);
+    stream.reset();
     Err(error)
 }
 
@@ -220,7 +219,7 @@ async fn direct(
     pod: &PodProxy,
     shared: &Shared,
     addr: SocketAddr,
-) -> Result<(TcpStream, super::limits::GaugePermit), OutboundError> {
+) -> Result<(ProxyStream, super::limits::GaugePermit), OutboundError> {
     let descriptor = shared.descriptors.acquire()?;
     let timeout = shared.limits.connect_timeout;
     let upstream = socket::connect(&pod.netns, addr, socket::Source::Pod, timeout).await?;

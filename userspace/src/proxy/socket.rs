@@ -5,12 +5,26 @@
 //! No connect may be aimed at the proxy's own listeners: loopback and unspecified
 //! addresses are refused outright, and so are the listeners' ports toward the local
 //! application, so nothing a peer asks for can make the proxy connect to itself.
+//!
+//! Every connection of the data path, accepted or opened, is a [`ProxyStream`]: reset by
+//! the kernel if the agent dies while holding it.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    ops::{Deref, DerefMut},
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use ambit_common::{marks, ports};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tracing::debug;
 
 use crate::netns::{NetnsError, PodNetns};
 
@@ -76,7 +90,7 @@ pub async fn connect(
     addr: SocketAddr,
     source: Source,
     timeout: Duration,
-) -> Result<TcpStream, SocketError> {
+) -> Result<ProxyStream, SocketError> {
     if reaches_own_listener(addr, source) {
         return Err(SocketError::OwnListener(addr));
     }
@@ -107,12 +121,109 @@ pub async fn connect(
         .await?
         .map_err(error)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(connected) => connected.map_err(error),
+        Ok(connected) => connected.map(ProxyStream::new).map_err(error),
         Err(_) => Err(SocketError::Timeout {
             addr,
             pod: pod(),
             timeout,
         }),
+    }
+}
+
+/// A TCP connection of the data path, closed with a reset if the agent dies while it
+/// holds it.
+///
+/// Its socket carries `SO_LINGER` 0 for as long as the agent holds it, so when the agent is
+/// killed (a crash, the OOM killer) the kernel closes it with a reset: the peer learns that
+/// the connection broke instead of seeing an orderly end of stream, which would make a
+/// response cut short look complete. Dropping it clears the option first, so every close
+/// the agent makes itself stays as orderly as without it and discards nothing still
+/// queued; [`ProxyStream::reset`] keeps it instead.
+#[derive(Debug)]
+pub struct ProxyStream {
+    stream: TcpStream,
+    /// False once the agent chose to reset the connection.
+    orderly_close: bool,
+}
+
+impl ProxyStream {
+    pub fn new(stream: TcpStream) -> Self {
+        if let Err(error) = SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
+            // Only the agent's death would show it: that connection ends with a FIN.
+            debug!(%error, "cannot arm the reset on close");
+        }
+        Self {
+            stream,
+            orderly_close: true,
+        }
+    }
+
+    /// Closes the connection with a reset rather than a FIN, so the client sees the refusal
+    /// the upstream gave (or the policy's) instead of an empty, successful connection.
+    pub fn reset(mut self) {
+        self.orderly_close = false;
+    }
+}
+
+impl Drop for ProxyStream {
+    fn drop(&mut self) {
+        if self.orderly_close {
+            let _ = SockRef::from(&self.stream).set_linger(None);
+        }
+    }
+}
+
+impl Deref for ProxyStream {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl DerefMut for ProxyStream {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+impl AsyncRead for ProxyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ProxyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -154,5 +265,48 @@ mod tests {
                 "{addr}"
             );
         }
+    }
+
+    /// A connected pair on loopback: the proxy's side wrapped, the peer's plain.
+    async fn pair() -> (ProxyStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(connect, listener.accept());
+        (ProxyStream::new(accepted.unwrap().0), peer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_would_be_reset_by_the_kernel() {
+        let (stream, _peer) = pair().await;
+        assert_eq!(
+            SockRef::from(&*stream).linger().unwrap(),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_stream_closes_it_in_order_with_nothing_lost() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut stream, mut peer) = pair().await;
+        let payload = vec![7u8; 4 * 1024 * 1024];
+        stream.write_all(&payload[..1024 * 1024]).await.unwrap();
+        let write_rest = async move {
+            stream.write_all(&payload[1024 * 1024..]).await.unwrap();
+            drop(stream);
+        };
+        let mut got = Vec::new();
+        let (read, ()) = tokio::join!(peer.read_to_end(&mut got), write_rest);
+        read.expect("an end of stream, not a reset");
+        assert_eq!(got.len(), 4 * 1024 * 1024);
+    }
+
+    #[tokio::test]
+    async fn reset_closes_with_a_reset() {
+        use tokio::io::AsyncReadExt as _;
+        let (stream, mut peer) = pair().await;
+        stream.reset();
+        let mut byte = [0u8; 1];
+        let error = peer.read(&mut byte).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
     }
 }

@@ -37,7 +37,7 @@ use crate::{
         Accepted, PodProxy, Shared,
         connections::{Close, CloseReason, Path},
         entry::{self, EntryError},
-        forward, inbound, l7,
+        inbound, l7,
         limits::{Gauge, GaugePermit, Source},
     },
     tls::MeshAcceptor,
@@ -85,7 +85,7 @@ async fn serve_connection(
     let (handshake, _connection) = match permits {
         Ok(permits) => permits,
         Err(exceeded) => {
-            forward::reset(stream);
+            stream.reset();
             return Err(exceeded.into());
         }
     };

@@ -1,0 +1,83 @@
+//! Running `ambit-probe` (`tests/src/bin/probe.rs`) in a pod and reading its JSON lines.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, ChildStdout, Command, Stdio},
+};
+
+use serde_json::Value;
+
+use crate::{Node, Pod};
+
+/// Runs `ambit-probe ARGS...` in `pod` (with room for many descriptors) and returns its
+/// last JSON line.
+pub fn probe(node: &Node, pod: &Pod, args: &[&str]) -> Value {
+    let output = probe_command(node, pod, args)
+        .output()
+        .expect("run ambit-probe");
+    last_json(&output.stdout, &output.stderr, args)
+}
+
+/// `ambit-probe ARGS...` in `pod`, under `prlimit --nofile=16384`.
+pub fn probe_command(node: &Node, pod: &Pod, args: &[&str]) -> Command {
+    let mut cmd = node.command(pod, "prlimit");
+    cmd.arg("--nofile=16384")
+        .arg(&node.binaries.probe)
+        .args(args);
+    cmd
+}
+
+/// The last JSON line of a finished `ambit-probe`; panics with its output when there is
+/// none.
+pub fn last_json(stdout: &[u8], stderr: &[u8], args: &[&str]) -> Value {
+    let stdout = String::from_utf8_lossy(stdout);
+    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "ambit-probe {args:?} printed no JSON ({e}): stdout {stdout:?} stderr {:?}",
+            String::from_utf8_lossy(stderr)
+        )
+    })
+}
+
+/// A running `ambit-probe open`, read line by line; killed on drop.
+pub struct Held {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+    args: Vec<String>,
+}
+
+impl Held {
+    pub fn start(node: &Node, pod: &Pod, args: &[&str]) -> Self {
+        let mut child = probe_command(node, pod, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ambit-probe");
+        let lines = BufReader::new(child.stdout.take().expect("piped"));
+        Self {
+            child,
+            lines,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    /// The next JSON line; the probe always ends by itself, so this returns.
+    pub fn next_line(&mut self) -> Value {
+        let mut line = String::new();
+        self.lines.read_line(&mut line).expect("read ambit-probe");
+        serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "ambit-probe {:?}: expected a JSON line, got {line:?} ({e})",
+                self.args
+            )
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
