@@ -1,5 +1,7 @@
 //! The admin API (JSON, localhost only) and the readiness endpoint.
 //!
+//! `/ui`: a page that draws what the JSON endpoints below report as a live graph ([`ui`]).
+//!
 //! `/workloads`: every known pod with its IP, identity, enrollment and redirection state
 //! and counters. `/connections`: live connections and recently closed ones. `/certs`: the
 //! certificate of every identity on the node. `/explain?from=NS/POD&to=NS/POD&port=N…`:
@@ -26,6 +28,8 @@ use axum::{
 };
 use serde::Serialize;
 use tokio::net::TcpListener;
+
+mod ui;
 
 use crate::{
     explain::{self as policy_explain, ExplainArgs},
@@ -72,6 +76,7 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState) -> std::io::R
         .route("/connections", get(connections))
         .route("/certs", get(certs))
         .route("/explain", get(explain))
+        .merge(ui::routes())
         .with_state(state);
     axum::serve(listener, app).await
 }

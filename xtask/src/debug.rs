@@ -20,35 +20,52 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         question: Vec<String>,
     },
+    /// The address of the agent's page that draws the mesh on its node (open it in a browser).
+    Ui(Agent),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct Admin {
-    /// The agent's admin address.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    pub admin: String,
+    #[command(flatten)]
+    pub agent: Agent,
     /// Print the raw JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct Agent {
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: String,
+}
+
 pub fn debug(cmd: &Command) -> anyhow::Result<()> {
     match cmd {
         Command::Workloads(admin) => {
-            let workloads = get(admin, "/workloads")?;
+            let workloads = get(&admin.agent, "/workloads")?;
             print(admin, &workloads, workloads_table)
         }
         Command::Connections(admin) => {
-            let report = get(admin, "/connections")?;
+            let report = get(&admin.agent, "/connections")?;
             print(admin, &report, connections_table)
         }
         Command::Certs(admin) => {
-            let report = get(admin, "/certs")?;
+            let report = get(&admin.agent, "/certs")?;
             print(admin, &report, certs_table)
         }
         Command::Explain { admin, question } => {
-            let answer = get(admin, &format!("/explain?{}", explain_query(question)?))?;
+            let answer = get(
+                &admin.agent,
+                &format!("/explain?{}", explain_query(question)?),
+            )?;
             print(admin, &answer, explain_table)
+        }
+        Command::Ui(agent) => {
+            // Asks for the page's data first, so that an address without an agent says so.
+            get(agent, "/ui/graph")?;
+            println!("http://{}/ui", agent.admin);
+            Ok(())
         }
     }
 }
@@ -95,8 +112,8 @@ fn print(
     Ok(())
 }
 
-pub fn get(admin: &Admin, path: &str) -> anyhow::Result<Value> {
-    let url = format!("http://{}{path}", admin.admin);
+pub fn get(agent: &Agent, path: &str) -> anyhow::Result<Value> {
+    let url = format!("http://{}{path}", agent.admin);
     let mut response = ureq::get(&url)
         .config()
         .http_status_as_error(false)

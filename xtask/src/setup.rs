@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs, only where missing, what building ambit needs:
 //! Debian packages (LLVM 22 for bpf-linker, the clients the tests use), Python's `grpcio`
-//! (the gRPC tests' client and server) and `prometheus-client` (Prometheus' own parser of
-//! the metrics text), `kubectl` and the manifest checkers
+//! (the gRPC tests' client and server), `prometheus-client` (Prometheus' own parser of
+//! the metrics text) and `websocket-client` (the UI test's DevTools client), `kubectl` and the manifest checkers
 //! (`kubernetes-validate`, `checkov`), `rust-src` for the nightly toolchain, and
 //! bpf-linker built against LLVM 22. Checks that the nightly's
 //! LLVM major matches bpf-linker's, since a mismatch fails late with `Invalid record`.
@@ -37,6 +37,8 @@ const PACKAGES: &[&str] = &[
     // The CNI tests chain the reference plugins (`bridge`, `host-local`, in /usr/lib/cni)
     // before ambit-cni, as a container runtime does.
     "containernetworking-plugins",
+    // The UI test loads the admin page in a real browser, headless.
+    "chromium",
 ];
 
 /// The virtual environment of the manifest tests' checkers (`tests/tests/manifests.rs`
@@ -48,10 +50,12 @@ const MANIFEST_CHECKERS: &[(&str, &str)] =
     &[("kubernetes-validate", "1.37.0"), ("checkov", "3.3.30")];
 
 /// Python modules the tests import, from PyPI, as (pip name, module): the gRPC tests'
-/// client and server, and Prometheus' parser of the text format (`tests/tests/metrics.rs`).
+/// client and server, Prometheus' parser of the text format (`tests/tests/metrics.rs`),
+/// and the WebSocket client that drives Chromium over DevTools (`tests/tests/ui.rs`).
 const PYTHON_MODULES: &[(&str, &str)] = &[
     ("grpcio", "grpc"),
     ("prometheus-client", "prometheus_client.parser"),
+    ("websocket-client", "websocket"),
 ];
 
 pub fn setup() -> anyhow::Result<()> {

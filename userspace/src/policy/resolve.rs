@@ -18,10 +18,11 @@
 use std::sync::Arc;
 
 use super::{
-    authz::{AuthzSet, Decision, Denied, RequestContext, TrustDomains, Verdict},
+    authz::{AuthzPolicy, AuthzSet, Decision, Denied, RequestContext, TrustDomains, Verdict},
     jwt::{self, JwtIdentity, JwtSettings, Rejected, RequestAuthn},
     model::{
-        AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef, RequestAuthentication,
+        Action, AuthorizationPolicy, MtlsMode, Named, PeerAuthentication, PolicyRef,
+        RequestAuthentication,
     },
 };
 
@@ -55,6 +56,18 @@ pub struct WorkloadPolicies {
     /// Keys of `jwksUri` rules and the clock skew, shared by the engine's workloads.
     jwt: JwtSettings,
     authz: AuthzSet,
+}
+
+/// What one policy does for a workload, as [`WorkloadPolicies::effective`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind")]
+pub enum Effect {
+    /// Sets the mTLS mode of one port, or (`port: None`) of every port without its own.
+    PeerAuthentication { mode: MtlsMode, port: Option<u16> },
+    /// Its JWT rules verify tokens presented to the workload.
+    RequestAuthentication,
+    /// Takes part in authorization with `action`; a dry-run one is evaluated, never enforced.
+    AuthorizationPolicy { action: Action, dry_run: bool },
 }
 
 /// The PeerAuthentication outcome for one workload.
@@ -165,16 +178,48 @@ impl WorkloadPolicies {
 
     /// Every policy that applies, for debugging (`namespace/name` of each).
     pub fn policies(&self) -> impl Iterator<Item = &PolicyRef> {
-        let mtls = self
-            .mtls
-            .default
-            .1
-            .iter()
-            .chain(self.mtls.ports.iter().map(|(_, _, p)| p));
-        mtls.chain(self.request_authn.iter().map(|p| &p.meta))
-            .chain(self.authz.enforced.iter().map(|p| &p.meta))
-            .chain(self.authz.dry_run.iter().map(|p| &p.meta))
+        self.effective().map(|(_, policy)| policy)
     }
+
+    /// Every policy that applies and what it does here: PeerAuthentication mode setters
+    /// first (the default, then port overrides), then RequestAuthentications, then
+    /// AuthorizationPolicies in evaluation order (enforced before dry-run).
+    pub fn effective(&self) -> impl Iterator<Item = (Effect, &PolicyRef)> {
+        let (mode, default) = &self.mtls.default;
+        let mtls = default
+            .iter()
+            .map(|p| {
+                (
+                    Effect::PeerAuthentication {
+                        mode: *mode,
+                        port: None,
+                    },
+                    p,
+                )
+            })
+            .chain(self.mtls.ports.iter().map(|(port, mode, p)| {
+                let effect = Effect::PeerAuthentication {
+                    mode: *mode,
+                    port: Some(*port),
+                };
+                (effect, p)
+            }));
+        mtls.chain(
+            self.request_authn
+                .iter()
+                .map(|p| (Effect::RequestAuthentication, &p.meta)),
+        )
+        .chain(self.authz.enforced.iter().map(|p| authz_effect(p, false)))
+        .chain(self.authz.dry_run.iter().map(|p| authz_effect(p, true)))
+    }
+}
+
+fn authz_effect(policy: &AuthzPolicy, dry_run: bool) -> (Effect, &PolicyRef) {
+    let effect = Effect::AuthorizationPolicy {
+        action: policy.spec.action,
+        dry_run,
+    };
+    (effect, &policy.meta)
 }
 
 fn rejected((policy, error): Rejected) -> Denied {
