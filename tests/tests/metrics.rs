@@ -345,11 +345,24 @@ print(json.dumps(families))
         ("ambit_config_reloads", "counter"),
         ("ambit_certificate_expiry_timestamp_seconds", "gauge"),
         ("ambit_hbone_pool_connections", "gauge"),
+        ("ambit_pods", "gauge"),
         ("ambit_process_cpu_seconds", "counter"),
         ("ambit_process_resident_memory_bytes", "gauge"),
     ] {
         assert_eq!(families[family]["type"], kind, "{family}: {families}");
     }
+    // The seed's pods: sleep and httpbin in each namespace, foo and bar enrolled.
+    let pods = |namespace: &str, state: &str| {
+        families["ambit_pods"]["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[1] == serde_json::json!({"namespace": namespace, "state": state}))
+            .map(|s| s[2].as_f64().unwrap())
+    };
+    assert_eq!(pods("foo", "redirected"), Some(2.0));
+    assert_eq!(pods("legacy", "not-enrolled"), Some(2.0));
+    assert_eq!(pods("legacy", "redirected"), None);
     let want: serde_json::Map<String, Value> = meshed
         .iter()
         .map(|(k, v)| (k.clone(), Value::from(v.as_str())))

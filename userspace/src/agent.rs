@@ -34,7 +34,7 @@ use crate::{
     proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
     redirect::Redirector,
     state::{Applied, PolicySettings},
-    workloads::WorkloadManager,
+    workloads::{WorkloadManager, WorkloadTable},
 };
 
 /// How often pods that failed to enroll are retried.
@@ -202,8 +202,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
     let trust_domain = args.identity.keys.trust_domain.clone();
     let pool = Pool::default();
+    // Shared by the enrollment manager that writes it, and the admin API, readiness and
+    // metrics that read it.
+    let workload_table = WorkloadTable::default();
     let metrics = {
         let mut metrics = Metrics::new();
+        metrics.register_collector(metrics::Pods(Arc::clone(&workload_table)));
         metrics.register_collector(metrics::Process);
         metrics.register_collector(metrics::Certificates(identity.manager.clone()));
         metrics.register_collector(metrics::HbonePool(pool.clone()));
@@ -266,6 +270,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         trust_domain.clone(),
         args.node_name.clone(),
         crate::routing::SavedSettings::new(&args.state_dir),
+        workload_table,
     );
     let configured = Arc::new(AtomicBool::new(false));
 

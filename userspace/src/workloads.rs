@@ -88,6 +88,20 @@ pub enum Redirection {
     Failed(Failure),
 }
 
+impl Redirection {
+    /// The state's name, as the admin API shows it and metrics label it.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Redirected => "redirected",
+            Self::NotEnrolled => "not-enrolled",
+            Self::OptedOut => "opted-out",
+            Self::HostNetwork => "host-network",
+            Self::OtherNode => "other-node",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
 /// Why an enrolled pod could not be set up. Shown as its reason alone.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -196,6 +210,7 @@ impl WorkloadManager {
         trust_domain: String,
         node_name: String,
         saved_settings: SavedSettings,
+        table: WorkloadTable,
     ) -> Self {
         Self {
             redirector,
@@ -206,7 +221,7 @@ impl WorkloadManager {
             saved_settings,
             enrolled: BTreeMap::new(),
             closed: BTreeMap::new(),
-            table: WorkloadTable::default(),
+            table,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Metrics read at each scrape rather than recorded as they happen: certificate expiry and
-//! rotation failures per identity, the HBONE pool's connections, and the process's CPU
-//! time and resident memory (prometheus-client has no process collector of its own).
+//! rotation failures per identity, the HBONE pool's connections, the pods by redirection
+//! state, and the process's CPU time and resident memory (prometheus-client has no process
+//! collector of its own).
 
 use std::{fmt, time::UNIX_EPOCH};
 
@@ -10,7 +11,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::{identity::SecretManager, proxy::hbone::client::Pool};
+use crate::{identity::SecretManager, proxy::hbone::client::Pool, workloads::WorkloadTable};
 
 /// `ambit_certificate_expiry_timestamp_seconds` and
 /// `ambit_certificate_rotation_failures_total`, per identity with a pod on this node.
@@ -18,6 +19,11 @@ pub struct Certificates(pub SecretManager);
 
 /// `ambit_hbone_pool_connections`: open mutual-TLS connections the pool holds.
 pub struct HbonePool(pub Pool);
+
+/// `ambit_pods`: the pods the agent knows, by namespace and redirection state (counted, so
+/// that pod names never become labels).
+#[derive(Debug)]
+pub struct Pods(pub WorkloadTable);
 
 /// `ambit_process_cpu_seconds_total` and `ambit_process_resident_memory_bytes`.
 #[derive(Debug)]
@@ -74,6 +80,34 @@ impl Collector for HbonePool {
             None,
             gauge.metric_type(),
         )?)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodStateLabels {
+    namespace: String,
+    state: &'static str,
+}
+
+impl Collector for Pods {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let mut counts = std::collections::BTreeMap::<(String, &'static str), u64>::new();
+        for status in self.0.read().unwrap_or_else(|e| e.into_inner()).values() {
+            *counts
+                .entry((status.namespace.clone(), status.redirection.state()))
+                .or_default() += 1;
+        }
+        let mut pods = encoder.encode_descriptor(
+            "ambit_pods",
+            "Pods the agent knows, by namespace and redirection state (redirected: its sockets go through this agent; failed: enrolled here but not set up, held closed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((namespace, state), count) in counts {
+            let labels = PodStateLabels { namespace, state };
+            ConstGauge::new(count).encode(pods.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

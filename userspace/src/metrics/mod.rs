@@ -23,7 +23,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use collect::{Certificates, HbonePool, Process};
+pub use collect::{Certificates, HbonePool, Pods, Process};
 use labels::{DecisionLabels, RequestLabels, RequestProtocol, ResponseFlags, TrafficLabels};
 
 use crate::{
