@@ -530,6 +530,13 @@ impl Node {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
+    /// Starts `ambit-hold serve` in `pod` on `port`: it accepts connections and holds them
+    /// open, echoing, until the node is dropped.
+    pub fn serve_hold(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let hold = self.binaries.hold.to_string_lossy().into_owned();
+        self.serve(pod, &hold, &["serve", &port.to_string()], port)
+    }
+
     /// Starts the server `program ARGS...` in `pod` and waits until something listens on
     /// `port` there; stopped when the node is dropped. Its stdout is appended to the log
     /// [`Node::app_log`] reads, its stderr to a file next to it that a failed start quotes.

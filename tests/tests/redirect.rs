@@ -322,9 +322,7 @@ fn a_pod_whose_enrollment_fails_is_closed_until_it_leaves_the_mesh() {
     node.serve_http(&web, HTTP_PORT).unwrap();
     // An application holds the proxy's outbound port, so the proxy cannot listen there. It
     // never answers, so a connection that reaches it shows no response either.
-    let hold = node.binaries.hold.to_string_lossy().into_owned();
-    node.serve(&blocked, &hold, &["serve", "15001"], 15001)
-        .unwrap();
+    node.serve_hold(&blocked, 15001).unwrap();
     node.serve_http(&blocked, HTTP_PORT).unwrap();
     node.start_agent_opts(&ambit_tests::AgentOptions::not_ready())
         .unwrap();

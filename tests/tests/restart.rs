@@ -28,15 +28,9 @@ fn binaries() -> Binaries {
 /// The scenario with `ambit-hold serve` on every `httpbin`.
 fn mesh_holding() -> Mesh {
     let mut mesh = Mesh::new(binaries()).expect("mesh");
-    let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     for server in mesh.httpbin.clone() {
         mesh.node
-            .serve(
-                &server,
-                &hold,
-                &["serve", &HOLD_PORT.to_string()],
-                HOLD_PORT,
-            )
+            .serve_hold(&server, HOLD_PORT)
             .expect("ambit-hold serve");
     }
     mesh

@@ -519,15 +519,7 @@ fn a_relabel_that_brings_a_deny_applies_to_pooled_hbone_connections() {
 fn a_relabel_that_brings_a_deny_closes_held_plaintext_connections() {
     let mut mesh = mesh();
     let server = mesh.httpbin[FOO].clone();
-    let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
-    mesh.node
-        .serve(
-            &server,
-            &hold,
-            &["serve", &HOLD_PORT.to_string()],
-            HOLD_PORT,
-        )
-        .unwrap();
+    mesh.node.serve_hold(&server, HOLD_PORT).unwrap();
     mesh.node
         .write_file("deny-locked.yaml", &deny_locked("foo"))
         .unwrap();
@@ -769,15 +761,7 @@ fn a_destination_that_stalls_tls_does_not_hang_connections_to_it() {
 fn inbound_connections_per_source_are_capped() {
     let mut mesh = mesh_with(&["--max-inbound-per-source", "5"]);
     let server = mesh.httpbin[BAR].clone();
-    let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
-    mesh.node
-        .serve(
-            &server,
-            &hold,
-            &["serve", &HOLD_PORT.to_string()],
-            HOLD_PORT,
-        )
-        .unwrap();
+    mesh.node.serve_hold(&server, HOLD_PORT).unwrap();
     let target = format!("{}:{HOLD_PORT}", server.ip);
     let sleep = mesh.sleep[FOO].clone();
     let open = |count: &str, hold: &str| {
