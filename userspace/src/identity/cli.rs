@@ -243,13 +243,15 @@ pub async fn start(
 /// Runs `ambit ca` until `shutdown`.
 pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let kube = &args.kubernetes;
-    let client = match &args.grants_file {
-        Some(_) => None,
-        None => Some(crate::kube_client::client(kube.kubeconfig.as_deref()).await?),
+    // Callers are proved by a grants file or, without one (clap requires one of the two),
+    // by the API server: `Err` holds the file, `Ok` the API server's client.
+    let trust = match &args.grants_file {
+        Some(path) => Err(path),
+        None => Ok(crate::kube_client::client(kube.kubeconfig.as_deref()).await?),
     };
     let keys = &args.keys;
-    let ca = Arc::new(match &client {
-        Some(client) if keys.cacerts_dir.is_none() && keys.ca_cert.is_none() => {
+    let ca = Arc::new(match &trust {
+        Ok(client) if keys.cacerts_dir.is_none() && keys.ca_cert.is_none() => {
             let secret = CacertsSecret::new(client.clone(), &kube.namespace, &kube.cacerts_secret);
             let files = secret.load_or_generate(&keys.trust_domain).await?;
             Ca::from_cacerts(
@@ -261,8 +263,8 @@ pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result
         }
         _ => load_ca(keys, &args.state_dir)?,
     });
-    let (authorizer, _publisher): (Arc<dyn Authorizer>, _) = match (client, &args.grants_file) {
-        (Some(client), _) => {
+    let (authorizer, _publisher): (Arc<dyn Authorizer>, _) = match trust {
+        Ok(client) => {
             let publisher = tokio::spawn(root_publisher::publish(
                 client.clone(),
                 kube.namespace.clone(),
@@ -275,8 +277,7 @@ pub async fn run_ca(args: &CaArgs, shutdown: impl Future<Output = ()>) -> Result
             );
             (Arc::new(authorizer), Some(AbortOnDrop(publisher)))
         }
-        (None, Some(path)) => (Arc::new(GrantsAuthorizer::from_file(path)?), None),
-        (None, None) => unreachable!("clap requires --grants-file without --kubernetes"),
+        Err(path) => (Arc::new(GrantsAuthorizer::from_file(path)?), None),
     };
     let listener = bind(args.listen).await?;
     tracing::info!(addr = %args.listen, trust_domain = ca.trust_domain(), "CA serving");
