@@ -664,8 +664,9 @@ impl Node {
     }
 
     /// Starts a second agent beside the running one, on the same pins, state and
-    /// configuration, as a rolling update with surge would; returns once its readiness
-    /// endpoint answers, whatever it says. It is stopped when dropped.
+    /// configuration, as a rolling update with surge would: it takes the running one's
+    /// listeners over, and that one drains. Returns once its readiness endpoint answers,
+    /// whatever it says. It is stopped when dropped.
     pub fn start_agent_beside(&self) -> anyhow::Result<Agent> {
         self.agent()?;
         Agent::start(self, &AgentOptions::not_ready(), self.second_agent_log())
@@ -683,6 +684,11 @@ impl Node {
 
     pub fn agent(&self) -> anyhow::Result<&Agent> {
         self.agent.as_ref().context("the agent is not running")
+    }
+
+    /// The node's agent, to signal it or wait for it.
+    pub fn agent_mut(&mut self) -> anyhow::Result<&mut Agent> {
+        self.agent.as_mut().context("the agent is not running")
     }
 
     /// Rewrites one file of the config directory atomically (write, then rename), as a
