@@ -270,7 +270,11 @@ fn the_daemonset_upgrades_with_surge_and_lets_the_old_agent_drain() {
         .iter()
         .find_map(|a| a.as_str()?.strip_prefix("--drain-timeout="))
         .expect("--drain-timeout set explicitly");
-    let minutes: u64 = drain.strip_suffix('m').expect("in minutes").parse().unwrap();
+    let minutes: u64 = drain
+        .strip_suffix('m')
+        .expect("in minutes")
+        .parse()
+        .unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         grace > minutes * 60,

@@ -303,8 +303,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         args.node_name.clone(),
         crate::routing::SavedSettings::new(&args.state_dir),
         workload_table,
-        predecessor.unwrap_or_default(),
     );
+    manager.inherit(predecessor.unwrap_or_default());
     let configured = Arc::new(AtomicBool::new(false));
 
     let metrics_listener =

@@ -14,8 +14,9 @@
 //! (JSON, at most [`FDS_PER_BATCH`] descriptors each, the last one marked); the
 //! successor checks each socket (a listener, in the namespace and on the port the batch
 //! names) and answers [`ACK`]. Only on that answer does the agent stop accepting and
-//! start its drain; without it (the successor died, say) it keeps serving. Only root may
-//! ask: the socket is mode 0600 and the peer's credentials are checked.
+//! start its drain; without it (the successor died, say) it keeps serving. Only the
+//! agent's own user (root) may ask: the socket is mode 0600 and the peer's credentials are
+//! checked.
 
 use std::{
     collections::HashMap,
@@ -54,8 +55,10 @@ pub enum HandoverError {
     Malformed(#[from] serde_json::Error),
     #[error("handover: {0}")]
     Protocol(&'static str),
-    #[error("handover: refusing a peer with uid {0}: only root may take the listeners")]
-    NotRoot(u32),
+    #[error(
+        "handover: refusing a peer with uid {0}: only the agent's own user may take the listeners"
+    )]
+    OtherUser(u32),
     #[error("handover: the socket for {key:?} is not that pod's listener")]
     WrongSocket { key: ListenerKey },
     #[error("handover: the agent stopped before answering")]
@@ -224,8 +227,8 @@ fn hand_over(peer: &Socket, requests: &mpsc::Sender<Request>) -> Result<bool, Ha
     let uid = nix::sys::socket::getsockopt(peer, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?
         .uid();
-    if uid != 0 {
-        return Err(HandoverError::NotRoot(uid));
+    if uid != nix::unistd::geteuid().as_raw() {
+        return Err(HandoverError::OtherUser(uid));
     }
     peer.set_read_timeout(Some(TIMEOUT))?;
     peer.set_write_timeout(Some(TIMEOUT))?;
@@ -274,4 +277,90 @@ fn send_message(peer: &Socket, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(
     )
     .map_err(io::Error::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `path` as an agent whose listeners are `offered`; what the main loop is
+    /// asked comes out of the returned channel.
+    fn agent(
+        path: &Path,
+        offered: Vec<(ListenerKey, OwnedFd)>,
+    ) -> std::sync::mpsc::Receiver<&'static str> {
+        let (tx, mut rx) = mpsc::channel(1);
+        serve(path, tx).unwrap();
+        let (asked_tx, asked) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut offered = Some(offered);
+            while let Some(request) = rx.blocking_recv() {
+                let what = match request {
+                    Request::Listeners(reply) => {
+                        let _ = reply.send(offered.take().unwrap_or_default());
+                        "listeners"
+                    }
+                    Request::HandedOver => "handed over",
+                };
+                let _ = asked_tx.send(what);
+            }
+        });
+        asked
+    }
+
+    fn listener() -> (TcpListener, ListenerKey) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let key = ListenerKey {
+            netns_cookie: crate::sys::netns_cookie(&listener).unwrap(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        (listener, key)
+    }
+
+    #[tokio::test]
+    async fn the_successor_gets_the_very_sockets_and_the_agent_hands_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        assert!(take_over(&path).await.unwrap().is_none(), "no agent yet");
+        let (first, first_key) = listener();
+        let (second, second_key) = listener();
+        let offered = vec![
+            (first_key, OwnedFd::from(first.try_clone().unwrap())),
+            (second_key, OwnedFd::from(second.try_clone().unwrap())),
+        ];
+        let asked = agent(&path, offered);
+        let mut inherited = take_over(&path).await.unwrap().expect("an agent answered");
+        let wait = Duration::from_secs(5);
+        assert_eq!(asked.recv_timeout(wait), Ok("listeners"));
+        assert_eq!(asked.recv_timeout(wait), Ok("handed over"));
+        let taken = inherited.take(first_key).expect("handed over");
+        // The same socket: a connection queued on the agent's is accepted by the successor.
+        let client = std::net::TcpStream::connect(first.local_addr().unwrap()).unwrap();
+        drop(first);
+        taken.set_nonblocking(false).unwrap();
+        let (_, peer) = taken.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert!(inherited.take(second_key).is_some());
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_is_not_the_claimed_listener_is_refused_and_nothing_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let (listener, mut key) = listener();
+        key.port = key.port.wrapping_add(1);
+        let asked = agent(&path, vec![(key, OwnedFd::from(listener))]);
+        let error = take_over(&path).await.unwrap_err();
+        assert!(
+            matches!(error, HandoverError::WrongSocket { .. }),
+            "{error}"
+        );
+        // The successor went away without confirming: the agent keeps serving.
+        assert_eq!(asked.recv_timeout(Duration::from_secs(5)), Ok("listeners"));
+        assert_eq!(
+            asked.recv_timeout(Duration::from_millis(500)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+    }
 }

@@ -223,7 +223,6 @@ impl WorkloadManager {
         node_name: String,
         saved_settings: SavedSettings,
         table: WorkloadTable,
-        inherited: Inherited,
     ) -> Self {
         Self {
             redirector,
@@ -235,8 +234,13 @@ impl WorkloadManager {
             enrolled: BTreeMap::new(),
             closed: BTreeMap::new(),
             table,
-            inherited,
+            inherited: Inherited::default(),
         }
+    }
+
+    /// Enrolls pods with the listening sockets the previous agent handed over.
+    pub fn inherit(&mut self, inherited: Inherited) {
+        self.inherited = inherited;
     }
 
     pub fn table(&self) -> WorkloadTable {
