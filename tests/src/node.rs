@@ -682,6 +682,30 @@ impl Node {
         self.config_dir.with_extension("agent-beside.log")
     }
 
+    /// The program each link pinned under the node's pin directory runs, by link name.
+    pub fn linked_programs(&self) -> BTreeMap<String, u64> {
+        let dir = self.pin_dir.join("links");
+        let mut programs = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let output = check(
+                Command::new("bpftool")
+                    .args(["--json", "link", "show", "pinned"])
+                    .arg(&path),
+            )
+            .unwrap();
+            let link: Value = serde_json::from_slice(&output.stdout).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            programs.insert(name, link["prog_id"].as_u64().unwrap());
+        }
+        assert!(
+            programs.len() >= 4,
+            "links pinned in {}: {programs:?}",
+            dir.display()
+        );
+        programs
+    }
+
     pub fn agent(&self) -> anyhow::Result<&Agent> {
         self.agent.as_ref().context("the agent is not running")
     }

@@ -137,25 +137,6 @@ fn listener_pids(node: &Node, pod: &Pod) -> Vec<(u16, u32)> {
     found
 }
 
-/// The program each pinned link of `node` runs, by link name.
-fn linked_programs(node: &Node) -> Vec<(String, u64)> {
-    let mut links = Vec::new();
-    for entry in std::fs::read_dir(node.pin_dir.join("links")).unwrap() {
-        let path = entry.unwrap().path();
-        let output = ambit_tests::check(
-            std::process::Command::new("bpftool")
-                .args(["--json", "link", "show", "pinned"])
-                .arg(&path),
-        )
-        .unwrap();
-        let link: Value = serde_json::from_slice(&output.stdout).unwrap();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        links.push((name, link["prog_id"].as_u64().unwrap()));
-    }
-    assert!(links.len() >= 4, "links pinned: {links:?}");
-    links
-}
-
 /// The ids of the BPF programs process `pid` holds open (`prog_id:` in its fdinfo).
 fn programs_held_by(pid: u32) -> Vec<u64> {
     let mut ids = Vec::new();
@@ -340,7 +321,7 @@ fn an_upgrade_under_load_drops_nothing_and_leaves_only_the_new_agent() {
         );
     }
     let b_programs = programs_held_by(b_pid);
-    for (link, program) in linked_programs(&mesh.node) {
+    for (link, program) in mesh.node.linked_programs() {
         assert!(
             b_programs.contains(&program) && !a_programs.contains(&program),
             "link {link} runs program {program}: B's are {b_programs:?}, A's were {a_programs:?}"
