@@ -13,7 +13,7 @@ use std::{
 };
 
 use ambit_tests::mesh::{
-    BAR, FOO, LEGACY, Mesh,
+    BAR, FOO, HTTP_PORT, LEGACY, Mesh,
     policies::{DENY_FOO_IN_BAR, get_not_admin},
     within,
 };
@@ -410,6 +410,7 @@ fn the_access_log_has_a_line_per_connection_and_request_with_both_ends_and_the_d
     let from = |ip: &str| format!("{ip}:");
 
     let sent = meshed(&mesh);
+    let mut traces = Vec::new();
     for path in ["hbone", "hbone-inbound"] {
         let line = logged(
             &mesh,
@@ -454,7 +455,19 @@ fn the_access_log_has_a_line_per_connection_and_request_with_both_ends_and_the_d
         };
         assert_eq!(line["decision"], decision, "{line}");
         assert_eq!(line["policy"], Value::Null, "{line}");
+        let forwarded_for = if path == "hbone" {
+            Value::Null
+        } else {
+            foo.clone().into()
+        };
+        assert_eq!(line["forwarded_for"], forwarded_for, "{line}");
+        traces.push(line["trace_id"].clone());
     }
+    // The source's proxy starts the trace and sends it in the tunnel's `traceparent`.
+    assert!(
+        traces[0].as_str().is_some_and(|t| t.len() == 32) && traces[0] == traces[1],
+        "both proxies log the connection's trace: {traces:?}"
+    );
 
     let (inbound, _) = plaintext(&mesh);
     let line = logged(&mesh, &[("/path", "plaintext-inbound".into())]);
@@ -527,4 +540,127 @@ fn the_access_log_has_a_line_per_connection_and_request_with_both_ends_and_the_d
     assert_eq!(allowed["decision"], "allow");
     assert_eq!(allowed["policy"], "foo/get-not-admin");
     assert_eq!(allowed["rule"], 0);
+}
+
+/// A certificate for `id` signed by the root in `ca` (the agent's CA directory), with its
+/// key, written to `dir`: what another mesh's proxy sharing the root would present.
+fn workload_certificate(dir: &std::path::Path, ca: &std::path::Path, id: &str) -> [String; 2] {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (key, csr, cert, ext) = (
+        path("key.pem"),
+        path("csr.pem"),
+        path("cert.pem"),
+        path("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{id}\n"
+        ),
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-subj",
+        "/O=elsewhere",
+        "-out",
+        &csr,
+    ]);
+    let (root, root_key) = (ca.join("root-cert.pem"), ca.join("root-key.pem"));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &root.to_string_lossy(),
+        "-CAkey",
+        &root_key.to_string_lossy(),
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    [cert, key]
+}
+
+/// A peer that is not ambit: one `CONNECT` shaped as ztunnel's outbound path sends it
+/// (`baggage`, `forwarded`, `traceparent`), by Python's `h2` over Python's TLS, with the
+/// certificate of a workload this node does not know, from an address no pod has. It is
+/// served, and the destination's metrics and access log name the client from its baggage
+/// (within the namespace its certificate proves), with its trace and claimed address.
+#[test]
+fn a_connect_shaped_as_ztunnels_is_served_and_its_peer_metadata_read() {
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    const BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=remote,\
+                           k8s.deployment.name=web,service.name=web,service.version=v1";
+    let mesh = mesh();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = mesh.node.state_dir().join("ca");
+    let principal = "spiffe://cluster.local/ns/remote/sa/web";
+    let [cert, key] = workload_certificate(dir.path(), &ca, principal);
+    let server = &mesh.httpbin[FOO];
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/hbone/ztunnel_connect.py");
+
+    let before = Scrape::of(&mesh);
+    let output = mesh
+        .node
+        .node_command("python3")
+        .arg(script)
+        .arg(format!("{}:15008", server.ip))
+        .arg(format!("{}:{HTTP_PORT}", server.ip))
+        .args([&cert, &key])
+        .arg(ca.join("root-cert.pem"))
+        .args([
+            BAGGAGE,
+            "for=10.99.0.7",
+            &format!("00-{TRACE_ID}-b7ad6b7169203331-01"),
+        ])
+        .output()
+        .expect("python3 runs (cargo xtask setup installs h2)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let answer: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(answer["status"], 200, "{answer}");
+    let response = answer["response"].as_str().unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200")
+            && response.contains(&format!("\"origin\":\"{}\"", mesh.node.ip())),
+        "the application answers and sees the client's address: {answer}"
+    );
+
+    let line = logged(
+        &mesh,
+        &[
+            ("/path", "hbone-inbound".into()),
+            ("/trace_id", TRACE_ID.into()),
+        ],
+    );
+    assert_eq!(line["forwarded_for"], "10.99.0.7", "{line}");
+    assert_eq!(line["source"]["principal"], principal, "{line}");
+    assert_eq!(line["source"]["workload"], "web", "{line}");
+    assert_eq!(line["source"]["namespace"], "remote", "{line}");
+    assert_eq!(line["close_reason"], "done", "{line}");
+
+    let mut labels = tcp("destination", "remote", "foo", true, "-");
+    labels.insert("source_workload".into(), "web".into());
+    labels.insert("source_principal".into(), principal.into());
+    let after = scrape_after(&mesh, &before, &[(CLOSED, &labels, 1.0)]);
+    let delta = |name| after.value(name, &labels) - before.value(name, &labels);
+    assert_eq!(delta(OPENED), 1.0, "{labels:?}\n{}", after.text);
 }

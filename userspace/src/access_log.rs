@@ -18,7 +18,7 @@ use tracing::warn;
 
 use crate::{
     peers::End,
-    proxy::connections::{CloseReason, Decided, Direction, Path},
+    proxy::connections::{CloseReason, Decided, Direction, Path, TunnelMetadata},
 };
 
 /// Entries waiting for the writer; past this the data path drops them.
@@ -177,6 +177,8 @@ pub struct Common {
     /// The Service hostname, when one was reached or the destination serves one.
     pub service: Option<Arc<str>>,
     pub mtls: bool,
+    #[serde(flatten)]
+    pub tunnel: TunnelMetadata,
     /// The authorization decision (inbound: the destination's proxy decides).
     #[serde(flatten)]
     pub decision: Option<Decided>,
@@ -241,7 +243,7 @@ fn rfc3339<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peers::WorkloadInfo;
+    use crate::{peers::WorkloadInfo, proxy::hbone::trace_context::TraceParent};
 
     fn entry(allowed: Option<bool>, reason: CloseReason) -> Entry {
         let sleep = End {
@@ -265,6 +267,13 @@ mod tests {
                 destination: Side::new("10.0.0.3:8000".parse().unwrap(), &End::default(), true),
                 service: None,
                 mtls: true,
+                tunnel: TunnelMetadata {
+                    trace_id: TraceParent::parse(
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                    )
+                    .map(|t| t.trace_id),
+                    forwarded_for: "10.0.0.2".parse().ok(),
+                },
                 decision: allowed.map(|allowed| Decided {
                     allowed,
                     policy: Some("bar/deny-foo".into()),
@@ -294,6 +303,8 @@ mod tests {
         assert_eq!(line["decision"], "deny");
         assert_eq!(line["policy"], "bar/deny-foo");
         assert_eq!(line["close_reason"], "denied");
+        assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(line["forwarded_for"], "10.0.0.2");
         assert_eq!(
             (line["bytes_sent"].as_u64(), line["bytes_received"].as_u64()),
             (Some(10), Some(20))

@@ -50,11 +50,13 @@ const MANIFEST_CHECKERS: &[(&str, &str)] =
     &[("kubernetes-validate", "1.37.0"), ("checkov", "3.3.30")];
 
 /// Python modules the tests import, from PyPI, as (pip name, module): the gRPC tests'
-/// client and server, Prometheus' parser of the text format (`tests/tests/metrics.rs`),
-/// and the WebSocket client that drives Chromium over DevTools (`tests/tests/ui.rs`).
+/// client and server, Prometheus' parser of the text format and the HTTP/2 library of the
+/// ztunnel-shaped HBONE client (`tests/tests/metrics.rs`), and the WebSocket client that
+/// drives Chromium over DevTools (`tests/tests/ui.rs`).
 const PYTHON_MODULES: &[(&str, &str)] = &[
     ("grpcio", "grpc"),
     ("prometheus-client", "prometheus_client.parser"),
+    ("h2", "h2.connection"),
     ("websocket-client", "websocket"),
 ];
 

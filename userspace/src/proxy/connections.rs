@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Serialize, Serializer};
 
-use super::copy::Traffic;
+use super::{copy::Traffic, hbone::trace_context::TraceId};
 use crate::{
     access_log::{AccessLog, Common, ConnectionEntry, Entry, RequestEntry, Side},
     admission::Refusal,
@@ -155,6 +155,16 @@ pub struct Opening<'a> {
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub ends: Ends,
+    pub tunnel: TunnelMetadata,
+}
+
+/// What an HBONE `CONNECT` carries for telemetry: the trace both proxies log (the client
+/// proxy starts it), and the client address the peer claims in `forwarded`. Claims of the
+/// peer: logged, never a reason for a decision.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct TunnelMetadata {
+    pub trace_id: Option<TraceId>,
+    pub forwarded_for: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -166,6 +176,8 @@ pub struct ConnectionRecord {
     pub workload: String,
     pub source: SocketAddr,
     pub destination: SocketAddr,
+    #[serde(flatten)]
+    pub tunnel: TunnelMetadata,
     /// Milliseconds since the Unix epoch.
     pub opened_ms: u64,
     pub closed_ms: Option<u64>,
@@ -231,6 +243,7 @@ struct Live {
     path: Path,
     source: SocketAddr,
     destination: SocketAddr,
+    tunnel: TunnelMetadata,
     opened: Instant,
 }
 
@@ -245,6 +258,7 @@ impl Live {
             destination: Side::new(self.destination, &self.ends.destination, mtls),
             service: self.ends.service.clone(),
             mtls,
+            tunnel: self.tunnel,
             decision,
         }
     }
@@ -282,6 +296,7 @@ impl ConnectionLog {
             workload: opening.workload.to_owned(),
             source: opening.source,
             destination: opening.destination,
+            tunnel: opening.tunnel,
             opened_ms: now_ms(),
             closed_ms: None,
             bytes_sent: 0,
@@ -299,6 +314,7 @@ impl ConnectionLog {
             path: opening.path,
             source: opening.source,
             destination: opening.destination,
+            tunnel: opening.tunnel,
             opened: Instant::now(),
         });
         self.lock().live.insert(id, (record, Arc::clone(&live)));

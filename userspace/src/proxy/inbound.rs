@@ -14,7 +14,7 @@ use tracing::debug;
 
 use super::{
     Accepted, PodProxy, Shared,
-    connections::{Close, ConnectionGuard, Direction, Opening, Path},
+    connections::{Close, ConnectionGuard, Direction, Opening, Path, TunnelMetadata},
     entry::{self, Entered},
     forward::{self, Recheck},
     l7,
@@ -74,6 +74,7 @@ async fn handle(
         Path::PlaintextInbound,
         &client_of,
         destination,
+        TunnelMetadata::default(),
     );
     let peer = Peer {
         identity: None,
@@ -101,6 +102,7 @@ pub fn open(
     path: Path,
     client: &Client,
     destination: SocketAddr,
+    tunnel: TunnelMetadata,
 ) -> ConnectionGuard {
     let ends = peers.inbound(&pod.key, destination, client);
     let opening = Opening {
@@ -110,6 +112,7 @@ pub fn open(
         source: client.addr,
         destination,
         ends,
+        tunnel,
     };
     shared.connections.open(opening, Arc::clone(&pod.stats))
 }

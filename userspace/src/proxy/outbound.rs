@@ -15,8 +15,9 @@ use tracing::{debug, warn};
 
 use super::{
     Accepted, PodProxy, Shared,
-    connections::{Close, CloseReason, Direction, Opening, Path},
-    forward, hbone,
+    connections::{Close, CloseReason, Direction, Opening, Path, TunnelMetadata},
+    forward,
+    hbone::{self, client::Connect, trace_context::TraceParent},
     limits::Exceeded,
     socket::{self, ProxyStream},
 };
@@ -163,6 +164,9 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         Route::Hbone { .. } => Path::Hbone,
         Route::Direct(_) | Route::Refuse(_) => Path::Plaintext,
     };
+    // Every connection starts a trace, as with ztunnel: its ID is in this proxy's log line
+    // and, through the tunnel's `traceparent`, in the destination proxy's.
+    let trace = TraceParent::random();
     let opening = Opening {
         direction: Direction::Outbound,
         path,
@@ -170,6 +174,10 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         source: SocketAddr::new(pod.ip, peer.port()),
         destination,
         ends,
+        tunnel: TunnelMetadata {
+            trace_id: Some(trace.trace_id),
+            forwarded_for: None,
+        },
     };
     let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
@@ -184,17 +192,24 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             gateway,
             target,
             allowed,
-        } => match shared
-            .pool
-            .open(pod, shared, allowed, gateway, target, baggage)
-            .await
-        {
-            Ok(tunnel) => {
-                forward::relay(stream, tunnel, &mut record, None).await;
-                return Ok(());
+        } => {
+            let connect = Connect {
+                target,
+                baggage,
+                trace,
+            };
+            match shared
+                .pool
+                .open(pod, shared, allowed, gateway, connect)
+                .await
+            {
+                Ok(tunnel) => {
+                    forward::relay(stream, tunnel, &mut record, None).await;
+                    return Ok(());
+                }
+                Err(error) => OutboundError::from(error),
             }
-            Err(error) => OutboundError::from(error),
-        },
+        }
         Route::Refuse(reason) => OutboundError::Refused(reason),
     };
     record.finish(Close::new(error.reason(), &error));

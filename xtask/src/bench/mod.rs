@@ -7,6 +7,10 @@
 //! keep-alive HTTP run alone in mesh-l7) from the client pod to the server pod of its
 //! namespace and reads the agent's CPU and memory.
 //!
+//! Fairness between workloads: the direct and mesh namespaces also hold a neighbour pair,
+//! whose `iperf3 -P 8` runs while the client measures its round trips again; the ratio of
+//! the two p99s is how much a noisy neighbour on the same node proxy hurts.
+//!
 //! The mesh passes measure whatever the data path of enrolled pods is: the bench only
 //! enrolls them (and writes policies) and never picks a listener or a port of the proxy.
 
@@ -35,6 +39,12 @@ pub struct Options {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
+
+/// Streams of the noisy neighbour's `iperf3`.
+const NEIGHBOUR_STREAMS: u32 = 8;
+/// How long the neighbour runs before the round trips are measured: its streams must have
+/// connected and reached their rate.
+const NEIGHBOUR_WARM_UP: Duration = Duration::from_secs(2);
 
 /// How much a run measures.
 struct Plan {
@@ -121,6 +131,8 @@ struct Bed {
     direct: (Pod, Pod),
     mesh: (Pod, Pod),
     l7: (Pod, Pod),
+    /// The noisy neighbours' `(client, server)` in the direct and mesh namespaces.
+    neighbours: [(Pod, Pod); 2],
     usage: Usage,
 }
 
@@ -128,6 +140,7 @@ impl Bed {
     fn new(binaries: Binaries) -> anyhow::Result<Self> {
         let mut node = Node::new(binaries)?;
         let mut pods = Vec::new();
+        let mut neighbours = Vec::new();
         for (namespace, enrolled) in [
             ("bench-direct", false),
             ("bench-mesh", true),
@@ -141,6 +154,11 @@ impl Bed {
                 node.serve_http(&server, tools::HTTP_PORT)?;
             } else {
                 tools::start_servers(&mut node, &server)?;
+                let labels = [("app", "neighbour")];
+                let noisy = node.pod_with(namespace, "neighbour", "neighbour", &labels)?;
+                let sink = node.pod_with(namespace, "neighbour-sink", "neighbour", &labels)?;
+                tools::start_iperf3(&mut node, &sink)?;
+                neighbours.push((noisy, sink));
             }
             pods.push((client, server));
         }
@@ -150,12 +168,17 @@ impl Bed {
             .try_into()
             .ok()
             .context("one client and server pair per mode")?;
+        let neighbours = neighbours
+            .try_into()
+            .ok()
+            .context("one neighbour pair in the direct and mesh namespaces")?;
         let bed = Self {
             usage: Usage::new(pid)?,
             node,
             direct,
             mesh,
             l7,
+            neighbours,
         };
         bed.check_paths()?;
         l7::check(
@@ -180,11 +203,16 @@ impl Bed {
     /// compare the kernel with itself.
     fn check_paths(&self) -> anyhow::Result<()> {
         let agent = self.node.agent()?;
+        let [direct_neighbour, mesh_neighbour] = &self.neighbours;
         let expected = [
             (&self.direct.0, "not-enrolled"),
             (&self.direct.1, "not-enrolled"),
+            (&direct_neighbour.0, "not-enrolled"),
+            (&direct_neighbour.1, "not-enrolled"),
             (&self.mesh.0, "redirected"),
             (&self.mesh.1, "redirected"),
+            (&mesh_neighbour.0, "redirected"),
+            (&mesh_neighbour.1, "redirected"),
             (&self.l7.0, "redirected"),
             (&self.l7.1, "redirected"),
         ];
@@ -291,6 +319,9 @@ impl Bed {
         let rtt = tools::sockperf(node, client, ip, seconds)?;
         pass.insert(Figure::RoundTripMedian, rtt.median_us);
         pass.insert(Figure::RoundTripP99, rtt.p99_us);
+        let loaded = self.round_trip_beside_neighbour(mode, client, server, seconds)?;
+        pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);
+        pass.insert(Figure::Unfairness, loaded.p99_us / rtt.p99_us);
         let (rate, cpu) = self.cpu(|| tools::wrk(node, client, ip, seconds))?;
         pass.insert(Figure::ConnectionRate, rate.per_second);
         pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
@@ -306,6 +337,37 @@ impl Bed {
             pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
         }
         Ok(pass)
+    }
+
+    /// The client's round trips to its server while the mode's neighbour pair runs
+    /// `iperf3 -P 8` through the same node (and, meshed, the same agent).
+    fn round_trip_beside_neighbour(
+        &self,
+        mode: Mode,
+        client: &Pod,
+        server: &Pod,
+        seconds: u32,
+    ) -> anyhow::Result<tools::RoundTrip> {
+        let (noisy, sink) = match mode {
+            Mode::Direct => &self.neighbours[0],
+            Mode::Mesh => &self.neighbours[1],
+            Mode::MeshL7 => bail!("the L7 mode has no neighbour"),
+        };
+        let node = &self.node;
+        // sockperf runs at least 2 s; the neighbour outlasts it by its warm-up and a second.
+        let neighbour_seconds = seconds.max(2) + NEIGHBOUR_WARM_UP.as_secs() as u32 + 1;
+        std::thread::scope(|scope| {
+            let neighbour = scope.spawn(|| {
+                tools::iperf3(node, noisy, sink.ip, NEIGHBOUR_STREAMS, neighbour_seconds)
+            });
+            std::thread::sleep(NEIGHBOUR_WARM_UP);
+            let loaded = tools::sockperf(node, client, server.ip, seconds);
+            let neighbour = neighbour
+                .join()
+                .map_err(|_| anyhow::anyhow!("the neighbour's iperf3 thread panicked"))?;
+            neighbour.context("the noisy neighbour")?;
+            loaded.context("round trips beside the noisy neighbour")
+        })
     }
 
     /// Runs `measure` and returns its result with the agent CPU seconds it took.

@@ -52,6 +52,8 @@ pub enum Figure {
     Throughput4,
     RoundTripMedian,
     RoundTripP99,
+    RoundTripP99UnderLoad,
+    Unfairness,
     ConnectionRate,
     CrrRate,
     CrrMedian,
@@ -68,11 +70,13 @@ pub enum Figure {
 }
 
 impl Figure {
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 19] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::RoundTripMedian,
         Self::RoundTripP99,
+        Self::RoundTripP99UnderLoad,
+        Self::Unfairness,
         Self::ConnectionRate,
         Self::CrrRate,
         Self::CrrMedian,
@@ -99,6 +103,16 @@ impl Figure {
             ),
             Self::RoundTripMedian => ("round trip, median", "us", "round_trip_median_us"),
             Self::RoundTripP99 => ("round trip, p99", "us", "round_trip_p99_us"),
+            Self::RoundTripP99UnderLoad => (
+                "round trip, p99, neighbour iperf3 -P 8",
+                "us",
+                "round_trip_p99_under_load_us",
+            ),
+            Self::Unfairness => (
+                "round trip p99, loaded / alone",
+                "x",
+                "round_trip_p99_loaded_over_alone",
+            ),
             Self::ConnectionRate => ("new connections", "conn/s", "connections_per_second"),
             Self::CrrRate => (
                 "new connections, client closes",

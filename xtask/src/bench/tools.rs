@@ -31,12 +31,7 @@ const GRACE: u64 = 30;
 /// `ambit-hold serve`.
 pub fn start_servers(node: &mut Node, server: &Pod) -> anyhow::Result<()> {
     node.serve_http(server, HTTP_PORT)?;
-    node.serve(
-        server,
-        "iperf3",
-        &["-s", "-p", &IPERF3_PORT.to_string()],
-        IPERF3_PORT,
-    )?;
+    start_iperf3(node, server)?;
     let ip = server.ip.to_string();
     let port = SOCKPERF_PORT.to_string();
     node.serve(
@@ -52,6 +47,16 @@ pub fn start_servers(node: &mut Node, server: &Pod) -> anyhow::Result<()> {
         "prlimit",
         &[HOLD_NOFILE, &hold, "serve", &HOLD_PORT.to_string()],
         HOLD_PORT,
+    )
+}
+
+/// Starts an `iperf3` server in `server`.
+pub fn start_iperf3(node: &mut Node, server: &Pod) -> anyhow::Result<()> {
+    node.serve(
+        server,
+        "iperf3",
+        &["-s", "-p", &IPERF3_PORT.to_string()],
+        IPERF3_PORT,
     )
 }
 

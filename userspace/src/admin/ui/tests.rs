@@ -60,6 +60,7 @@ fn record(direction: Direction, path: Path, from: &str, to: &str) -> ConnectionR
         workload: String::new(),
         source: addr(from),
         destination: addr(to),
+        tunnel: Default::default(),
         opened_ms: 1_000,
         closed_ms: Some(2_000),
         bytes_sent: 100,

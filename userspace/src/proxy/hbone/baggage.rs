@@ -2,7 +2,8 @@
 //! with OpenTelemetry's Kubernetes keys (`k8s.cluster.name`, `k8s.namespace.name`,
 //! `k8s.<kind>.name`, `service.name`, `service.version`) describing the client's workload,
 //! and `forwarded: for=<client IP>` (RFC 7239). Both are the client's claims: the server
-//! uses them for telemetry only, never for a decision.
+//! uses them for telemetry only, never for a decision. (`traceparent` is in
+//! [`super::trace_context`].)
 
 use std::net::IpAddr;
 
@@ -40,6 +41,21 @@ pub fn forwarded(client: IpAddr) -> HeaderValue {
         IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
     };
     HeaderValue::from_str(&value).expect("an IP address is a valid header value")
+}
+
+/// The client address the first element of `forwarded` names (`for=`, with or without a
+/// port, an IPv6 address quoted and bracketed); `None` for an obfuscated or unknown one.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let first = headers.get(FORWARDED)?.to_str().ok()?.split(',').next()?;
+    let node = first.split(';').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        key.trim().eq_ignore_ascii_case("for").then(|| value.trim())
+    })?;
+    let node = node.trim_matches('"');
+    match node.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']')?.0.parse().ok(),
+        None => node.split(':').next()?.parse().ok(),
+    }
 }
 
 /// What a client's `baggage` says about its workload.
@@ -153,8 +169,31 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_quotes_ipv6() {
+    fn forwarded_quotes_ipv6_and_reads_back() {
         assert_eq!(forwarded("10.0.0.1".parse().unwrap()), "for=10.0.0.1");
         assert_eq!(forwarded("fd00::1".parse().unwrap()), "for=\"[fd00::1]\"");
+        let read = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(FORWARDED, HeaderValue::from_static(value));
+            forwarded_for(&headers)
+        };
+        for ip in ["10.0.0.1", "fd00::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut headers = HeaderMap::new();
+            headers.insert(FORWARDED, forwarded(ip));
+            assert_eq!(forwarded_for(&headers), Some(ip));
+        }
+        assert_eq!(
+            read("proto=http;For=\"192.0.2.43:47011\", for=10.9.9.9"),
+            "192.0.2.43".parse().ok()
+        );
+        assert_eq!(
+            read("for=\"[2001:db8:cafe::17]:4711\""),
+            "2001:db8:cafe::17".parse().ok()
+        );
+        for hidden in ["for=_hidden", "for=unknown", "by=10.0.0.1", "for="] {
+            assert_eq!(read(hidden), None, "{hidden}");
+        }
+        assert_eq!(forwarded_for(&HeaderMap::new()), None);
     }
 }

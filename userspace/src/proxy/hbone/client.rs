@@ -26,7 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
-use super::{HboneError, baggage};
+use super::{
+    HboneError, baggage,
+    trace_context::{TRACEPARENT, TraceParent},
+};
 use crate::{
     identity::SpiffeId,
     proxy::{PodProxy, Shared, socket},
@@ -113,17 +116,16 @@ impl Pool {
         lock(&self.slots).clear();
     }
 
-    /// Opens a tunnel from `pod` to `target` through the proxy at `gateway`, which must
-    /// present one of the `allowed` identities. The `CONNECT` carries the pod's `baggage`
-    /// and its address as `forwarded`.
+    /// Opens a tunnel from `pod` through the proxy at `gateway`, which must present one of
+    /// the `allowed` identities, for `connect`; the request also names the pod's address as
+    /// `forwarded`.
     pub async fn open(
         &self,
         pod: &PodProxy,
         shared: &Shared,
         allowed: Vec<SpiffeId>,
         gateway: SocketAddr,
-        target: SocketAddr,
-        baggage: Option<HeaderValue>,
+        connect: Connect,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source_pod: pod.ip,
@@ -140,19 +142,15 @@ impl Pool {
             }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
-        let connect = Connect {
-            target,
-            baggage,
-            forwarded: baggage::forwarded(pod.ip),
-        };
+        let forwarded = baggage::forwarded(pod.ip);
         let (pooled, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
-        match request(pooled, stream, &connect).await {
+        match request(pooled, stream, &connect, &forwarded).await {
             Err(HboneError::Http(error)) if reused => {
                 // The pooled connection died under us (the peer restarted, say): once more
                 // on a fresh one.
                 debug!(%gateway, %error, "pooled HBONE connection failed; reconnecting");
                 let (pooled, stream, _) = pick(&slot, pod, shared, &key, true).await?;
-                request(pooled, stream, &connect).await
+                request(pooled, stream, &connect, &forwarded).await
             }
             other => other,
         }
@@ -301,11 +299,12 @@ async fn connect(pod: &PodProxy, shared: &Shared, key: &PoolKey) -> Result<Poole
     })
 }
 
-/// What one `CONNECT` asks for, and says about its client.
-struct Connect {
-    target: SocketAddr,
-    baggage: Option<HeaderValue>,
-    forwarded: HeaderValue,
+/// What one `CONNECT` asks for, and says about its client: its workload (`baggage`) and
+/// the trace of the connection (`traceparent`), as ztunnel sends them.
+pub struct Connect {
+    pub target: SocketAddr,
+    pub baggage: Option<HeaderValue>,
+    pub trace: TraceParent,
 }
 
 /// Opens the stream `stream` counts on `pooled`; the count is released on every error
@@ -314,13 +313,15 @@ async fn request(
     pooled: Pooled,
     stream: StreamCount,
     connect: &Connect,
+    forwarded: &HeaderValue,
 ) -> Result<Tunnel, HboneError> {
     let mut sender = pooled.sender;
     sender.ready().await?;
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(connect.target.to_string())
-        .header(baggage::FORWARDED, connect.forwarded.clone());
+        .header(baggage::FORWARDED, forwarded.clone())
+        .header(TRACEPARENT, connect.trace.header());
     if let Some(value) = &connect.baggage {
         request = request.header(baggage::BAGGAGE, value.clone());
     }

@@ -7,6 +7,7 @@ pub mod baggage;
 pub mod client;
 pub mod request;
 pub mod server;
+pub mod trace_context;
 
 use std::{sync::Arc, time::Duration};
 

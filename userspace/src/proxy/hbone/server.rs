@@ -30,13 +30,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{HboneError, baggage, request};
+use super::{HboneError, baggage, request, trace_context::TraceParent};
 use crate::{
     admission::Peer,
     peers::Client,
     proxy::{
         Accepted, PodProxy, Shared,
-        connections::{Close, CloseReason, Path},
+        connections::{Close, CloseReason, Path, TunnelMetadata},
         entry::{self, EntryError},
         inbound, l7,
         limits::{Gauge, GaugePermit, Source},
@@ -267,6 +267,10 @@ async fn open_stream(
         Path::HboneInbound,
         &client_of,
         destination,
+        TunnelMetadata {
+            trace_id: TraceParent::from_headers(request.headers()).map(|t| t.trace_id),
+            forwarded_for: baggage::forwarded_for(request.headers()),
+        },
     );
     let entered = match entry::enter(&shared, &applied, &pod, &peer, &source, destination).await {
         Ok(entered) => entered,
