@@ -14,7 +14,7 @@ pub mod outbound;
 
 /// Socket marks the proxy sets on its own sockets, for routing only: a mark is not an
 /// identity (any process with `CAP_NET_RAW` can set one), so the kernel programs never
-/// trust it (see [`outbound::PROXY_CGROUP_MAP`]).
+/// trust it (see [`outbound::PROXY_CGROUPS_MAP`]).
 pub mod marks {
     /// Upstream sockets the proxy opens from a pod's namespace to other pods.
     pub const PROXY: u32 = 0x0a3b_0000;

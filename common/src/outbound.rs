@@ -4,14 +4,22 @@
 //! established, which is the peer address the proxy sees on the accepted socket.
 //!
 //! The proxy's own sockets are recognised by the cgroup of the process that connects
-//! ([`PROXY_CGROUP_MAP`]), which a pod cannot change, never by a socket mark, which any
+//! ([`PROXY_CGROUPS_MAP`]), which a pod cannot change, never by a socket mark, which any
 //! process with `CAP_NET_RAW` can set.
 
 use crate::addr::SockAddr;
 
-/// Array of one `u64`: the cgroup (v2) id of the agent. Connects made from that cgroup
-/// are the proxy's own and are never redirected; 0 means none.
-pub const PROXY_CGROUP_MAP: &str = "PROXY_CGROUP";
+/// Set of cgroup (v2) ids (`u64` → `u32` 1) of the running agents: connects made from
+/// them are the proxy's own and are never redirected. More than one during an upgrade,
+/// when the old agent drains beside the new one. Each agent adds its own id at load and
+/// removes it on exit; a dead agent's id is removed by the next one (`redirect`).
+pub const PROXY_CGROUPS_MAP: &str = "PROXY_CGROUPS";
+/// The map of the same role in versions before upgrades were hitless: an `Array` of one
+/// `u64`. A pinned map whose definition differs fails to load, so the set took a new
+/// name; the agent removes this pin when it finds it.
+pub const LEGACY_PROXY_CGROUP_MAP: &str = "PROXY_CGROUP";
+/// Agents (cgroups) that may be recognised at once.
+pub const MAX_AGENTS: u32 = 16;
 /// Netns cookie (`u64`) → [`Redirect`]: the enrolled pod namespaces.
 pub const ENROLLED_NETNS_MAP: &str = "ENROLLED_NETNS";
 /// Socket cookie (`u64`) → original destination [`SockAddr`], written at connect time.

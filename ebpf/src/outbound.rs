@@ -7,21 +7,21 @@
 
 use ambit_common::{
     addr::{AF_INET, AF_INET6, SockAddr},
-    outbound::{ConnKey, MAX_ENROLLED, ORIG_DST_ENTRIES, Redirect},
+    outbound::{ConnKey, MAX_AGENTS, MAX_ENROLLED, ORIG_DST_ENTRIES, Redirect},
     ports,
 };
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 
 // Map names must equal the constants in `ambit_common::outbound`.
 #[map]
-static PROXY_CGROUP: Array<u64> = Array::pinned(1, 0);
+static PROXY_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_AGENTS, 0);
 #[map]
 static ENROLLED_NETNS: HashMap<u64, Redirect> = HashMap::pinned(MAX_ENROLLED, 0);
 #[map]
@@ -135,13 +135,14 @@ fn local(port: u16) -> Verdict {
     }
 }
 
-/// True when the calling process is the agent: its cgroup is one a pod cannot join.
+/// True when the calling process is an agent: its cgroup is one a pod cannot join. Two
+/// agents run at once during an upgrade (the old one drains while the new one serves),
+/// hence a set.
 fn is_proxy() -> bool {
     // SAFETY: no arguments; available to cgroup sock_addr programs.
     let current = unsafe { bpf_get_current_cgroup_id() };
-    PROXY_CGROUP
-        .get(0)
-        .is_some_and(|id| *id != 0 && *id == current)
+    // SAFETY: plain Copy value, see classify.
+    unsafe { PROXY_CGROUPS.get(&current) }.is_some()
 }
 
 /// 127.0.0.0/8 and 0.0.0.0/8 (a connect to 0.0.0.0 reaches the local host).

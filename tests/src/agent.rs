@@ -6,7 +6,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -110,17 +110,34 @@ impl Agent {
 
     /// Sends SIGTERM to the agent (by its PID) and waits for it to exit.
     pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
-        check(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        self.terminate()?;
+        if self.wait_exit(Duration::from_secs(10))?.is_some() {
+            return Ok(());
         }
         self.child.kill()?;
         self.child.wait()?;
         bail!("the agent did not exit within 10 s of SIGTERM")
+    }
+
+    /// Sends SIGTERM to the agent (by its PID): it starts draining, or with a second one
+    /// ends its drain.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        check(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;
+        Ok(())
+    }
+
+    /// Waits at most `limit` for the agent to exit; its status, or `None` while it runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the agent with SIGKILL, as the OOM killer or a crash would end it, and waits

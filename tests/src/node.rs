@@ -664,8 +664,9 @@ impl Node {
     }
 
     /// Starts a second agent beside the running one, on the same pins, state and
-    /// configuration, as a rolling update with surge would; returns once its readiness
-    /// endpoint answers, whatever it says. It is stopped when dropped.
+    /// configuration, as a rolling update with surge would: it takes the running one's
+    /// listeners over, and that one drains. Returns once its readiness endpoint answers,
+    /// whatever it says. It is stopped when dropped.
     pub fn start_agent_beside(&self) -> anyhow::Result<Agent> {
         self.agent()?;
         Agent::start(self, &AgentOptions::not_ready(), self.second_agent_log())
@@ -681,8 +682,37 @@ impl Node {
         self.config_dir.with_extension("agent-beside.log")
     }
 
+    /// The program each link pinned under the node's pin directory runs, by link name.
+    pub fn linked_programs(&self) -> BTreeMap<String, u64> {
+        let dir = self.pin_dir.join("links");
+        let mut programs = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let output = check(
+                Command::new("bpftool")
+                    .args(["--json", "link", "show", "pinned"])
+                    .arg(&path),
+            )
+            .unwrap();
+            let link: Value = serde_json::from_slice(&output.stdout).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            programs.insert(name, link["prog_id"].as_u64().unwrap());
+        }
+        assert!(
+            programs.len() >= 4,
+            "links pinned in {}: {programs:?}",
+            dir.display()
+        );
+        programs
+    }
+
     pub fn agent(&self) -> anyhow::Result<&Agent> {
         self.agent.as_ref().context("the agent is not running")
+    }
+
+    /// The node's agent, to signal it or wait for it.
+    pub fn agent_mut(&mut self) -> anyhow::Result<&mut Agent> {
+        self.agent.as_mut().context("the agent is not running")
     }
 
     /// Rewrites one file of the config directory atomically (write, then rename), as a

@@ -246,3 +246,38 @@ fn pre_stop_uninstalls_only_when_the_daemonset_is_being_deleted() {
         }
     }
 }
+
+/// An upgrade is hitless: the new agent starts beside the old one (surge, never a node
+/// without an agent), no hostPort keeps it off the node, and the old one is given its
+/// whole drain before the kubelet kills it.
+#[test]
+fn the_daemonset_upgrades_with_surge_and_lets_the_old_agent_drain() {
+    let (_out, files) = rendered();
+    let daemonset = daemonset(&files[0]);
+    let rolling = &daemonset["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1, "{rolling:?}");
+    assert_eq!(rolling["maxUnavailable"], 0, "{rolling:?}");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    assert_eq!(
+        agent["ports"],
+        serde_yaml::Value::Null,
+        "with hostNetwork a port is a hostPort, which would keep the surge pod off the node"
+    );
+    let drain = agent["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("--drain-timeout="))
+        .expect("--drain-timeout set explicitly");
+    let minutes: u64 = drain
+        .strip_suffix('m')
+        .expect("in minutes")
+        .parse()
+        .unwrap();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > minutes * 60,
+        "grace period {grace}s must exceed the drain ({drain}) and leave the pre-stop hook time"
+    );
+}

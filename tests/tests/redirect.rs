@@ -119,7 +119,7 @@ fn stopped_agent_fails_closed_and_restart_recovers_without_recreating_pods() {
         200
     );
 
-    let before = linked_programs(&mesh.node.pin_dir.join("links"));
+    let before = mesh.node.linked_programs();
     mesh.node.stop_agent().unwrap();
     let outbound = mesh
         .node
@@ -155,7 +155,7 @@ fn stopped_agent_fails_closed_and_restart_recovers_without_recreating_pods() {
     assert!(log.contains("re-adopted pinned link"), "{log}");
     // The pinned links now run the new agent's programs, not the ones it found (those of
     // an older version, after an upgrade).
-    let after = linked_programs(&mesh.node.pin_dir.join("links"));
+    let after = mesh.node.linked_programs();
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
         after.keys().collect::<Vec<_>>(),
@@ -167,29 +167,6 @@ fn stopped_agent_fails_closed_and_restart_recovers_without_recreating_pods() {
             "{link} still runs the stopped agent's program"
         );
     }
-}
-
-/// The program each link pinned in `dir` runs, by file name (`bpftool link show pinned`).
-fn linked_programs(dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
-    let mut programs = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let output = ambit_tests::check(
-            std::process::Command::new("bpftool")
-                .args(["--json", "link", "show", "pinned"])
-                .arg(&path),
-        )
-        .unwrap();
-        let link: Value = serde_json::from_slice(&output.stdout).unwrap();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        programs.insert(name, link["prog_id"].as_u64().unwrap());
-    }
-    assert!(
-        programs.len() >= 4,
-        "links pinned in {}: {programs:?}",
-        dir.display()
-    );
-    programs
 }
 
 #[test]

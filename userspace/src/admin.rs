@@ -8,7 +8,8 @@
 //! the policy decision for a connection or request, as `ambit explain` gives it.
 //! Readiness (`/healthz/ready`) answers 200 once the first configuration has been applied
 //! and this process serves every enrolled pod of the node but those that cannot be served
-//! for a reason of their own ([`crate::workloads::Failure`]); otherwise 503. Either way the
+//! for a reason of their own ([`crate::workloads::Failure`]), and until it drains;
+//! otherwise 503. Either way the
 //! body says which pods are not served and why.
 
 use std::{
@@ -86,6 +87,7 @@ pub async fn serve_admin(listener: TcpListener, state: AdminState) -> std::io::R
 pub struct ReadinessState {
     /// Set once the first configuration has been applied.
     pub configured: Arc<AtomicBool>,
+    pub draining: crate::drain::DrainWatch,
     pub workloads: WorkloadTable,
 }
 
@@ -95,6 +97,8 @@ pub struct Readiness {
     pub ready: bool,
     /// False until the first configuration has been applied.
     pub configured: bool,
+    /// True once the agent drains (stopped, or handed over to the next agent).
+    pub draining: bool,
     /// Enrolled pods of this node this process does not serve for a reason of its own
     /// (their ports held by another process, say): each makes it not ready.
     pub unserved: Vec<PodFailure>,
@@ -113,6 +117,7 @@ pub struct PodFailure {
 impl Readiness {
     pub fn of<'a>(
         configured: bool,
+        draining: bool,
         workloads: impl IntoIterator<Item = &'a WorkloadStatus>,
     ) -> Self {
         let (mut unserved, mut held_closed) = (Vec::new(), Vec::new());
@@ -130,8 +135,9 @@ impl Readiness {
             }
         }
         Self {
-            ready: configured && unserved.is_empty(),
+            ready: configured && !draining && unserved.is_empty(),
             configured,
+            draining,
             unserved,
             held_closed,
         }
@@ -144,7 +150,11 @@ pub async fn serve_readiness(listener: TcpListener, state: ReadinessState) -> st
         get(move || async move {
             let readiness = {
                 let table = state.workloads.read().unwrap_or_else(|e| e.into_inner());
-                Readiness::of(state.configured.load(Ordering::Acquire), table.values())
+                Readiness::of(
+                    state.configured.load(Ordering::Acquire),
+                    state.draining.is_draining(),
+                    table.values(),
+                )
             };
             let status = match readiness.ready {
                 true => StatusCode::OK,
@@ -217,14 +227,18 @@ mod tests {
             pod("a", Redirection::Redirected),
             pod("b", Redirection::NotEnrolled),
         ];
-        assert!(!Readiness::of(false, &served).ready, "not configured yet");
-        assert!(Readiness::of(true, &served).ready);
+        assert!(
+            !Readiness::of(false, false, &served).ready,
+            "not configured yet"
+        );
+        assert!(Readiness::of(true, false, &served).ready);
+        assert!(!Readiness::of(true, true, &served).ready, "draining");
 
         let no_netns = [
             pod("a", Redirection::Redirected),
             pod("b", failed("no netns", true)),
         ];
-        let readiness = Readiness::of(true, &no_netns);
+        let readiness = Readiness::of(true, false, &no_netns);
         assert!(readiness.ready, "a pod no agent could serve: {readiness:?}");
         assert_eq!(readiness.held_closed, [failure("foo/b", "no netns")]);
 
@@ -233,10 +247,11 @@ mod tests {
             pod("b", failed("no netns", true)),
         ];
         assert_eq!(
-            Readiness::of(true, &ports_taken),
+            Readiness::of(true, false, &ports_taken),
             Readiness {
                 ready: false,
                 configured: true,
+                draining: false,
                 unserved: vec![failure("foo/a", "address in use")],
                 held_closed: vec![failure("foo/b", "no netns")],
             }

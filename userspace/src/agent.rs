@@ -1,8 +1,10 @@
 //! `ambit run`: wires discovery, the kernel programs, the workload manager and the admin
-//! API together and runs until SIGINT or SIGTERM.
+//! API together and runs until it has drained after SIGTERM or SIGINT ([`crate::drain`]).
 //!
-//! Stopping the agent leaves the kernel programs and maps pinned: enrolled pods then fail
-//! closed until an agent starts again and re-adopts them.
+//! At start it takes the listening sockets of an agent already running with the same
+//! state directory ([`crate::handover`]), which then drains. Stopping the agent leaves the
+//! kernel programs and maps pinned: enrolled pods then fail closed until an agent starts
+//! again and re-adopts them.
 
 use std::{
     net::SocketAddr,
@@ -15,14 +17,20 @@ use std::{
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::watch;
-use tracing::{error, info};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tracing::{error, info, warn};
 
 use crate::{
     access_log::{self, AccessLog},
     admin::{self, AdminState, ReadinessState},
     cni_server::{self, CniServer},
     discovery::{Snapshot, files, kubernetes},
+    drain::{self, DrainTrigger, OnSignal, Phase},
+    handover,
     identity::cli::parse_duration,
     identity::{self, cli::IdentityArgs},
     jwks::{JwksFetcher, JwksOptions},
@@ -92,6 +100,10 @@ pub struct RunArgs {
     /// with the `ambit.io/netns` annotation.
     #[arg(long, env = "AMBIT_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
+    /// After SIGTERM, how long connections already open keep being relayed before they
+    /// are reset; a second SIGTERM ends the drain at once.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -177,7 +189,21 @@ impl From<&LimitArgs> for Limits {
     }
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// How `ambit run` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Nothing left open.
+    Clean,
+    /// Drain cut short (deadline, second signal): the caller exits without closing the
+    /// connections left, so that the kernel resets them.
+    ResetOpenConnections,
+}
+
+/// How long a new agent waits for the one it took over from to let go of the admin,
+/// readiness and metrics ports (it closes them as it starts draining).
+const PORTS_RELEASE: Duration = Duration::from_secs(5);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     use anyhow::Context as _;
     let source = SourceConfig::resolve(&args).await?;
     let open_files = raise_fd_limit();
@@ -214,7 +240,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(metrics)
     };
     let access_log = AccessLog::start(&args.access_log, metrics.access_log_dropped.clone())?;
-    let metrics_listener = metrics::server::bind(args.metrics_addr).await?;
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     source
         .start(&args, snapshot_tx, metrics.config_rejected.clone())
@@ -254,15 +279,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connections = Arc::new(ConnectionLog::new(Arc::clone(&metrics), access_log));
     let limits = Limits::from(&args.limits);
     let descriptors = Descriptors::new(open_files, open_descriptors(), limits.fd_reserve);
+    let (drain_trigger, drain_watch) = drain::channel();
     let shared = Shared {
         orig_dst: redirector.orig_dst(),
         connections: Arc::clone(&connections),
         applied: applied_rx.clone(),
         identities: identity.manager.clone(),
-        pool,
+        pool: pool.clone(),
         limits: Arc::new(limits),
-        descriptors,
+        descriptors: descriptors.clone(),
+        drain: drain_watch.clone(),
     };
+    // Last thing before serving: the running agent stops accepting as soon as this one
+    // holds its listeners.
+    let handover_path = handover::socket_path(&args.state_dir);
+    let predecessor = handover::take_over(&handover_path).await?;
+    let took_over = predecessor.is_some();
     let mut manager = WorkloadManager::new(
         redirector,
         shared,
@@ -272,20 +304,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         crate::routing::SavedSettings::new(&args.state_dir),
         workload_table,
     );
+    manager.inherit(predecessor.unwrap_or_default());
     let configured = Arc::new(AtomicBool::new(false));
 
-    let admin_listener = admin::bind(args.admin_addr).await?;
-    let readiness_listener = tokio::net::TcpListener::bind(args.readiness_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
+    let metrics_listener =
+        bind_after_predecessor(took_over, || metrics::server::bind(args.metrics_addr)).await?;
+    let admin_listener = bind_after_predecessor(took_over, || admin::bind(args.admin_addr)).await?;
+    let readiness_listener = bind_after_predecessor(took_over, || {
+        tokio::net::TcpListener::bind(args.readiness_addr)
+    })
+    .await
+    .with_context(|| format!("cannot listen on {}", args.readiness_addr))?;
     let admin_state = AdminState {
         workloads: manager.table(),
         connections: Arc::clone(&connections),
         identities: identity.manager.clone(),
         applied: applied_rx,
     };
-    tokio::spawn(admin::serve_admin(admin_listener, admin_state));
-    tokio::spawn(metrics::server::serve(metrics_listener, connections));
+    // Closed when the listeners are handed over: the ports are the next agent's then.
+    let mut endpoints: Vec<JoinHandle<()>> = vec![
+        tokio::spawn(async move {
+            let _ = admin::serve_admin(admin_listener, admin_state).await;
+        }),
+        tokio::spawn(metrics::server::serve(metrics_listener, connections)),
+    ];
     if let Some(path) = &args.cni_socket {
         let listener = cni_server::bind(path)?;
         let server = CniServer {
@@ -299,15 +341,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let readiness = ReadinessState {
         configured: Arc::clone(&configured),
+        draining: drain_watch,
         workloads: manager.table(),
     };
-    tokio::spawn(admin::serve_readiness(readiness_listener, readiness));
+    endpoints.push(tokio::spawn(async move {
+        let _ = admin::serve_readiness(readiness_listener, readiness).await;
+    }));
+    let (handover_tx, mut handover_rx) = mpsc::channel(1);
+    handover::serve(&handover_path, handover_tx)?;
     info!(admin = %args.admin_addr, readiness = %args.readiness_addr, metrics = %args.metrics_addr,
         "admin API listening");
 
     let mut adopter = Adopter::new(HostPaths::default(), &args.node_name);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut signals = Signals::new()?;
+    let mut phase = Phase::Serving;
+    let mut stop_ca = Some(stop_ca);
+    let draining = Draining {
+        trigger: drain_trigger,
+        pool,
+    };
     loop {
         let mut snapshot = snapshots.borrow_and_update().clone();
         cni_server::overlay(&mut snapshot, &sandboxes.borrow_and_update());
@@ -316,33 +369,142 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Published before the pods are reconciled: admission reads each pod from it, so a
         // pod's listeners never serve before the configuration that enrolls it is in force.
         // Retries reconcile the same snapshot; live connections are re-checked only when
-        // the configuration really changed.
+        // the configuration really changed (draining too: what is still relayed stays
+        // under the policies in force).
         if applied_tx.borrow().snapshot != snapshot {
             applied_tx.send_replace(applied(snapshot.clone()));
         }
-        manager.reconcile(&snapshot).await;
-        reconciled_tx.send_replace(Arc::new(snapshot));
-        configured.store(true, Ordering::Release);
+        // A draining agent's pods are the next agent's.
+        if !phase.is_draining() {
+            manager.reconcile(&snapshot).await;
+            reconciled_tx.send_replace(Arc::new(snapshot));
+            configured.store(true, Ordering::Release);
+        }
         loop {
+            let deadline = phase.deadline();
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
-                        return Ok(());
+                        return Ok(Exit::Clean);
                     }
                     break;
                 }
                 _ = sandboxes.changed() => break,
-                _ = retry.tick() => {
+                _ = retry.tick(), if !phase.is_draining() => {
                     if manager.has_failures() {
                         break;
                     }
                 }
-                () = &mut shutdown => {
-                    info!("shutting down; enrolled pods fail closed until the agent returns");
-                    drop(stop_ca);
-                    return Ok(());
+                Some(request) = handover_rx.recv() => match request {
+                    handover::Request::Listeners(reply) => {
+                        let _ = reply.send(manager.listening());
+                    }
+                    handover::Request::HandedOver => {
+                        if phase == Phase::Serving {
+                            phase = Phase::HandedOver;
+                            draining.start(&mut manager).await;
+                        }
+                        for endpoint in &endpoints {
+                            endpoint.abort();
+                        }
+                    }
+                },
+                () = signals.next() => {
+                    let (next, action) = phase.on_signal(Instant::now(), args.drain_timeout);
+                    phase = next;
+                    match action {
+                        OnSignal::StartDrain => {
+                            info!(timeout = ?args.drain_timeout,
+                                "draining: enrolled pods fail closed until the next agent serves");
+                            draining.start(&mut manager).await;
+                        }
+                        OnSignal::SetDeadline => {
+                            info!(timeout = ?args.drain_timeout, "draining until the deadline");
+                        }
+                        OnSignal::EndNow => {
+                            warn!("second signal: resetting the connections still open");
+                            return Ok(finish(&mut manager, &mut stop_ca, Exit::ResetOpenConnections));
+                        }
+                    }
+                }
+                () = drain::drained(&descriptors), if deadline.is_some() => {
+                    info!("drained: no connection left");
+                    return Ok(finish(&mut manager, &mut stop_ca, Exit::Clean));
+                }
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    warn!("drain deadline passed: resetting the connections still open");
+                    return Ok(finish(&mut manager, &mut stop_ca, Exit::ResetOpenConnections));
                 }
             }
+        }
+    }
+}
+
+/// What starting the drain takes.
+struct Draining {
+    trigger: DrainTrigger,
+    pool: Pool,
+}
+
+impl Draining {
+    /// Stops accepting, and tells HBONE connections and readiness.
+    async fn start(&self, manager: &mut WorkloadManager) {
+        manager.hand_over().await;
+        self.trigger.start();
+        self.pool.close();
+    }
+}
+
+/// Leaves the kernel's set of agents and stops the embedded CA, returning `exit`.
+fn finish(
+    manager: &mut WorkloadManager,
+    stop_ca: &mut Option<watch::Sender<()>>,
+    exit: Exit,
+) -> Exit {
+    manager.leave();
+    drop(stop_ca.take());
+    exit
+}
+
+/// Binds with `bind`; after a handover, retries for [`PORTS_RELEASE`] while the previous
+/// agent lets go of the port.
+async fn bind_after_predecessor<T, E, F>(
+    took_over: bool,
+    mut bind: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    let give_up = Instant::now() + PORTS_RELEASE;
+    loop {
+        match bind().await {
+            Err(_) if took_over && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, each time they come.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

@@ -62,7 +62,15 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => ambit::agent::run(*args).await,
+            Command::Run(args) => match ambit::agent::run(*args).await {
+                Ok(ambit::agent::Exit::ResetOpenConnections) => {
+                    // Without closing what is left: the kernel resets each connection the
+                    // proxy still holds (`SO_LINGER` 0), where an orderly close would make
+                    // a cut-short response look complete.
+                    std::process::exit(0);
+                }
+                other => other.map(drop),
+            },
             Command::Ca(args) => {
                 ambit::identity::cli::run_ca(&args, ambit::agent::shutdown_signal())
                     .await

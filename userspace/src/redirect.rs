@@ -1,5 +1,11 @@
 //! Loading, pinning and driving the kernel programs (`ebpf/`).
 //!
+//! An upgrade loads the new agent's programs beside the old agent's and switches every
+//! pinned link to them in one step each (`BPF_LINK_UPDATE`, see [`attach_once`]): the
+//! hooks never run without a program, and both agents share the pinned maps, so the old
+//! one keeps finding the original destinations of what it still relays and its own
+//! connects stay unredirected ([`agents`]).
+//!
 //! Programs attach once per node (`connect4`, `connect6` and `sock_ops` at a cgroup, by
 //! default the cgroup2 root) plus one `sk_lookup` per enrolled pod netns. The agent's own
 //! cgroup is written to the kernel maps at load: connects from it are the proxy's and are
@@ -24,19 +30,23 @@ use ambit_common::{
     addr::SockAddr,
     inbound::{INBOUND_LISTENERS_MAP, INBOUND_PODS_MAP, PodSlots, pod_key},
     outbound::{
-        ConnKey, ENROLLED_NETNS_MAP, MAX_ENROLLED, ORIG_DST_MAP, PROXY_CGROUP_MAP, Redirect,
+        ConnKey, ENROLLED_NETNS_MAP, LEGACY_PROXY_CGROUP_MAP, MAX_ENROLLED, ORIG_DST_MAP,
+        PROXY_CGROUPS_MAP, Redirect,
     },
     ports,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, SockMap},
+    maps::{HashMap, MapData, MapError, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use tracing::{info, warn};
+
+mod agents;
+pub use agents::{AgentsError, Registration};
 
 /// The kernel object built by `build.rs`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
@@ -84,6 +94,8 @@ pub enum RedirectError {
     Ipv6(IpAddr),
     #[error("cannot find the agent's own cgroup: {0}")]
     OwnCgroup(io::Error),
+    #[error(transparent)]
+    Agents(#[from] AgentsError),
     #[error("cannot switch pinned link {} to this agent's program: {source}", path.display())]
     Update { path: PathBuf, source: io::Error },
 }
@@ -100,6 +112,8 @@ pub struct Redirector {
     /// Those of pods already in the pinned map are taken over at load, so that an agent
     /// started beside another never moves a pod the other serves onto a different slot.
     slots: BTreeMap<IpAddr, PodSlots>,
+    /// This agent's cgroup in the set of agents whose connects are not redirected.
+    registration: Option<Registration>,
     /// Kept alive for the lifetime of the agent: dropping it closes the log ring buffer.
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -132,10 +146,9 @@ impl Redirector {
         // Before any program runs: from its first connect on, the agent's own sockets must
         // be told apart.
         let own_cgroup = own_cgroup_id().map_err(RedirectError::OwnCgroup)?;
-        let mut proxy_cgroup: Array<MapData, u64> = take_map(&mut ebpf, PROXY_CGROUP_MAP)?;
-        proxy_cgroup
-            .set(0, own_cgroup, 0)
-            .map_err(map_error(PROXY_CGROUP_MAP))?;
+        let registration =
+            Registration::register(take_map(&mut ebpf, PROXY_CGROUPS_MAP)?, pin_dir, own_cgroup)?;
+        remove_legacy_pins(pin_dir);
         for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             connect.load().map_err(program_error(name))?;
@@ -179,8 +192,17 @@ impl Redirector {
             listeners,
             orig_dst,
             slots,
+            registration: Some(registration),
             _logger: logger,
         })
+    }
+
+    /// Takes this agent's cgroup out of the kernel's set of agents, on a clean exit: from
+    /// then on its connects would be redirected like a pod's.
+    pub fn leave(&mut self) {
+        if let Some(registration) = self.registration.take() {
+            registration.leave();
+        }
     }
 
     /// The aya-log ring buffer, polled by the agent to print kernel log lines.
@@ -433,6 +455,17 @@ fn own_cgroup_id() -> io::Result<u64> {
         .ok_or_else(|| not_found("no cgroup2 entry in /proc/self/cgroup"))?;
     let root = cgroup2_root().ok_or_else(|| not_found("no cgroup2 mount"))?;
     Ok(std::fs::metadata(root.join(path.trim_start_matches('/')))?.ino())
+}
+
+/// Removes pins of maps that earlier versions used and this one does not: the old agent,
+/// if it still runs, keeps its own descriptors of them.
+fn remove_legacy_pins(pin_dir: &Path) {
+    let path = pin_dir.join(LEGACY_PROXY_CGROUP_MAP);
+    match std::fs::remove_file(&path) {
+        Ok(()) => info!(pin = %path.display(), "removed the pin of an older version's map"),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => warn!(pin = %path.display(), %error, "cannot remove an older version's map"),
+    }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {

@@ -1,4 +1,5 @@
-//! The agent's only `unsafe` code: socket options that `nix` and `socket2` do not wrap, and
+//! The agent's only `unsafe` code: socket options that `nix` and `socket2` do not wrap,
+//! descriptors received over a unix socket, and
 //! the two `bpf(2)` commands on pinned links that aya does not offer.
 
 use std::{io, os::fd::AsFd, os::fd::AsRawFd};
@@ -145,4 +146,46 @@ pub fn bpf_link_detach(link: &impl AsFd) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Receives one message of at most `buf.len()` bytes on a unix socket, with the
+/// descriptors it carries (`SCM_RIGHTS`): `nix` hands them over as raw numbers. A message
+/// or its descriptors cut short is an error: what was received is closed.
+pub fn recv_with_fds(
+    socket: &impl AsFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd as _;
+    /// At most `SCM_MAX_FD` descriptors come with one message.
+    const MAX_FDS: usize = 253;
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let message = recvmsg::<()>(
+        socket.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel installed these descriptors in this process for this
+            // message; nothing else knows them yet.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if message
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message or its descriptors truncated",
+        ));
+    }
+    Ok((message.bytes, fds))
 }

@@ -14,12 +14,17 @@
 //! re-enrolled pod is never opened: its old listeners close (its traffic is refused) and
 //! the new ones take over, while its kernel entries stay. Kernel entries are released
 //! only once no pod of this node holds them any more.
+//!
+//! In an upgrade the new agent enrolls pods with the listening sockets the old one handed
+//! over ([`crate::handover`]) instead of opening its own, and the old one, once they are
+//! handed over, stops accepting ([`WorkloadManager::hand_over`]) and leaves every pod's
+//! kernel entries and return path to the new one.
 
 use std::{
     collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{Arc, RwLock},
 };
@@ -32,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::{
     discovery::{Pod, Snapshot},
+    handover::{Inherited, ListenerKey},
     identity::{SecretManager, SpiffeError, SpiffeId},
     netns::{NetnsError, PodNetns},
     proxy::{
@@ -69,6 +75,8 @@ pub enum EnrollError {
     Redirect(#[from] RedirectError),
     #[error(transparent)]
     Identity(#[from] SpiffeError),
+    #[error("cannot set up a listener: {0}")]
+    Listener(std::io::Error),
 }
 
 /// Whether the kernel sends a pod's traffic through the proxy.
@@ -157,6 +165,8 @@ struct EnrolledPod {
     identity: SpiffeId,
     proxy: Arc<PodProxy>,
     listeners: Vec<JoinHandle<()>>,
+    /// The listening sockets the tasks of `listeners` accept on, to hand them over.
+    listening: Vec<(ListenerKey, OwnedFd)>,
     _descriptors: GaugePermit,
 }
 
@@ -193,6 +203,8 @@ pub struct WorkloadManager {
     /// traffic is refused (fail closed) until a retry succeeds or they leave the mesh.
     closed: BTreeMap<String, ClosedPod>,
     table: WorkloadTable,
+    /// Listening sockets the previous agent handed over, used instead of new ones.
+    inherited: Inherited,
 }
 
 /// A pod held closed by [`WorkloadManager::closed`].
@@ -222,7 +234,13 @@ impl WorkloadManager {
             enrolled: BTreeMap::new(),
             closed: BTreeMap::new(),
             table,
+            inherited: Inherited::default(),
         }
+    }
+
+    /// Enrolls pods with the listening sockets the previous agent handed over.
+    pub fn inherit(&mut self, inherited: Inherited) {
+        self.inherited = inherited;
     }
 
     pub fn table(&self) -> WorkloadTable {
@@ -303,6 +321,45 @@ impl WorkloadManager {
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
         self.release_leftovers();
+        // Listeners handed over for pods this agent does not serve close; those of pods
+        // held closed wait for the retry.
+        let waiting: Vec<u64> = self.closed.values().map(|c| c.netns_cookie).collect();
+        self.inherited.retain(&waiting);
+    }
+
+    /// Copies of the listening sockets of every pod served, for the next agent.
+    pub fn listening(&self) -> Vec<(ListenerKey, OwnedFd)> {
+        self.enrolled
+            .values()
+            .flat_map(|e| &e.listening)
+            .filter_map(|(key, fd)| match fd.try_clone() {
+                Ok(fd) => Some((*key, fd)),
+                Err(error) => {
+                    warn!(?key, %error, "cannot copy a listener for the next agent");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every pod's listeners, which the next agent holds now, and
+    /// forgets the pods: their kernel entries, return paths and sockets are the next
+    /// agent's. Connections already accepted go on until they end.
+    pub async fn hand_over(&mut self) {
+        self.closed.clear();
+        for (key, enrolled) in std::mem::take(&mut self.enrolled) {
+            // Cancelled between two accepts: a connection accepted is on its own task.
+            for task in enrolled.listeners {
+                task.abort();
+                let _ = task.await;
+            }
+            info!(workload = %key, "stopped accepting");
+        }
+    }
+
+    /// Takes this agent out of the kernel's set of agents (see [`Redirector::leave`]).
+    pub fn leave(&mut self) {
+        self.redirector.leave();
     }
 
     /// True when the pod set up as `then` is still in `snapshot`, unchanged, and still
@@ -342,11 +399,25 @@ impl WorkloadManager {
             },
         );
         self.redirector.register(netns_cookie, ip, &netns_file)?;
-        let on_loopback = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-        let outbound_listener = socket::listen(&netns, on_loopback(ports::OUTBOUND)).await?;
-        let plaintext_listener =
-            socket::listen(&netns, on_loopback(ports::INBOUND_PLAINTEXT)).await?;
-        let hbone_listener = socket::listen(&netns, on_loopback(ports::INBOUND_HBONE)).await?;
+        let outbound_listener = self.listener(&netns, netns_cookie, ports::OUTBOUND).await?;
+        let plaintext_listener = self
+            .listener(&netns, netns_cookie, ports::INBOUND_PLAINTEXT)
+            .await?;
+        let hbone_listener = self
+            .listener(&netns, netns_cookie, ports::INBOUND_HBONE)
+            .await?;
+        let listening = [
+            (ports::OUTBOUND, &outbound_listener),
+            (ports::INBOUND_PLAINTEXT, &plaintext_listener),
+            (ports::INBOUND_HBONE, &hbone_listener),
+        ]
+        .into_iter()
+        .map(|(port, listener)| {
+            let key = ListenerKey { netns_cookie, port };
+            Ok((key, listener.as_fd().try_clone_to_owned()?))
+        })
+        .collect::<Result<_, std::io::Error>>()
+        .map_err(EnrollError::Listener)?;
         routing::install(&netns, &self.saved_settings).await?;
         self.redirector
             .serve(ip, hbone_listener.as_fd(), plaintext_listener.as_fd())?;
@@ -385,8 +456,28 @@ impl WorkloadManager {
             identity,
             proxy,
             listeners,
+            listening,
             _descriptors: self.shared.descriptors.hold_for_pod(),
         })
+    }
+
+    /// The pod's listener on `port` (loopback): the one the previous agent handed over,
+    /// or a new one.
+    async fn listener(
+        &mut self,
+        netns: &PodNetns,
+        netns_cookie: u64,
+        port: u16,
+    ) -> Result<tokio::net::TcpListener, EnrollError> {
+        match self.inherited.take(ListenerKey { netns_cookie, port }) {
+            Some(listener) => {
+                tokio::net::TcpListener::from_std(listener).map_err(EnrollError::Listener)
+            }
+            None => {
+                let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+                Ok(socket::listen(netns, addr).await?)
+            }
+        }
     }
 
     /// Stops serving a pod: closes its listeners, after which the kernel refuses its

@@ -1,9 +1,9 @@
 //! Holds many idle TCP connections open, to measure what an idle connection costs the
 //! proxy (`cargo xtask bench`).
 //!
-//! - `ambit-hold serve PORT`: accepts connections, echoes the first byte of each (so the
-//!   client knows the whole path is up, proxies included), then keeps it open until the
-//!   peer closes.
+//! - `ambit-hold serve PORT`: accepts connections and echoes what comes on each (the
+//!   first byte tells a client the whole path is up, proxies included; later ones that it
+//!   still works) until the peer closes.
 //! - `ambit-hold connect IP:PORT N TIMEOUT_SECS`: opens N connections one after the other,
 //!   sends one byte on each and waits for its echo, prints `ready N`, then holds them
 //!   until stdin closes or TIMEOUT_SECS pass, whichever comes first.
@@ -42,14 +42,12 @@ async fn serve(port: u16) -> anyhow::Result<()> {
     loop {
         let (mut stream, _) = listener.accept().await?;
         tokio::spawn(async move {
-            let mut byte = [0u8; 1];
-            if stream.read_exact(&mut byte).await.is_err() || stream.write_all(&byte).await.is_err()
-            {
-                return;
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
             }
-            // Idle until the peer closes; anything it sends is dropped.
-            let mut sink = [0u8; 64];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         });
     }
 }

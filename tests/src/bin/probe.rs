@@ -15,14 +15,18 @@
 //!   client closes, with a reset so that no TIME_WAIT runs the client out of ports), again
 //!   and again for S seconds (at most 1,000,000 times). Prints `{"connections", "failed",
 //!   "per_second", "p50_us", "p99_us", "max_us"}`, times from connect to the reply.
-//! - `ambit-probe open ADDR N --hold-seconds S [--echo] [--timeout-ms N]`: opens N
-//!   connections at once and holds them idle, sending nothing unless `--echo` (then one
-//!   byte each, and waits for it to come back). Prints
+//! - `ambit-probe open ADDR N --hold-seconds S [--echo] [--ping-ms P] [--timeout-ms N]`:
+//!   opens N connections at once and holds them idle, sending nothing unless `--echo`
+//!   (then one byte each, and waits for it to come back). Prints
 //!   `{"event": "opened", "connected", "echoed", "failed"}` once every attempt has ended,
-//!   then `{"event": "done", "closed", "reset", "first_closed_ms", "last_closed_ms"}` when
-//!   every connection was closed by the peer or S seconds passed, times counted from the
-//!   first line; `reset` counts the connections that ended with a reset rather than an end
-//!   of stream. Run it with a raised `prlimit --nofile` for large N.
+//!   then `{"event": "done", "closed", "reset", "first_closed_ms", "last_closed_ms",
+//!   "pings", "min_last_echo_ms"}` when every connection was closed by the peer or S
+//!   seconds passed, times counted from the first line; `reset` counts the connections
+//!   that ended with a reset rather than an end of stream. With `--ping-ms`, each
+//!   connection sends one byte every P ms and waits (the timeout) for it to come back, as
+//!   long as it lives: `pings` counts the echoes, `min_last_echo_ms` is the earliest, over
+//!   the connections, of the time of their last echo (how long every one kept working).
+//!   Run it with a raised `prlimit --nofile` for large N.
 //! - `ambit-probe sink PORT`: listens on `[::]:PORT` (IPv4 and IPv6), accepts, reads and
 //!   never answers: a peer that stalls every handshake.
 
@@ -40,7 +44,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const USAGE: &str = "usage: ambit-probe connect ADDR [--mark M] [--send TEXT] [--timeout-ms N]
        ambit-probe hammer ADDR --seconds S [--timeout-ms N]
        ambit-probe crr ADDR --seconds S [--timeout-ms N]
-       ambit-probe open ADDR N --hold-seconds S [--echo] [--timeout-ms N]
+       ambit-probe open ADDR N --hold-seconds S [--echo] [--ping-ms P] [--timeout-ms N]
        ambit-probe sink PORT";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_HAMMER_ATTEMPTS: u64 = 1_000_000;
@@ -75,7 +79,13 @@ fn main() -> anyhow::Result<()> {
             let addr = options.addr()?;
             let count: usize = options.positional(1, "N")?.parse().context("N")?;
             let hold = options.seconds.context("open needs --hold-seconds")?;
-            open(addr, count, hold, options.echo, options.timeout)?;
+            let held = Holding {
+                hold,
+                echo: options.echo,
+                ping: options.ping,
+                timeout: options.timeout,
+            };
+            open(addr, count, &held)?;
         }
         "sink" => sink(options.positional(0, "PORT")?.parse().context("PORT")?)?,
         _ => bail!("{USAGE}"),
@@ -92,6 +102,7 @@ struct Options {
     timeout: Duration,
     seconds: Option<Duration>,
     echo: bool,
+    ping: Option<Duration>,
 }
 
 impl Options {
@@ -114,6 +125,9 @@ impl Options {
                     options.seconds = Some(Duration::from_secs_f64(value(arg)?.parse()?));
                 }
                 "--echo" => options.echo = true,
+                "--ping-ms" => {
+                    options.ping = Some(Duration::from_millis(value("--ping-ms")?.parse()?));
+                }
                 flag if flag.starts_with("--") => bail!("unknown option {flag}\n{USAGE}"),
                 _ => options.positional.push(arg.clone()),
             }
@@ -258,14 +272,24 @@ fn one_round_trip(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     SockRef::from(&stream).set_linger(Some(Duration::ZERO))
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn open(
-    addr: SocketAddr,
-    count: usize,
+/// How `open` holds its connections.
+struct Holding {
     hold: Duration,
     echo: bool,
+    ping: Option<Duration>,
     timeout: Duration,
-) -> anyhow::Result<()> {
+}
+
+/// How one held connection ended: when, whether with a reset, and its echoes.
+struct Ended {
+    after: Duration,
+    reset: bool,
+    pings: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn open(addr: SocketAddr, count: usize, holding: &Holding) -> anyhow::Result<()> {
+    let (echo, timeout) = (holding.echo, holding.timeout);
     let attempts: Vec<_> = (0..count)
         .map(|_| tokio::spawn(open_one(addr, echo, timeout)))
         .collect();
@@ -286,34 +310,49 @@ async fn open(
         json!({ "event": "opened", "connected": connected, "echoed": echoed, "failed": failed })
     );
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    for mut stream in held {
+    let (ping, last_echoes) = (
+        holding.ping,
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    for stream in held {
         let closed_tx = closed_tx.clone();
+        let last_echoes = std::sync::Arc::clone(&last_echoes);
         tokio::spawn(async move {
-            // Reads until the peer closes or resets; anything it sends is dropped.
-            let mut sink = [0u8; 256];
-            let reset = loop {
-                match stream.read(&mut sink).await {
-                    Ok(0) => break false,
-                    Ok(_) => {}
-                    Err(_) => break true,
-                }
+            let index = {
+                let mut last = last_echoes.lock().unwrap();
+                last.push(Duration::ZERO);
+                last.len() - 1
             };
-            let _ = closed_tx.send((opened.elapsed(), reset));
+            let on_echo = || last_echoes.lock().unwrap()[index] = opened.elapsed();
+            let (reset, pings) = hold_one(stream, ping, timeout, on_echo).await;
+            let ended = Ended {
+                after: opened.elapsed(),
+                reset,
+                pings,
+            };
+            let _ = closed_tx.send(ended);
         });
     }
     drop(closed_tx);
-    let (mut closes, mut resets) = (Vec::new(), 0);
-    let deadline = tokio::time::sleep(hold);
+    let (mut closes, mut resets, mut pings) = (Vec::new(), 0, 0);
+    let deadline = tokio::time::sleep(holding.hold);
     tokio::pin!(deadline);
     while closes.len() < connected {
         tokio::select! {
-            Some((after, reset)) = closed_rx.recv() => {
-                closes.push(after.as_millis());
-                resets += usize::from(reset);
+            Some(ended) = closed_rx.recv() => {
+                closes.push(ended.after.as_millis());
+                resets += usize::from(ended.reset);
+                pings += ended.pings;
             }
             () = &mut deadline => break,
         }
     }
+    let min_last_echo = last_echoes
+        .lock()
+        .unwrap()
+        .iter()
+        .min()
+        .map(Duration::as_millis);
     println!(
         "{}",
         json!({
@@ -322,10 +361,51 @@ async fn open(
             "reset": resets,
             "first_closed_ms": closes.iter().min(),
             "last_closed_ms": closes.iter().max(),
+            "pings": pings,
+            "min_last_echo_ms": min_last_echo,
         })
     );
     // Exiting closes whatever is still open.
     std::process::exit(0)
+}
+
+/// Holds `stream` until the peer closes or resets it: idle, or with `ping` one byte sent
+/// every so often and awaited for `timeout` (`on_echo` told of each echo). Returns whether
+/// it ended with a reset (a ping unanswered counts as one), and the echoes.
+async fn hold_one(
+    mut stream: tokio::net::TcpStream,
+    ping: Option<Duration>,
+    timeout: Duration,
+    on_echo: impl Fn(),
+) -> (bool, u64) {
+    let mut sink = [0u8; 256];
+    let Some(every) = ping else {
+        // Reads until the peer closes or resets; anything it sends is dropped.
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) => return (false, 0),
+                Ok(_) => {}
+                Err(_) => return (true, 0),
+            }
+        }
+    };
+    let mut pings = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        let echoed = tokio::time::timeout(timeout, async {
+            stream.write_all(b"p").await?;
+            stream.read(&mut sink[..1]).await
+        })
+        .await;
+        match echoed {
+            Ok(Ok(1)) => {
+                pings += 1;
+                on_echo();
+            }
+            Ok(Ok(_)) => return (false, pings),
+            Ok(Err(_)) | Err(_) => return (true, pings),
+        }
+    }
 }
 
 /// One connection, and with `echo` one byte sent and awaited; None when the connect failed.

@@ -280,6 +280,12 @@ impl Descriptors {
     pub fn hold_for_pod(&self) -> GaugePermit {
         self.held.add(PER_POD_DESCRIPTORS)
     }
+
+    /// Descriptors held now: by connections, and by pods while they are enrolled. Once the
+    /// pods are handed over, zero means no connection is left (see `drain`).
+    pub fn held(&self) -> usize {
+        self.held.held()
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,8 @@ pub struct Shared {
     pub pool: hbone::client::Pool,
     pub limits: Arc<Limits>,
     pub descriptors: Descriptors,
+    /// Started when the agent hands its listeners over or is told to stop.
+    pub drain: crate::drain::DrainWatch,
 }
 
 /// A connection one of a pod's listeners accepted.

@@ -110,6 +110,12 @@ impl Pool {
             .sum()
     }
 
+    /// Forgets every pooled connection, when the agent drains: each ends (`GOAWAY`) once
+    /// its last stream has, and no new stream goes on it.
+    pub fn close(&self) {
+        lock(&self.slots).clear();
+    }
+
     /// Opens a tunnel from `pod` through the proxy at `gateway`, which must present one of
     /// the `allowed` identities, for `connect`; the request also names the pod's address as
     /// `forwarded`.

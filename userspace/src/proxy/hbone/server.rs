@@ -5,7 +5,8 @@
 //! Per connection: a handshake slot (per workload and per source IP) → TLS within the
 //! handshake timeout → streams, until the connection has been idle (no stream open) for
 //! the idle timeout, or the first stream has not come within the handshake timeout, or the
-//! client's certificate expires; then `GOAWAY`. Per stream: only `CONNECT` to this pod's
+//! client's certificate expires, or the agent drains (the peer then opens its next
+//! connection to the agent that took over); then `GOAWAY`. Per stream: only `CONNECT` to this pod's
 //! own application (400 otherwise) → admission with the peer's verified identity and the
 //! limits (401 if refused) → for a connection authorized as a whole, connect to the
 //! application from inside the pod with the client's IP (503 if it refuses) → 200, then
@@ -111,6 +112,7 @@ async fn serve_connection(
     let forwarded_client_cert =
         l7::forwarded_client_cert(&pod.identity, verified.fingerprint(), verified.id());
     let activity = Arc::new(Activity::default());
+    let drain = shared.drain.clone();
     let service = {
         let activity = Arc::clone(&activity);
         service_fn(move |request| {
@@ -150,6 +152,12 @@ async fn serve_connection(
         limits.hbone_idle_timeout,
         verified.not_after(),
     );
+    let ended = async {
+        tokio::select! {
+            why = ended => why,
+            () = drain.started() => "the agent drains",
+        }
+    };
     tokio::select! {
         served = connection.as_mut() => served?,
         why = ended => {
