@@ -294,8 +294,9 @@ fn an_ipv4_mapped_address_is_meshed_like_ipv4() {
 }
 
 /// Finding 2: IPv6 connects of an enrolled pod (global or link-local) went out in
-/// plaintext, past a DENY. Every one must be captured or refused: refused by the DENY
-/// towards a mesh pod, and towards anything else either refused or seen by the proxy.
+/// plaintext, past a DENY. Every one must be captured or refused: refused towards an
+/// address of a mesh pod that the agent does not know (these pods' `status.podIPs` are
+/// IPv4 only), link-local ones refused, and towards anything else seen by the proxy.
 #[test]
 fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
     let mesh = mesh_serving_dual_stack(&[BAR, LEGACY]);
@@ -328,29 +329,32 @@ fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
         );
     }
 
-    for url in [
-        v6_url(legacy.ipv6(), DUAL_STACK_PORT),
-        link_local_url(legacy, DUAL_STACK_PORT),
-    ] {
-        let result = curl(node, sleep, &url);
-        let seen = mesh
-            .recorded("foo/sleep", "outbound")
-            .unwrap()
-            .iter()
-            .any(|c| {
-                c["destination"]
-                    .as_str()
-                    .is_some_and(|d| d.contains(&legacy.ipv6().to_string()) || d.contains("fe80"))
-            });
-        assert!(
-            result.code != 200 || seen,
-            "foo/sleep reached legacy/httpbin over IPv6 ({url}) around the proxy: {result:?}"
-        );
-    }
+    let global = v6_url(legacy.ipv6(), DUAL_STACK_PORT);
+    let result = curl(node, sleep, &global);
+    let seen = mesh
+        .recorded("foo/sleep", "outbound")
+        .unwrap()
+        .iter()
+        .any(|c| {
+            c["destination"]
+                .as_str()
+                .is_some_and(|d| d.contains(&legacy.ipv6().to_string()))
+        });
+    assert!(
+        result.code == 200 && seen,
+        "foo/sleep → legacy/httpbin over IPv6 ({global}) goes through the proxy: {result:?}"
+    );
+    let link_local = link_local_url(legacy, DUAL_STACK_PORT);
+    let result = curl(node, sleep, &link_local);
+    assert_eq!(
+        result.code, 0,
+        "foo/sleep reached legacy/httpbin over link-local IPv6 ({link_local}): {result:?}"
+    );
 }
 
 /// Finding 2: a non-mesh pod reached a STRICT pod over IPv6 when the application listens
-/// on `::`. Every IPv6 TCP connection arriving at an enrolled pod must be refused.
+/// on `::`. Every IPv6 TCP connection arriving at an enrolled pod at an address it is not
+/// enrolled at (its `status.podIPs` are IPv4 only here) must be refused.
 #[test]
 fn ipv6_to_an_enrolled_pod_is_refused() {
     let mesh = mesh_serving_dual_stack(&[FOO, LEGACY]);
@@ -375,11 +379,12 @@ fn ipv6_to_an_enrolled_pod_is_refused() {
     }
 }
 
-/// Finding 2: a pod whose `status.podIP` is IPv6 fails to enroll, and was left reachable
-/// in plaintext. It must be held closed: `/workloads` says `failed`, and its TCP is
-/// refused both ways.
+/// Finding 2: a pod whose `status.podIP` is IPv6 failed to enroll, and was left reachable
+/// in plaintext. It is now meshed at that address, and only there: TCP to the addresses its
+/// namespace has but its status does not show (its IPv4 address here, its link-local one)
+/// is dropped, and its own connects, IPv4 included, go through the proxy.
 #[test]
-fn a_pod_whose_ipv6_pod_ip_fails_to_enroll_is_held_closed() {
+fn a_pod_whose_pod_ip_is_ipv6_is_meshed_and_reached_only_there() {
     let mut node = Node::new(binaries()).unwrap();
     node.namespace("foo", true).unwrap();
     node.namespace("legacy", false).unwrap();
@@ -393,37 +398,49 @@ fn a_pod_whose_ipv6_pod_ip_fails_to_enroll_is_held_closed() {
         node.serve_http_dual_stack(pod, DUAL_STACK_PORT).unwrap();
     }
     node.start_agent().unwrap();
-    let result = curl(&node, &client, &v6_url(web.ipv6(), DUAL_STACK_PORT));
-    assert_eq!(result.code, 200, "legacy → legacy over IPv6: {result:?}");
+    assert_eq!(redirection(&node, "foo", "six")["state"], "redirected");
 
-    let failed = within(Duration::from_secs(3), || {
-        redirection(&node, "foo", "six")["state"] == "failed"
-    });
+    let result = curl(&node, &client, &v6_url(six.ipv6(), DUAL_STACK_PORT));
+    assert_eq!(
+        result.code, 200,
+        "legacy → foo/six at its IPv6 podIP: {result:?}"
+    );
     assert!(
-        failed.is_some(),
-        "/workloads: {:#}",
-        redirection(&node, "foo", "six")
+        result.body.contains(&client.ipv6().to_string()),
+        "the application sees the client's IPv6 address: {result:?}"
+    );
+    let inbound = node
+        .agent()
+        .unwrap()
+        .recorded("foo/six", "inbound")
+        .unwrap();
+    assert!(
+        inbound.iter().any(|c| c["path"] == "plaintext-inbound"),
+        "through the proxy: {inbound:#?}"
     );
     for url in [
-        url(web.ip, DUAL_STACK_PORT),
-        v6_url(web.ipv6(), DUAL_STACK_PORT),
-    ] {
-        let result = curl(&node, &six, &url);
-        assert_eq!(
-            result.code, 0,
-            "foo/six failed to enroll, yet reached {url}: {result:?}"
-        );
-    }
-    for url in [
-        v6_url(six.ipv6(), DUAL_STACK_PORT),
+        url(six.ip, DUAL_STACK_PORT),
         link_local_url(&six, DUAL_STACK_PORT),
     ] {
         let result = curl(&node, &client, &url);
         assert_eq!(
             result.code, 0,
-            "foo/six failed to enroll, yet was reached at {url}: {result:?}"
+            "foo/six was reached at {url}, an address it is not enrolled at: {result:?}"
         );
     }
+    let result = curl(&node, &six, &url(web.ip, DUAL_STACK_PORT));
+    assert_eq!(result.code, 200, "foo/six → legacy/web: {result:?}");
+    let outbound = node
+        .agent()
+        .unwrap()
+        .recorded("foo/six", "outbound")
+        .unwrap();
+    assert!(
+        outbound
+            .iter()
+            .any(|c| c["destination"] == format!("{}:{DUAL_STACK_PORT}", web.ip).as_str()),
+        "foo/six's IPv4 connect went through the proxy: {outbound:#?}"
+    );
 }
 
 /// Finding 3: a pod process with `CAP_NET_RAW` set the proxy's mark on its socket and went

@@ -59,7 +59,8 @@ pub struct Applied {
 
 /// An enrolled pod as the data path decides for it.
 pub struct Served {
-    pub ip: IpAddr,
+    /// Every address of the pod.
+    pub ips: Vec<IpAddr>,
     /// As policies select it.
     pub workload: Workload,
     /// What the Services selecting it declare, by workload port; absent ports are sniffed.
@@ -92,8 +93,11 @@ impl Applied {
             .filter(|(_, pod)| snapshot.is_enrolled(pod))
             .filter_map(|(key, pod)| {
                 let ports = protocol::declared_ports(&snapshot, pod);
+                if pod.ips.is_empty() {
+                    return None;
+                }
                 let served = Served {
-                    ip: pod.ip?,
+                    ips: pod.ips.clone(),
                     workload: Workload::from_pod(pod),
                     ports,
                 };
@@ -109,10 +113,10 @@ impl Applied {
         }
     }
 
-    /// The pod `key` as it is now, if it is still enrolled at `ip`: what an admission
-    /// decision for a pod served at `ip` must use.
-    pub fn served(&self, key: &str, ip: IpAddr) -> Option<&Served> {
-        self.workloads.get(key).filter(|served| served.ip == ip)
+    /// The pod `key` as it is now, if it is still enrolled at the addresses `ips`: what an
+    /// admission decision for a pod served at `ips` must use.
+    pub fn served(&self, key: &str, ips: &[IpAddr]) -> Option<&Served> {
+        self.workloads.get(key).filter(|served| served.ips == ips)
     }
 }
 
