@@ -8,7 +8,7 @@ use std::{
 };
 
 use ambit_tests::{
-    AgentOptions, Binaries, CurlResult, Node, Pod,
+    AgentOptions, Binaries, CurlResult, Node, Pod, Stack,
     mesh::{
         BAR, FOO, HTTP_PORT, LEGACY, Mesh,
         policies::{BAR_STRICT, DENY_FOO_IN_BAR, FOO_STRICT},
@@ -235,12 +235,38 @@ fn no_path_makes_the_proxy_connect_to_its_own_listeners() {
         targets.push((sleep.clone(), format!("0.0.0.0:{port}")));
         targets.push((sleep.clone(), format!("[::ffff:127.0.0.1]:{port}")));
     }
+    assert_no_path_to_own_listeners(&mesh, &targets);
+}
+
+/// The same over IPv6, with dual-stack pods, whose inbound listeners are bound to `[::]`:
+/// IPv6 loopback and unspecified, the pods' IPv6 addresses from inside and outside.
+#[test]
+fn no_ipv6_path_makes_the_proxy_connect_to_its_own_listeners() {
+    let mesh = Mesh::with_stack(binaries(), Stack::Dual).expect("mesh");
+    let sleep = mesh.sleep[FOO].clone();
+    let (legacy, server) = (mesh.sleep[LEGACY].clone(), mesh.httpbin[FOO].clone());
+    let mut targets = Vec::new();
+    for port in [15001, 15006, 15008] {
+        for local in ["::1", "::"] {
+            targets.push((sleep.clone(), format!("[{local}]:{port}")));
+        }
+        targets.push((sleep.clone(), format!("[{}]:{port}", sleep.ipv6())));
+        targets.push((server.clone(), format!("[{}]:{port}", server.ipv6())));
+        targets.push((legacy.clone(), format!("[{}]:{port}", server.ipv6())));
+        targets.push((sleep.clone(), format!("{}:{port}", sleep.ip)));
+    }
+    assert_no_path_to_own_listeners(&mesh, &targets);
+}
+
+/// Attacks from each `(pod, target)` in turn: the agent survives, its descriptors stay
+/// near their idle count, and the mesh keeps working and applying policies.
+fn assert_no_path_to_own_listeners(mesh: &Mesh, targets: &[(Pod, String)]) {
     let pid = mesh.node.agent().unwrap().pid();
     let idle = fd_count(pid);
-    for (pod, target) in &targets {
+    for (pod, target) in targets {
         let context = format!("{}/{} → {target}", pod.namespace, pod.name);
-        let (report, peak) = attack_and_watch(&mesh, pod, target);
-        assert!(agent_running(&mesh), "{context}: the agent died");
+        let (report, peak) = attack_and_watch(mesh, pod, target);
+        assert!(agent_running(mesh), "{context}: the agent died");
         assert!(
             peak < idle + FD_SLACK,
             "{context}: the agent went from {idle} to {peak} open descriptors ({report})"
@@ -251,7 +277,7 @@ fn no_path_makes_the_proxy_connect_to_its_own_listeners() {
             "{context}: the mesh must still work: {result:?}"
         );
     }
-    assert_mesh_healthy(&mesh, "after every path to the proxy's own listeners");
+    assert_mesh_healthy(mesh, "after every path to the proxy's own listeners");
 }
 
 /// Finding 2: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is IPv4 traffic. It went
@@ -818,8 +844,9 @@ fn inbound_connections_per_source_are_capped() {
 }
 
 /// What the agent changed in a pod's namespace: the two sysctls and the policy rule of the
-/// return path (`ip rule` lists it with the proxy's transparent mark).
-fn pod_settings(pod: &Pod) -> (String, String, bool) {
+/// return path (`ip rule` lists it with the proxy's transparent mark), and the same for
+/// IPv6 (`net.ipv6.fwmark_reflect`, `ip -6 rule`).
+fn pod_settings(pod: &Pod) -> [(String, String, bool); 2] {
     let read = |args: &[&str]| {
         let output = ambit_tests::check(
             std::process::Command::new("ip")
@@ -829,21 +856,42 @@ fn pod_settings(pod: &Pod) -> (String, String, bool) {
         .unwrap();
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
-    (
-        read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
-        read(&["cat", "/proc/sys/net/ipv4/fwmark_reflect"]),
-        read(&["ip", "rule", "show"]).contains("0xa3b0001"),
-    )
+    [
+        (
+            read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+            read(&["cat", "/proc/sys/net/ipv4/fwmark_reflect"]),
+            read(&["ip", "rule", "show"]).contains("0xa3b0001"),
+        ),
+        (
+            read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+            read(&["cat", "/proc/sys/net/ipv6/fwmark_reflect"]),
+            read(&["ip", "-6", "rule", "show"]).contains("0xa3b0001"),
+        ),
+    ]
 }
 
 /// A pod that leaves the mesh gets back the sysctls and routes the agent set in its
-/// namespace, as they were before it was enrolled.
+/// namespace, as they were before it was enrolled; for a pod with an IPv6 address the IPv6
+/// ones too (an IPv4 pod's are never touched).
 #[test]
 fn a_pod_leaving_the_mesh_gets_its_settings_back() {
-    let mut mesh = mesh();
+    for (stack, ipv6) in [(Stack::V4, false), (Stack::Dual, true)] {
+        pod_leaves_the_mesh_and_gets_its_settings_back(stack, ipv6);
+    }
+}
+
+fn pod_leaves_the_mesh_and_gets_its_settings_back(stack: Stack, ipv6: bool) {
+    let mut mesh = Mesh::with_stack(binaries(), stack).expect("mesh");
     let pod = mesh.sleep[FOO].clone();
+    let on = ("1".to_owned(), "1".to_owned(), true);
+    let off = ("0".to_owned(), "0".to_owned(), false);
     let enrolled = pod_settings(&pod);
-    assert_eq!(enrolled, ("1".into(), "1".into(), true), "while enrolled");
+    let expected_v6 = if ipv6 {
+        on.clone()
+    } else {
+        ("1".into(), "0".into(), false)
+    };
+    assert_eq!(enrolled, [on, expected_v6], "while enrolled ({stack:?})");
     mesh.node
         .label_pod(&pod, "ambit.io/mesh", "disabled")
         .unwrap();
@@ -853,7 +901,7 @@ fn a_pod_leaving_the_mesh_gets_its_settings_back() {
     assert!(left.is_some(), "foo/sleep did not leave the mesh");
     assert_eq!(
         pod_settings(&pod),
-        ("0".into(), "0".into(), false),
-        "after leaving the mesh, the namespace's defaults must be back"
+        [off.clone(), off],
+        "after leaving the mesh, the namespace's defaults must be back ({stack:?})"
     );
 }
