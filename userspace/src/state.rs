@@ -150,7 +150,7 @@ status: {{podIP: {pod_ip}}}
     fn a_served_pod_is_seen_with_its_current_labels_at_its_current_address() {
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
         let now = applied("{app: web, locked: \"true\"}", "10.0.0.5");
-        let workload = &now.served("foo/web", ip).unwrap().workload;
+        let workload = &now.served("foo/web", &[ip]).unwrap().workload;
         assert_eq!(
             workload.labels.get("locked").map(String::as_str),
             Some("true")
@@ -158,14 +158,31 @@ status: {{podIP: {pod_ip}}}
         // Moved to another address, opted out, or gone: no longer served at `ip`.
         assert!(
             applied("{app: web}", "10.0.0.6")
-                .served("foo/web", ip)
+                .served("foo/web", &[ip])
                 .is_none()
         );
         assert!(
             applied("{ambit.io/mesh: disabled}", "10.0.0.5")
-                .served("foo/web", ip)
+                .served("foo/web", &[ip])
                 .is_none()
         );
-        assert!(now.served("foo/other", ip).is_none());
+        assert!(now.served("foo/other", &[ip]).is_none());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_served_at_all_its_addresses_only() {
+        let ips: [IpAddr; 2] = ["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let now = applied(
+            "{app: web}",
+            "10.0.0.5, podIPs: [{ip: 10.0.0.5}, {ip: 'fd00::5'}]",
+        );
+        assert!(now.served("foo/web", &ips).is_some());
+        // Enrolled with one address, the pod gained or lost one: it must be set up again.
+        assert!(now.served("foo/web", &ips[..1]).is_none());
+        assert!(
+            applied("{app: web}", "10.0.0.5")
+                .served("foo/web", &ips)
+                .is_none()
+        );
     }
 }
