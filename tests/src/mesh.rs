@@ -47,14 +47,19 @@ impl Mesh {
         Self::build(Node::new(binaries)?, &AgentOptions::default(), stack)
     }
 
-    /// The scenario published to `api`, with the agent on `--source kubernetes` against it.
-    pub fn on_kubernetes(binaries: Binaries, api: Arc<ApiServer>) -> anyhow::Result<Self> {
+    /// The scenario, its pods' addresses as `stack` says, published to `api`, with the
+    /// agent on `--source kubernetes` against it.
+    pub fn on_kubernetes(
+        binaries: Binaries,
+        api: Arc<ApiServer>,
+        stack: Stack,
+    ) -> anyhow::Result<Self> {
         let kubeconfig = api.kubeconfig().to_owned();
         let mut node = Node::new(binaries)?;
         node.publish_to(api)?;
         let mut agent = AgentOptions::args(&["--source", "kubernetes", "--kubeconfig"]);
         agent.args.push(kubeconfig.into());
-        Self::build(node, &agent, Stack::V4)
+        Self::build(node, &agent, stack)
     }
 
     fn build(mut node: Node, agent: &AgentOptions, stack: Stack) -> anyhow::Result<Self> {
@@ -122,6 +127,27 @@ impl Mesh {
             }
         }
         Ok(codes)
+    }
+
+    /// Sends one request from the `sleep` of `from` to the `httpbin` of `to` (over
+    /// [`Mesh::family`]) with a header unique to this node, while `tcpdump` captures on the
+    /// server's veth; returns how many bytes were captured and whether the header crossed
+    /// the wire in plaintext.
+    pub fn capture_request(&mut self, from: usize, to: usize) -> anyhow::Result<(usize, bool)> {
+        let marker = format!("X-Ambit-Marker: plaintext-{}", self.node.id);
+        let server = self.httpbin[to].clone();
+        let capture = self.node.capture(&server)?;
+        let result = self.node.curl_with(
+            Some(&self.sleep[from]),
+            &["-H", &marker],
+            &self.url(to, "/headers"),
+        )?;
+        let packets = capture.finish()?;
+        anyhow::ensure!(result.code == 200, "the marked request failed: {result:?}");
+        let seen = packets
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes());
+        Ok((packets.len(), seen))
     }
 
     /// Every connection the proxy recorded, in the order it saw them.

@@ -4,10 +4,10 @@
 //! sees it, no plaintext on the wire between enrolled pods, IPv4-mapped connects, and what
 //! stays refused (link-local). Run as root (`cargo xtask test`); nothing here is skipped.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use ambit_tests::{
-    Family, Stack,
+    ApiServer, Family, Stack,
     mesh::{
         BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
         policies::{DENY_FOO_IN_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_STRICT, MESH_STRICT},
@@ -113,6 +113,17 @@ fn dual_stack_pods_are_meshed_over_both_families() {
     );
 }
 
+#[test]
+fn dual_stack_pods_from_the_kubernetes_api_are_meshed_over_both_families() {
+    let api = Arc::new(ApiServer::start().expect("API server double"));
+    let binaries = ambit_tests::test_binaries!();
+    let mut mesh = Mesh::on_kubernetes(binaries, api, Stack::Dual).expect("mesh");
+    for family in [Family::V6, Family::V4] {
+        mesh.family = family;
+        assert_reachable_with_client_ip(&mesh);
+    }
+}
+
 /// Istio's mutual TLS migration over IPv6: plaintext from `legacy` follows the
 /// PeerAuthentication in force, as over IPv4.
 fn peer_authentication_steps(mesh: &Mesh) {
@@ -207,44 +218,12 @@ fn ip_blocks_with_an_ipv6_cidr_allow_and_deny_as_written() {
 #[test]
 fn traffic_between_enrolled_pods_over_ipv6_is_encrypted_on_the_wire() {
     let mut mesh = mesh(Stack::V6);
-    let marker = format!("X-Ambit-Marker: plaintext-{}", mesh.node.id);
-    let send = |mesh: &Mesh, from: usize, to: usize| {
-        let result = mesh
-            .node
-            .curl_with(
-                Some(&mesh.sleep[from]),
-                &["-H", &marker],
-                &mesh.url(to, "/headers"),
-            )
-            .unwrap();
-        assert_eq!(result.code, 200, "{result:?}");
-    };
-    let contains = |haystack: &[u8]| {
-        haystack
-            .windows(marker.len())
-            .any(|w| w == marker.as_bytes())
-    };
-
     // The capture sees plaintext where there is some: legacy → legacy crosses the veth bare.
-    let server = mesh.httpbin[LEGACY].clone();
-    let capture = mesh.node.capture(&server).unwrap();
-    send(&mesh, LEGACY, LEGACY);
-    let packets = capture.finish().unwrap();
-    assert!(
-        contains(&packets),
-        "the capture must see plaintext traffic ({} bytes)",
-        packets.len()
-    );
-
-    let server = mesh.httpbin[BAR].clone();
-    let capture = mesh.node.capture(&server).unwrap();
-    send(&mesh, FOO, BAR);
-    let packets = capture.finish().unwrap();
-    assert!(packets.len() > 1000, "the HBONE exchange crossed the veth");
-    assert!(
-        !contains(&packets),
-        "foo → bar crossed the wire in plaintext over IPv6"
-    );
+    let (_, seen) = mesh.capture_request(LEGACY, LEGACY).unwrap();
+    assert!(seen, "the capture must see plaintext traffic over IPv6");
+    let (captured, seen) = mesh.capture_request(FOO, BAR).unwrap();
+    assert!(captured > 1000, "the HBONE exchange crossed the veth");
+    assert!(!seen, "foo → bar crossed the wire in plaintext over IPv6");
 }
 
 #[test]
