@@ -70,6 +70,8 @@ pub enum Family {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// Its IPv4 address; an IPv6-only pod ([`Stack::V6`]) does not have it, only the IPv6
+    /// addresses derived from it.
     pub ip: Ipv4Addr,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
