@@ -36,6 +36,15 @@ impl SockAddr {
             family: AF_INET,
         }
     }
+
+    /// An IPv6 address, four words in network byte order as the kernel hands them over.
+    pub const fn v6(ip_be: [u32; 4], port: u16) -> Self {
+        Self {
+            ip: ip_be,
+            port,
+            family: AF_INET6,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -49,17 +58,15 @@ mod user {
     unsafe impl aya::Pod for SockAddr {}
 
     impl From<SocketAddr> for SockAddr {
+        /// An IPv4-mapped IPv6 address is stored as the IPv4 address it is, as the kernel
+        /// programs file it.
         fn from(addr: SocketAddr) -> Self {
-            match addr.ip() {
+            match addr.ip().to_canonical() {
                 IpAddr::V4(ip) => Self::v4(u32::from_ne_bytes(ip.octets()), addr.port()),
                 IpAddr::V6(ip) => {
                     let o = ip.octets();
                     let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    Self {
-                        ip: [word(0), word(4), word(8), word(12)],
-                        port: addr.port(),
-                        family: AF_INET6,
-                    }
+                    Self::v6([word(0), word(4), word(8), word(12)], addr.port())
                 }
             }
         }
@@ -78,5 +85,29 @@ mod user {
             };
             SocketAddr::new(ip, addr.port)
         }
+    }
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use core::net::SocketAddr;
+
+    use super::*;
+
+    #[test]
+    fn both_families_round_trip_and_mapped_addresses_are_ipv4() {
+        for addr in ["10.44.0.2:80", "[fd44::44:2]:8000", "[::1]:15001"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(SocketAddr::from(SockAddr::from(addr)), addr);
+        }
+        let mapped: SocketAddr = "[::ffff:10.44.0.2]:80".parse().unwrap();
+        assert_eq!(
+            SockAddr::from(mapped),
+            SockAddr::from("10.44.0.2:80".parse::<SocketAddr>().unwrap())
+        );
+        let v6 = SockAddr::from("[fd44::44:2]:0".parse::<SocketAddr>().unwrap());
+        assert_eq!(v6.family, AF_INET6);
+        assert_eq!(v6.ip[0], u32::to_be(0xfd44_0000));
+        assert_eq!(SockAddr::v4_mapped(v6.ip), None);
     }
 }

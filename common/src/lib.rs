@@ -5,7 +5,7 @@
 //!
 //! Layout rules: every type is `Copy`, has explicit padding and no `bool`, so the kernel
 //! and user space agree byte for byte. Addresses are stored as four `u32` words in network
-//! byte order (IPv4 in the first word) so the same maps can carry IPv6 later.
+//! byte order (IPv4 in the first word), so the same maps carry both families.
 #![no_std]
 
 pub mod addr;

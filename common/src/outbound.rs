@@ -36,7 +36,7 @@ pub const MAX_ENROLLED: u32 = 4_096;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redirect {
-    /// Port of the outbound listener on 127.0.0.1 in the pod netns (host byte order).
+    /// Port of the outbound listeners on 127.0.0.1 and ::1 in the pod netns (host byte order).
     pub port: u16,
     pub _pad: [u8; 6],
 }

@@ -3,12 +3,13 @@
 //! The program is attached only to enrolled pods' namespaces, so every TCP connection it
 //! sees arriving from outside the pod is for an enrolled pod: it is steered to a listener
 //! of the proxy or dropped, never passed to the application. That covers addresses the
-//! agent does not (yet) know as the pod's, and IPv6, which the mesh does not carry yet.
+//! agent does not (yet) know as the pod's, such as its link-local IPv6 address. IPv4 and
+//! IPv6 lookups alike: a pod with an IPv6 address has dual-stack listeners, which the
+//! kernel lets take both families.
 
 use ambit_common::{
-    addr::{AF_INET, SockAddr},
-    inbound::{LISTENER_SLOTS, PodSlots, pod_key},
-    outbound::MAX_ENROLLED,
+    addr::{AF_INET, AF_INET6, SockAddr},
+    inbound::{LISTENER_SLOTS, POD_ADDRESSES, PodSlots, pod_key},
     ports,
 };
 use aya_ebpf::{
@@ -21,7 +22,7 @@ use aya_log_ebpf::warn;
 
 // Map names must equal the constants in `ambit_common::inbound`.
 #[map]
-static INBOUND_PODS: HashMap<SockAddr, PodSlots> = HashMap::pinned(MAX_ENROLLED, 0);
+static INBOUND_PODS: HashMap<SockAddr, PodSlots> = HashMap::pinned(POD_ADDRESSES, 0);
 #[map]
 static INBOUND_LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
@@ -38,10 +39,19 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
-    if lookup.family != u32::from(AF_INET) {
+    let pod = if lookup.family == u32::from(AF_INET) {
+        SockAddr::v4(lookup.local_ip4, 0)
+    } else if lookup.family == u32::from(AF_INET6) {
+        // One 4-byte load per word, as the verifier wants for context fields.
+        // SAFETY: reading a field of the context the kernel lent us.
+        SockAddr::v6(
+            [0, 1, 2, 3].map(|i| unsafe { core::ptr::read_volatile(&lookup.local_ip6[i]) }),
+            0,
+        )
+    } else {
         return SK_DROP;
-    }
-    let pod = pod_key(SockAddr::v4(lookup.local_ip4, 0));
+    };
+    let pod = pod_key(pod);
     // SAFETY: plain Copy value; a concurrent update at worst yields the previous value.
     let Some(slots) = (unsafe { INBOUND_PODS.get(&pod) }) else {
         return SK_DROP;

@@ -2,10 +2,10 @@
 //! pod's own network namespace:
 //!
 //! - [`outbound`]: `cgroup/connect4` and `cgroup/connect6` send a TCP connect of an enrolled
-//!   pod to the pod-local outbound listener and record where it was going (IPv6 other than
-//!   IPv4-mapped and loopback is refused); `sock_ops` files that record under
+//!   pod to the pod-local outbound listener of its family and record where it was going
+//!   (link-local and multicast IPv6 are refused); `sock_ops` files that record under
 //!   the client's address once the connection is up.
-//! - [`inbound`]: `sk_lookup` hands TCP arriving at an enrolled pod's IP to the proxy's
+//! - [`inbound`]: `sk_lookup` hands TCP arriving at an enrolled pod's IPs to the proxy's
 //!   listeners in that pod's namespace, and drops any other TCP arriving there.
 //!
 //! Both directions fail closed: an enrolled pod whose proxy is gone gets refused

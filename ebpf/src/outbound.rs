@@ -1,9 +1,12 @@
 //! Outbound redirection of enrolled pods' TCP connects.
 //!
 //! IPv4 (`connect4`) and IPv4-mapped IPv6 (`connect6` to `::ffff:a.b.c.d`, which is IPv4 on
-//! the wire) are redirected to the pod's outbound listener. Any other IPv6 destination
-//! but loopback is refused: the mesh does not carry IPv6 yet, and a connect it cannot
-//! capture must not leave the pod in plaintext.
+//! the wire) are redirected to the pod's IPv4 outbound listener (`127.0.0.1`), other IPv6
+//! to its IPv6 one (`[::1]`, same port): an `IPV6_V6ONLY` socket cannot reach an IPv4
+//! listener. Link-local and multicast IPv6 destinations are refused: the proxy cannot
+//! carry them (a link-local address means nothing without the zone the connect carries,
+//! which the original destination does not keep), and a connect it cannot capture must
+//! not leave the pod in plaintext.
 
 use ambit_common::{
     addr::{AF_INET, AF_INET6, SockAddr},
@@ -55,7 +58,7 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     let verdict = classify(&ctx, addr, |addr| {
         Destination::V4(addr.user_ip4, u16::from_be(addr.user_port as u16))
     });
-    apply(&ctx, verdict, |addr, port| {
+    apply(&ctx, verdict, |addr, _, port| {
         addr.user_ip4 = u32::to_be(LOCALHOST);
         addr.user_port = u32::from(port.to_be());
     })
@@ -71,12 +74,18 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         match SockAddr::v4_mapped(ip) {
             Some(v4) => Destination::V4(v4, port),
             None if is_local_v6(ip) => Destination::LocalV6(port),
-            None => Destination::V6,
+            None if is_unreachable_v6(ip) => Destination::UnreachableV6,
+            None => Destination::V6(ip, port),
         }
     });
-    apply(&ctx, verdict, |addr, port| {
-        // `::ffff:127.0.0.1`, one word at a time: the verifier refuses wider stores here.
-        let words = [0, 0, u32::to_be(0xffff), u32::to_be(LOCALHOST)];
+    apply(&ctx, verdict, |addr, orig, port| {
+        // The loopback of the destination's family (`::ffff:127.0.0.1` for IPv4), one word
+        // at a time: the verifier refuses wider stores here.
+        let words = if orig.family == AF_INET {
+            [0, 0, u32::to_be(0xffff), u32::to_be(LOCALHOST)]
+        } else {
+            [0, 0, 0, u32::to_be(1)]
+        };
         for (i, word) in words.into_iter().enumerate() {
             // SAFETY: writing a field of the context the kernel lent us.
             unsafe { core::ptr::write_volatile(&mut addr.user_ip6[i], word) };
@@ -91,8 +100,10 @@ enum Destination {
     V4(u32, u16),
     /// `::1` or `::`: the pod's own loopback.
     LocalV6(u16),
-    /// Any other IPv6 address.
-    V6,
+    /// Link-local or multicast: nothing the proxy can connect to for the pod.
+    UnreachableV6,
+    /// Any other IPv6 address (network byte order).
+    V6([u32; 4], u16),
 }
 
 /// The one decision both connect programs share.
@@ -123,7 +134,11 @@ fn classify(
             orig: SockAddr::v4(ip, port),
             port: redirect.port,
         },
-        Destination::V6 => Verdict::Reject,
+        Destination::V6(ip, port) => Verdict::Redirect {
+            orig: SockAddr::v6(ip, port),
+            port: redirect.port,
+        },
+        Destination::UnreachableV6 => Verdict::Reject,
     }
 }
 
@@ -156,6 +171,12 @@ fn is_local_v6(ip: [u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == u32::to_be(1))
 }
 
+/// Link-local unicast (`fe80::/10`) and multicast (`ff00::/8`).
+fn is_unreachable_v6(ip: [u32; 4]) -> bool {
+    let first = u32::from_be(ip[0]);
+    first & 0xffc0_0000 == 0xfe80_0000 || first & 0xff00_0000 == 0xff00_0000
+}
+
 /// An IPv6 address field of a context, one 4-byte load per word: the verifier refuses the
 /// wider loads LLVM would otherwise merge them into.
 fn read_words(field: &[u32; 4]) -> [u32; 4] {
@@ -163,11 +184,12 @@ fn read_words(field: &[u32; 4]) -> [u32; 4] {
     [0, 1, 2, 3].map(|i| unsafe { core::ptr::read_volatile(&field[i]) })
 }
 
-/// Carries out `verdict`; `rewrite` points the connect at the outbound listener's port.
+/// Carries out `verdict`; `rewrite` points the connect at the outbound listener's port,
+/// on the loopback address of the original destination's family.
 fn apply(
     ctx: &SockAddrContext,
     verdict: Verdict,
-    rewrite: impl FnOnce(&mut bpf_sock_addr, u16),
+    rewrite: impl FnOnce(&mut bpf_sock_addr, &SockAddr, u16),
 ) -> i32 {
     let (orig, port) = match verdict {
         Verdict::Allow => return VERDICT_ALLOW,
@@ -185,7 +207,7 @@ fn apply(
         return VERDICT_REJECT;
     }
     // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's lifetime.
-    rewrite(unsafe { &mut *ctx.sock_addr }, port);
+    rewrite(unsafe { &mut *ctx.sock_addr }, &orig, port);
     VERDICT_ALLOW
 }
 
@@ -204,13 +226,15 @@ fn try_sockops_established(ctx: &SockOpsContext) -> Result<(), i32> {
     }
     // An IPv6 socket redirected to `::ffff:127.0.0.1` reaches the IPv4 listener: the proxy
     // sees its IPv4 address.
-    let local_ip = match ctx.family() {
-        f if f == u32::from(AF_INET) => ctx.local_ip4(),
-        // SAFETY: the kernel hands a valid `bpf_sock_ops` for the program's lifetime.
+    let port = ctx.local_port() as u16;
+    let local = match ctx.family() {
+        f if f == u32::from(AF_INET) => SockAddr::v4(ctx.local_ip4(), port),
         f if f == u32::from(AF_INET6) => {
-            match SockAddr::v4_mapped(read_words(unsafe { &(*ctx.ops).local_ip6 })) {
-                Some(ip) => ip,
-                None => return Ok(()),
+            // SAFETY: the kernel hands a valid `bpf_sock_ops` for the program's lifetime.
+            let ip = read_words(unsafe { &(*ctx.ops).local_ip6 });
+            match SockAddr::v4_mapped(ip) {
+                Some(v4) => SockAddr::v4(v4, port),
+                None => SockAddr::v6(ip, port),
             }
         }
         _ => return Ok(()),
@@ -224,7 +248,7 @@ fn try_sockops_established(ctx: &SockOpsContext) -> Result<(), i32> {
     let key = ConnKey {
         // SAFETY: as above.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
-        local: SockAddr::v4(local_ip, ctx.local_port() as u16),
+        local,
         _pad: 0,
     };
     if let Err(e) = ORIG_DST.insert(&key, orig, 0) {

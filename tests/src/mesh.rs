@@ -1,5 +1,6 @@
 //! The seed scenario: namespaces `foo` and `bar` enrolled, `legacy` not, each with a
-//! client pod `sleep` and a server pod `httpbin` on port 8000, and the agent running.
+//! client pod `sleep` and a server pod `httpbin` on port 8000, and the agent running;
+//! its pods IPv4 (the default), dual-stack or IPv6 only ([`Mesh::with_stack`]).
 
 use std::{
     sync::Arc,
@@ -9,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{AgentOptions, ApiServer, Binaries, CurlResult, Node, Pod};
+use crate::{AgentOptions, ApiServer, Binaries, CurlResult, Family, Node, Pod, Stack};
 
 pub const HTTP_PORT: u16 = 8000;
 /// A second port every `httpbin` serves, for port-level policies.
@@ -24,6 +25,9 @@ pub struct Mesh {
     pub node: Node,
     pub sleep: [Pod; 3],
     pub httpbin: [Pod; 3],
+    /// The family [`Mesh::url`] and the matrices reach the `httpbin`s over; a test of
+    /// dual-stack pods changes it to run them over both.
+    pub family: Family,
 }
 
 impl Mesh {
@@ -34,28 +38,45 @@ impl Mesh {
     /// The scenario with the agent started as `agent` says (extra flags, a descriptor
     /// limit).
     pub fn with_agent(binaries: Binaries, agent: &AgentOptions) -> anyhow::Result<Self> {
-        Self::build(Node::new(binaries)?, agent)
+        Self::build(Node::new(binaries)?, agent, Stack::V4)
     }
 
-    /// The scenario published to `api`, with the agent on `--source kubernetes` against it.
-    pub fn on_kubernetes(binaries: Binaries, api: Arc<ApiServer>) -> anyhow::Result<Self> {
+    /// The scenario with every pod's addresses as `stack` says; the `httpbin`s listen on
+    /// `::` (both families), and the matrices use IPv6 for IPv6-only pods.
+    pub fn with_stack(binaries: Binaries, stack: Stack) -> anyhow::Result<Self> {
+        Self::build(Node::new(binaries)?, &AgentOptions::default(), stack)
+    }
+
+    /// The scenario, its pods' addresses as `stack` says, published to `api`, with the
+    /// agent on `--source kubernetes` against it.
+    pub fn on_kubernetes(
+        binaries: Binaries,
+        api: Arc<ApiServer>,
+        stack: Stack,
+    ) -> anyhow::Result<Self> {
         let kubeconfig = api.kubeconfig().to_owned();
         let mut node = Node::new(binaries)?;
         node.publish_to(api)?;
         let mut agent = AgentOptions::args(&["--source", "kubernetes", "--kubeconfig"]);
         agent.args.push(kubeconfig.into());
-        Self::build(node, &agent)
+        Self::build(node, &agent, stack)
     }
 
-    fn build(mut node: Node, agent: &AgentOptions) -> anyhow::Result<Self> {
+    fn build(mut node: Node, agent: &AgentOptions, stack: Stack) -> anyhow::Result<Self> {
         let mut sleep = Vec::new();
         let mut httpbin = Vec::new();
         for (namespace, enrolled) in NAMESPACES {
             node.namespace(namespace, enrolled)?;
-            sleep.push(node.pod_with(namespace, "sleep", "sleep", &[("app", "sleep")])?);
-            let server = node.pod_with(namespace, "httpbin", "httpbin", &[("app", "httpbin")])?;
-            node.serve_http(&server, HTTP_PORT)?;
-            node.serve_http(&server, OTHER_PORT)?;
+            let labels = |app| [("app", app)];
+            sleep.push(node.pod_stack(namespace, "sleep", "sleep", &labels("sleep"), stack)?);
+            let server =
+                node.pod_stack(namespace, "httpbin", "httpbin", &labels("httpbin"), stack)?;
+            for port in [HTTP_PORT, OTHER_PORT] {
+                match stack {
+                    Stack::V4 => node.serve_http(&server, port)?,
+                    Stack::Dual | Stack::V6 => node.serve_http_dual_stack(&server, port)?,
+                }
+            }
             httpbin.push(server);
         }
         node.start_agent_opts(agent)?;
@@ -64,16 +85,23 @@ impl Mesh {
             node,
             sleep: three(sleep)?,
             httpbin: three(httpbin)?,
+            family: match stack {
+                Stack::V4 | Stack::Dual => Family::V4,
+                Stack::V6 => Family::V6,
+            },
         })
     }
 
-    /// `http://<httpbin of namespace index to>:8000<path>`.
+    /// `http://<httpbin of namespace index to>:8000<path>`, over [`Mesh::family`].
     pub fn url(&self, to: usize, path: &str) -> String {
-        format!("http://{}:{HTTP_PORT}{path}", self.httpbin[to].ip)
+        format!(
+            "http://{}:{HTTP_PORT}{path}",
+            self.httpbin[to].host(self.family)
+        )
     }
 
-    /// `curl http://<httpbin>:<port>/ip` from every `sleep` to every `httpbin`:
-    /// `result[from][to]`.
+    /// `curl http://<httpbin>:<port>/ip` from every `sleep` to every `httpbin`, over
+    /// [`Mesh::family`]: `result[from][to]`.
     pub fn matrix(&self, port: u16) -> anyhow::Result<Vec<Vec<CurlResult>>> {
         self.sleep
             .iter()
@@ -81,8 +109,8 @@ impl Mesh {
                 self.httpbin
                     .iter()
                     .map(|server| {
-                        self.node
-                            .curl(Some(client), &format!("http://{}:{port}/ip", server.ip))
+                        let url = format!("http://{}:{port}/ip", server.host(self.family));
+                        self.node.curl(Some(client), &url)
                     })
                     .collect()
             })
@@ -99,6 +127,27 @@ impl Mesh {
             }
         }
         Ok(codes)
+    }
+
+    /// Sends one request from the `sleep` of `from` to the `httpbin` of `to` (over
+    /// [`Mesh::family`]) with a header unique to this node, while `tcpdump` captures on the
+    /// server's veth; returns how many bytes were captured and whether the header crossed
+    /// the wire in plaintext.
+    pub fn capture_request(&mut self, from: usize, to: usize) -> anyhow::Result<(usize, bool)> {
+        let marker = format!("X-Ambit-Marker: plaintext-{}", self.node.id);
+        let server = self.httpbin[to].clone();
+        let capture = self.node.capture(&server)?;
+        let result = self.node.curl_with(
+            Some(&self.sleep[from]),
+            &["-H", &marker],
+            &self.url(to, "/headers"),
+        )?;
+        let packets = capture.finish()?;
+        anyhow::ensure!(result.code == 200, "the marked request failed: {result:?}");
+        let seen = packets
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes());
+        Ok((packets.len(), seen))
     }
 
     /// Every connection the proxy recorded, in the order it saw them.

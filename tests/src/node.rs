@@ -35,7 +35,9 @@ const PREFIX: u8 = 24;
 /// Every pod also gets two IPv6 addresses on `eth0`, derived from the last octet of its
 /// IPv4 address: `fd44::44:<octet>/64` and the link-local `fe80::44:<octet>/64`. Added with
 /// `nodad`, so they are usable at once (duplicate address detection would hold them back
-/// for a second or more): tests check that IPv6 cannot go around the mesh.
+/// for a second or more). Which of its addresses a pod has in `status.podIPs`, and whether
+/// it has its IPv4 address at all, is its [`Stack`]: an IPv4 pod's IPv6 addresses are
+/// unknown to the agent, which tests use to check that IPv6 cannot go around the mesh.
 const IPV6_PREFIX: [u16; 4] = [0xfd44, 0, 0, 0];
 const LINK_LOCAL_PREFIX: [u16; 4] = [0xfe80, 0, 0, 0];
 /// The gRPC echo server and client (`echo.py serve` / `echo.py call`) in this crate's
@@ -45,11 +47,31 @@ pub const GRPC_ECHO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/echo.py")
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
+/// The addresses a pod has, as its `status.podIPs` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// Its IPv4 address only (it still has IPv6 addresses on `eth0`, unknown to the agent).
+    V4,
+    /// Both, IPv4 first (the primary).
+    Dual,
+    /// Its IPv6 address only: `eth0` has no IPv4 address.
+    V6,
+}
+
+/// An address family, to pick which of a pod's addresses to reach it at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
 /// A pod: a network namespace on the node's bridge.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// Its IPv4 address; an IPv6-only pod ([`Stack::V6`]) does not have it, only the IPv6
+    /// addresses derived from it.
     pub ip: Ipv4Addr,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
@@ -66,6 +88,7 @@ pub struct Pod {
     pub node: String,
     /// `status.podIP` when it is not [`Pod::ip`] (see [`Node::set_pod_ip`]).
     pub status_ip: Option<IpAddr>,
+    pub stack: Stack,
 }
 
 impl Pod {
@@ -83,9 +106,30 @@ impl Pod {
         ipv6_host(LINK_LOCAL_PREFIX, self.ip)
     }
 
-    /// The address the configuration shows as `status.podIP`.
-    pub fn pod_ip(&self) -> IpAddr {
-        self.status_ip.unwrap_or(IpAddr::V4(self.ip))
+    /// The addresses the configuration shows as `status.podIPs`, `status.podIP` first.
+    pub fn pod_ips(&self) -> Vec<IpAddr> {
+        match (self.status_ip, self.stack) {
+            (Some(ip), _) => vec![ip],
+            (None, Stack::V4) => vec![self.ip.into()],
+            (None, Stack::Dual) => vec![self.ip.into(), self.ipv6().into()],
+            (None, Stack::V6) => vec![self.ipv6().into()],
+        }
+    }
+
+    /// The pod's address of `family`.
+    pub fn addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.ip.into(),
+            Family::V6 => self.ipv6().into(),
+        }
+    }
+
+    /// The host part of a URL reaching the pod over `family`: `10.44.0.2` or `[fd44::44:2]`.
+    pub fn host(&self, family: Family) -> String {
+        match family {
+            Family::V4 => self.ip.to_string(),
+            Family::V6 => format!("[{}]", self.ipv6()),
+        }
     }
 }
 
@@ -280,6 +324,31 @@ impl Node {
         service_account: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<Pod> {
+        self.create_pod(node, namespace, name, service_account, labels, Stack::V4)
+    }
+
+    /// A pod of this node with the addresses `stack` says.
+    pub fn pod_stack(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+        stack: Stack,
+    ) -> anyhow::Result<Pod> {
+        let node = self.id.clone();
+        self.create_pod(&node, namespace, name, service_account, labels, stack)
+    }
+
+    fn create_pod(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+        stack: Stack,
+    ) -> anyhow::Result<Pod> {
         let index = self.pods.len();
         let host_octet = u8::try_from(index)
             .ok()
@@ -302,6 +371,7 @@ impl Node {
             veth: format!("veth{index}"),
             node: node.to_owned(),
             status_ip: None,
+            stack,
         };
         let (node, netns, veth) = (&self.netns, &pod.netns, pod.veth.clone());
         ip(&["netns", "add", netns])?;
@@ -312,15 +382,17 @@ impl Node {
         ])?;
         ip(&["-n", node, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", netns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            netns,
-            "addr",
-            "add",
-            &format!("{}/{PREFIX}", pod.ip),
-            "dev",
-            "eth0",
-        ])?;
+        if stack != Stack::V6 {
+            ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{}/{PREFIX}", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+        }
         for v6 in [pod.ipv6(), pod.link_local()] {
             ip(&[
                 "-n",
@@ -335,15 +407,17 @@ impl Node {
             ])?;
         }
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.ip.to_string(),
-        ])?;
+        if stack != Stack::V6 {
+            ip(&[
+                "-n",
+                netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.ip.to_string(),
+            ])?;
+        }
         self.write_config()?;
         Ok(pod)
     }
@@ -421,7 +495,7 @@ impl Node {
         bail!("process {pid} did not enter {} within 5 s", pod.netns)
     }
 
-    /// Shows `ip` as the pod's `status.podIP` (its interfaces keep their addresses).
+    /// Shows `ip` as the pod's only `status.podIP` (its interfaces keep their addresses).
     pub fn set_pod_ip(&mut self, pod: &Pod, ip: IpAddr) -> anyhow::Result<()> {
         self.model(pod)?.status_ip = Some(ip);
         self.write_config()
@@ -785,7 +859,11 @@ impl Node {
                     "annotations": annotations,
                 },
                 "spec": {"serviceAccountName": pod.service_account, "nodeName": pod.node},
-                "status": {"phase": "Running", "podIP": pod.pod_ip().to_string()},
+                "status": {
+                    "phase": "Running",
+                    "podIP": pod.pod_ips()[0].to_string(),
+                    "podIPs": pod.pod_ips().iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
+                },
             })
         });
         namespaces.chain(pods).collect()
@@ -837,14 +915,19 @@ impl Node {
             };
             write!(
                 pods,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: \"{}\"\n  labels: {{{}}}\n  annotations: {{{annotations}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: \"{}\"}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: \"{}\"\n  labels: {{{}}}\n  annotations: {{{annotations}}}\nspec: {{serviceAccountName: {}, nodeName: \"{}\"}}\nstatus: {{podIP: \"{}\", podIPs: [{}]}}\n",
                 pod.name,
                 pod.namespace,
                 pod.uid,
                 labels.join(", "),
                 pod.service_account,
                 pod.node,
-                pod.pod_ip()
+                pod.pod_ips()[0],
+                pod.pod_ips()
+                    .iter()
+                    .map(|ip| format!("{{ip: \"{ip}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )?;
         }
         self.write_file("pods.yaml", &pods)

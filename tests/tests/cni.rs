@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_tests::{ApiServer, Binaries, Node, Pod, check, mesh::within};
+use ambit_tests::{ApiServer, Binaries, Node, Pod, Stack, check, mesh::within};
 use serde_json::{Value, json};
 
 /// Where Debian's `containernetworking-plugins` installs the reference plugins.
@@ -214,6 +214,7 @@ fn pod(node: &Node, sandbox: &Sandbox, namespace: &str, name: &str, ip: Ipv4Addr
         veth: String::new(),
         node: node.id.clone(),
         status_ip: None,
+        stack: Stack::V4,
     }
 }
 

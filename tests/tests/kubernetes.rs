@@ -5,14 +5,15 @@
 use std::{sync::Arc, time::Duration};
 
 use ambit_tests::{
-    ApiServer,
+    ApiServer, Stack,
     mesh::{BAR, FOO, LEGACY, Mesh, within},
 };
 use serde_json::{Value, json};
 
 fn mesh() -> (Mesh, Arc<ApiServer>) {
     let api = Arc::new(ApiServer::start().expect("API server double"));
-    let mesh = Mesh::on_kubernetes(ambit_tests::test_binaries!(), Arc::clone(&api)).expect("mesh");
+    let binaries = ambit_tests::test_binaries!();
+    let mesh = Mesh::on_kubernetes(binaries, Arc::clone(&api), Stack::V4).expect("mesh");
     (mesh, api)
 }
 

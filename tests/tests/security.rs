@@ -8,7 +8,7 @@ use std::{
 };
 
 use ambit_tests::{
-    AgentOptions, Binaries, CurlResult, Node, Pod,
+    AgentOptions, Binaries, CurlResult, Node, Pod, Stack,
     mesh::{
         BAR, FOO, HTTP_PORT, LEGACY, Mesh,
         policies::{BAR_STRICT, DENY_FOO_IN_BAR, FOO_STRICT},
@@ -235,12 +235,38 @@ fn no_path_makes_the_proxy_connect_to_its_own_listeners() {
         targets.push((sleep.clone(), format!("0.0.0.0:{port}")));
         targets.push((sleep.clone(), format!("[::ffff:127.0.0.1]:{port}")));
     }
+    assert_no_path_to_own_listeners(&mesh, &targets);
+}
+
+/// The same over IPv6, with dual-stack pods, whose inbound listeners are bound to `[::]`:
+/// IPv6 loopback and unspecified, the pods' IPv6 addresses from inside and outside.
+#[test]
+fn no_ipv6_path_makes_the_proxy_connect_to_its_own_listeners() {
+    let mesh = Mesh::with_stack(binaries(), Stack::Dual).expect("mesh");
+    let sleep = mesh.sleep[FOO].clone();
+    let (legacy, server) = (mesh.sleep[LEGACY].clone(), mesh.httpbin[FOO].clone());
+    let mut targets = Vec::new();
+    for port in [15001, 15006, 15008] {
+        for local in ["::1", "::"] {
+            targets.push((sleep.clone(), format!("[{local}]:{port}")));
+        }
+        targets.push((sleep.clone(), format!("[{}]:{port}", sleep.ipv6())));
+        targets.push((server.clone(), format!("[{}]:{port}", server.ipv6())));
+        targets.push((legacy.clone(), format!("[{}]:{port}", server.ipv6())));
+        targets.push((sleep.clone(), format!("{}:{port}", sleep.ip)));
+    }
+    assert_no_path_to_own_listeners(&mesh, &targets);
+}
+
+/// Attacks from each `(pod, target)` in turn: the agent survives, its descriptors stay
+/// near their idle count, and the mesh keeps working and applying policies.
+fn assert_no_path_to_own_listeners(mesh: &Mesh, targets: &[(Pod, String)]) {
     let pid = mesh.node.agent().unwrap().pid();
     let idle = fd_count(pid);
-    for (pod, target) in &targets {
+    for (pod, target) in targets {
         let context = format!("{}/{} → {target}", pod.namespace, pod.name);
-        let (report, peak) = attack_and_watch(&mesh, pod, target);
-        assert!(agent_running(&mesh), "{context}: the agent died");
+        let (report, peak) = attack_and_watch(mesh, pod, target);
+        assert!(agent_running(mesh), "{context}: the agent died");
         assert!(
             peak < idle + FD_SLACK,
             "{context}: the agent went from {idle} to {peak} open descriptors ({report})"
@@ -251,7 +277,7 @@ fn no_path_makes_the_proxy_connect_to_its_own_listeners() {
             "{context}: the mesh must still work: {result:?}"
         );
     }
-    assert_mesh_healthy(&mesh, "after every path to the proxy's own listeners");
+    assert_mesh_healthy(mesh, "after every path to the proxy's own listeners");
 }
 
 /// Finding 2: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is IPv4 traffic. It went
@@ -294,8 +320,9 @@ fn an_ipv4_mapped_address_is_meshed_like_ipv4() {
 }
 
 /// Finding 2: IPv6 connects of an enrolled pod (global or link-local) went out in
-/// plaintext, past a DENY. Every one must be captured or refused: refused by the DENY
-/// towards a mesh pod, and towards anything else either refused or seen by the proxy.
+/// plaintext, past a DENY. Every one must be captured or refused: refused towards an
+/// address of a mesh pod that the agent does not know (these pods' `status.podIPs` are
+/// IPv4 only), link-local ones refused, and towards anything else seen by the proxy.
 #[test]
 fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
     let mesh = mesh_serving_dual_stack(&[BAR, LEGACY]);
@@ -328,29 +355,32 @@ fn ipv6_connects_of_an_enrolled_pod_do_not_leave_the_mesh() {
         );
     }
 
-    for url in [
-        v6_url(legacy.ipv6(), DUAL_STACK_PORT),
-        link_local_url(legacy, DUAL_STACK_PORT),
-    ] {
-        let result = curl(node, sleep, &url);
-        let seen = mesh
-            .recorded("foo/sleep", "outbound")
-            .unwrap()
-            .iter()
-            .any(|c| {
-                c["destination"]
-                    .as_str()
-                    .is_some_and(|d| d.contains(&legacy.ipv6().to_string()) || d.contains("fe80"))
-            });
-        assert!(
-            result.code != 200 || seen,
-            "foo/sleep reached legacy/httpbin over IPv6 ({url}) around the proxy: {result:?}"
-        );
-    }
+    let global = v6_url(legacy.ipv6(), DUAL_STACK_PORT);
+    let result = curl(node, sleep, &global);
+    let seen = mesh
+        .recorded("foo/sleep", "outbound")
+        .unwrap()
+        .iter()
+        .any(|c| {
+            c["destination"]
+                .as_str()
+                .is_some_and(|d| d.contains(&legacy.ipv6().to_string()))
+        });
+    assert!(
+        result.code == 200 && seen,
+        "foo/sleep → legacy/httpbin over IPv6 ({global}) goes through the proxy: {result:?}"
+    );
+    let link_local = link_local_url(legacy, DUAL_STACK_PORT);
+    let result = curl(node, sleep, &link_local);
+    assert_eq!(
+        result.code, 0,
+        "foo/sleep reached legacy/httpbin over link-local IPv6 ({link_local}): {result:?}"
+    );
 }
 
 /// Finding 2: a non-mesh pod reached a STRICT pod over IPv6 when the application listens
-/// on `::`. Every IPv6 TCP connection arriving at an enrolled pod must be refused.
+/// on `::`. Every IPv6 TCP connection arriving at an enrolled pod at an address it is not
+/// enrolled at (its `status.podIPs` are IPv4 only here) must be refused.
 #[test]
 fn ipv6_to_an_enrolled_pod_is_refused() {
     let mesh = mesh_serving_dual_stack(&[FOO, LEGACY]);
@@ -375,11 +405,12 @@ fn ipv6_to_an_enrolled_pod_is_refused() {
     }
 }
 
-/// Finding 2: a pod whose `status.podIP` is IPv6 fails to enroll, and was left reachable
-/// in plaintext. It must be held closed: `/workloads` says `failed`, and its TCP is
-/// refused both ways.
+/// Finding 2: a pod whose `status.podIP` is IPv6 failed to enroll, and was left reachable
+/// in plaintext. It is now meshed at that address, and only there: TCP to the addresses its
+/// namespace has but its status does not show (its IPv4 address here, its link-local one)
+/// is dropped, and its own connects, IPv4 included, go through the proxy.
 #[test]
-fn a_pod_whose_ipv6_pod_ip_fails_to_enroll_is_held_closed() {
+fn a_pod_whose_pod_ip_is_ipv6_is_meshed_and_reached_only_there() {
     let mut node = Node::new(binaries()).unwrap();
     node.namespace("foo", true).unwrap();
     node.namespace("legacy", false).unwrap();
@@ -393,37 +424,49 @@ fn a_pod_whose_ipv6_pod_ip_fails_to_enroll_is_held_closed() {
         node.serve_http_dual_stack(pod, DUAL_STACK_PORT).unwrap();
     }
     node.start_agent().unwrap();
-    let result = curl(&node, &client, &v6_url(web.ipv6(), DUAL_STACK_PORT));
-    assert_eq!(result.code, 200, "legacy → legacy over IPv6: {result:?}");
+    assert_eq!(redirection(&node, "foo", "six")["state"], "redirected");
 
-    let failed = within(Duration::from_secs(3), || {
-        redirection(&node, "foo", "six")["state"] == "failed"
-    });
+    let result = curl(&node, &client, &v6_url(six.ipv6(), DUAL_STACK_PORT));
+    assert_eq!(
+        result.code, 200,
+        "legacy → foo/six at its IPv6 podIP: {result:?}"
+    );
     assert!(
-        failed.is_some(),
-        "/workloads: {:#}",
-        redirection(&node, "foo", "six")
+        result.body.contains(&client.ipv6().to_string()),
+        "the application sees the client's IPv6 address: {result:?}"
+    );
+    let inbound = node
+        .agent()
+        .unwrap()
+        .recorded("foo/six", "inbound")
+        .unwrap();
+    assert!(
+        inbound.iter().any(|c| c["path"] == "plaintext-inbound"),
+        "through the proxy: {inbound:#?}"
     );
     for url in [
-        url(web.ip, DUAL_STACK_PORT),
-        v6_url(web.ipv6(), DUAL_STACK_PORT),
-    ] {
-        let result = curl(&node, &six, &url);
-        assert_eq!(
-            result.code, 0,
-            "foo/six failed to enroll, yet reached {url}: {result:?}"
-        );
-    }
-    for url in [
-        v6_url(six.ipv6(), DUAL_STACK_PORT),
+        url(six.ip, DUAL_STACK_PORT),
         link_local_url(&six, DUAL_STACK_PORT),
     ] {
         let result = curl(&node, &client, &url);
         assert_eq!(
             result.code, 0,
-            "foo/six failed to enroll, yet was reached at {url}: {result:?}"
+            "foo/six was reached at {url}, an address it is not enrolled at: {result:?}"
         );
     }
+    let result = curl(&node, &six, &url(web.ip, DUAL_STACK_PORT));
+    assert_eq!(result.code, 200, "foo/six → legacy/web: {result:?}");
+    let outbound = node
+        .agent()
+        .unwrap()
+        .recorded("foo/six", "outbound")
+        .unwrap();
+    assert!(
+        outbound
+            .iter()
+            .any(|c| c["destination"] == format!("{}:{DUAL_STACK_PORT}", web.ip).as_str()),
+        "foo/six's IPv4 connect went through the proxy: {outbound:#?}"
+    );
 }
 
 /// Finding 3: a pod process with `CAP_NET_RAW` set the proxy's mark on its socket and went
@@ -801,8 +844,9 @@ fn inbound_connections_per_source_are_capped() {
 }
 
 /// What the agent changed in a pod's namespace: the two sysctls and the policy rule of the
-/// return path (`ip rule` lists it with the proxy's transparent mark).
-fn pod_settings(pod: &Pod) -> (String, String, bool) {
+/// return path (`ip rule` lists it with the proxy's transparent mark), and the same for
+/// IPv6 (`net.ipv6.fwmark_reflect`, `ip -6 rule`).
+fn pod_settings(pod: &Pod) -> [(String, String, bool); 2] {
     let read = |args: &[&str]| {
         let output = ambit_tests::check(
             std::process::Command::new("ip")
@@ -812,21 +856,42 @@ fn pod_settings(pod: &Pod) -> (String, String, bool) {
         .unwrap();
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     };
-    (
-        read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
-        read(&["cat", "/proc/sys/net/ipv4/fwmark_reflect"]),
-        read(&["ip", "rule", "show"]).contains("0xa3b0001"),
-    )
+    [
+        (
+            read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+            read(&["cat", "/proc/sys/net/ipv4/fwmark_reflect"]),
+            read(&["ip", "rule", "show"]).contains("0xa3b0001"),
+        ),
+        (
+            read(&["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"]),
+            read(&["cat", "/proc/sys/net/ipv6/fwmark_reflect"]),
+            read(&["ip", "-6", "rule", "show"]).contains("0xa3b0001"),
+        ),
+    ]
 }
 
 /// A pod that leaves the mesh gets back the sysctls and routes the agent set in its
-/// namespace, as they were before it was enrolled.
+/// namespace, as they were before it was enrolled; for a pod with an IPv6 address the IPv6
+/// ones too (an IPv4 pod's are never touched).
 #[test]
 fn a_pod_leaving_the_mesh_gets_its_settings_back() {
-    let mut mesh = mesh();
+    for (stack, ipv6) in [(Stack::V4, false), (Stack::Dual, true)] {
+        pod_leaves_the_mesh_and_gets_its_settings_back(stack, ipv6);
+    }
+}
+
+fn pod_leaves_the_mesh_and_gets_its_settings_back(stack: Stack, ipv6: bool) {
+    let mut mesh = Mesh::with_stack(binaries(), stack).expect("mesh");
     let pod = mesh.sleep[FOO].clone();
+    let on = ("1".to_owned(), "1".to_owned(), true);
+    let off = ("0".to_owned(), "0".to_owned(), false);
     let enrolled = pod_settings(&pod);
-    assert_eq!(enrolled, ("1".into(), "1".into(), true), "while enrolled");
+    let expected_v6 = if ipv6 {
+        on.clone()
+    } else {
+        ("1".into(), "0".into(), false)
+    };
+    assert_eq!(enrolled, [on, expected_v6], "while enrolled ({stack:?})");
     mesh.node
         .label_pod(&pod, "ambit.io/mesh", "disabled")
         .unwrap();
@@ -836,7 +901,7 @@ fn a_pod_leaving_the_mesh_gets_its_settings_back() {
     assert!(left.is_some(), "foo/sleep did not leave the mesh");
     assert_eq!(
         pod_settings(&pod),
-        ("0".into(), "0".into(), false),
-        "after leaving the mesh, the namespace's defaults must be back"
+        [off.clone(), off],
+        "after leaving the mesh, the namespace's defaults must be back ({stack:?})"
     );
 }

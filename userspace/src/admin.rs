@@ -200,6 +200,7 @@ mod tests {
             namespace: "foo".into(),
             name: name.into(),
             ip: None,
+            ips: Vec::new(),
             identity: String::new(),
             enrolled: true,
             redirection,

@@ -159,8 +159,8 @@ pub fn overlay(snapshot: &mut Snapshot, sandboxes: &Sandboxes) {
         if pod.netns.is_none() {
             pod.netns = Some(sandbox.netns.clone());
         }
-        if pod.ip.is_none() {
-            pod.ip = sandbox.ips.first().copied();
+        if pod.ips.is_empty() {
+            pod.ips.clone_from(&sandbox.ips);
         }
     }
 }
@@ -376,9 +376,9 @@ mod tests {
         overlay(&mut snapshot, &sandboxes);
         let (a, b) = (&snapshot.pods["foo/a"], &snapshot.pods["foo/b"]);
         assert_eq!(a.netns.as_deref(), Some(Path::new("/cni/a")));
-        assert_eq!(a.ip, Some("10.45.0.9".parse().unwrap()));
+        assert_eq!(a.ip(), Some("10.45.0.9".parse().unwrap()));
         assert_eq!(b.netns.as_deref(), Some(Path::new("/run/netns/b")));
-        assert_eq!(b.ip, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(b.ip(), Some("10.0.0.2".parse().unwrap()));
     }
 
     #[test]

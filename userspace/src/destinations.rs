@@ -73,7 +73,7 @@ impl Destinations {
                 .map_or(&[][..], Vec::as_slice);
             for port in &service.ports {
                 let endpoints = if slices.is_empty() {
-                    selected_endpoints(snapshot, &pods, service, port)
+                    selected_endpoints(snapshot, &pods, service, cluster_ip, port)
                 } else {
                     Ok(sliced_endpoints(&pods, slices, port))
                 };
@@ -109,6 +109,7 @@ fn selected_endpoints(
     snapshot: &Snapshot,
     pods: &HashMap<IpAddr, Endpoint>,
     service: &Service,
+    cluster_ip: IpAddr,
     port: &ServicePort,
 ) -> Result<Vec<ServiceEndpoint>, String> {
     let target = match &port.target_port {
@@ -120,16 +121,21 @@ fn selected_endpoints(
             ));
         }
     };
-    // An endpoint is reached as its IP is: a conflict on the IP is the endpoint's.
+    // An endpoint is reached as its IP is: a conflict on the IP is the endpoint's. A
+    // dual-stack pod is reached at its address of the service address's family.
     let mut endpoints: Vec<ServiceEndpoint> = snapshot
         .pods
         .values()
         .filter(|p| service.selects(p))
         .filter_map(|p| {
+            let ip = p
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == cluster_ip.is_ipv4())?;
             Some(ServiceEndpoint {
                 endpoint: Endpoint {
                     pod: Some(p.key()),
-                    ..pods.get(&p.ip?)?.clone()
+                    ..pods.get(ip)?.clone()
                 },
                 port: target,
             })
@@ -169,16 +175,19 @@ fn sliced_endpoints(
     endpoints
 }
 
-/// One endpoint per pod IP. Several pods may claim an IP: `hostNetwork` pods share their
+/// One endpoint per pod IP (every address of a dual-stack pod). Several pods may claim an IP: `hostNetwork` pods share their
 /// node's, and a deleted pod's object can outlive its IP's reuse. They make one endpoint
 /// when they are reached alike (same identity, or none in the mesh); otherwise the IP is a
 /// conflict, since whichever pod answers, secure naming would expect the wrong identity.
 fn pods_by_ip(snapshot: &Snapshot, trust_domain: &str) -> HashMap<IpAddr, Endpoint> {
     let mut claims: BTreeMap<IpAddr, Vec<(String, Option<SpiffeId>)>> = BTreeMap::new();
     for pod in snapshot.pods.values() {
-        if let Some(ip) = pod.ip {
-            let identity = mesh_identity(snapshot, pod, trust_domain);
-            claims.entry(ip).or_default().push((pod.key(), identity));
+        let identity = mesh_identity(snapshot, pod, trust_domain);
+        for &ip in &pod.ips {
+            claims
+                .entry(ip)
+                .or_default()
+                .push((pod.key(), identity.clone()));
         }
     }
     claims

@@ -278,7 +278,7 @@ pub fn explain(applied: &Applied, args: &ExplainArgs) -> Result<Explanation, Exp
     let destination = find_pod(snapshot, &args.to)?;
     let source = match (&args.from, args.from_ip) {
         (Some(name), None) => Some(find_pod(snapshot, name)?),
-        (None, Some(ip)) => snapshot.pods.values().find(|p| p.ip == Some(ip)),
+        (None, Some(ip)) => snapshot.pods.values().find(|p| p.has_ip(ip)),
         _ => return Err(ExplainError::AmbiguousSource),
     };
     let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -296,19 +296,22 @@ pub fn explain(applied: &Applied, args: &ExplainArgs) -> Result<Explanation, Exp
     let peer = Peer {
         identity,
         ip: source
-            .and_then(|p| p.ip)
+            .and_then(Pod::ip)
             .or(args.from_ip)
             .unwrap_or(unspecified),
     };
-    let Some(ip) = destination.ip.filter(|_| snapshot.is_enrolled(destination)) else {
+    let Some(ip) = destination
+        .ip()
+        .filter(|_| snapshot.is_enrolled(destination))
+    else {
         return Ok(Explanation::not_enrolled(destination));
     };
-    let admission =
-        match admission::admit(applied, &args.to, ip, &peer, SocketAddr::new(ip, args.port)) {
-            Ok(admission) => admission,
-            Err(Refusal::NotServed(_)) => return Ok(Explanation::not_enrolled(destination)),
-            Err(refusal) => return Ok(Explanation::refused(&refusal)),
-        };
+    let to = SocketAddr::new(ip, args.port);
+    let admission = match admission::admit(applied, &args.to, &destination.ips, &peer, to) {
+        Ok(admission) => admission,
+        Err(Refusal::NotServed(_)) => return Ok(Explanation::not_enrolled(destination)),
+        Err(refusal) => return Ok(Explanation::refused(&refusal)),
+    };
     let mtls = admission.mtls.0;
     let request = args.request(ip)?;
     Ok(match (&admission.handling, request) {

@@ -65,11 +65,12 @@ pub enum HandoverError {
     AgentGone,
 }
 
-/// Which listener a socket is: the pod's network namespace and the port.
+/// Which listener a socket is: the pod's network namespace and the address it is bound to
+/// (a pod has two outbound listeners on one port, `127.0.0.1` and `[::1]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ListenerKey {
     pub netns_cookie: u64,
-    pub port: u16,
+    pub addr: std::net::SocketAddr,
 }
 
 /// One message of the agent's answer; its descriptors come in the order of `listeners`.
@@ -93,6 +94,12 @@ impl Inherited {
     /// The listener for `key`, if the previous agent handed one over.
     pub fn take(&mut self, key: ListenerKey) -> Option<TcpListener> {
         self.0.remove(&key)
+    }
+
+    /// Closes the listeners left for the namespace `netns_cookie`: its pod took what it
+    /// could use.
+    pub fn forget(&mut self, netns_cookie: u64) {
+        self.0.retain(|key, _| key.netns_cookie != netns_cookie);
     }
 
     /// Closes the listeners of namespaces not in `keep`: pods this agent does not serve.
@@ -161,7 +168,7 @@ fn take_over_blocking(path: &Path) -> Result<Option<Inherited>, HandoverError> {
 }
 
 /// `fd` as the listener `key` names, after checking that it is one: a listening TCP
-/// socket in that namespace, on that port.
+/// socket in that namespace, bound to that address.
 fn checked_listener(key: ListenerKey, fd: OwnedFd) -> Result<TcpListener, HandoverError> {
     let socket = SockRef::from(&fd);
     let is_it = socket.is_listener()?
@@ -169,7 +176,7 @@ fn checked_listener(key: ListenerKey, fd: OwnedFd) -> Result<TcpListener, Handov
         && socket
             .local_addr()?
             .as_socket()
-            .is_some_and(|addr| addr.port() == key.port);
+            .is_some_and(|addr| addr == key.addr);
     if !is_it {
         return Err(HandoverError::WrongSocket { key });
     }
@@ -312,7 +319,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let key = ListenerKey {
             netns_cookie: crate::sys::netns_cookie(&listener).unwrap(),
-            port: listener.local_addr().unwrap().port(),
+            addr: listener.local_addr().unwrap(),
         };
         (listener, key)
     }
@@ -349,7 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
         let (listener, mut key) = listener();
-        key.port = key.port.wrapping_add(1);
+        key.addr.set_port(key.addr.port().wrapping_add(1));
         let asked = agent(&path, vec![(key, OwnedFd::from(listener))]);
         let error = take_over(&path).await.unwrap_err();
         assert!(

@@ -153,8 +153,10 @@ impl Peers {
             .collect();
         let mut claims: HashMap<IpAddr, Vec<&Arc<WorkloadInfo>>> = HashMap::new();
         for (key, pod) in &snapshot.pods {
-            if let (Some(ip), Some(info)) = (pod.ip, pods.get(key)) {
-                claims.entry(ip).or_default().push(info);
+            if let Some(info) = pods.get(key) {
+                for &ip in &pod.ips {
+                    claims.entry(ip).or_default().push(info);
+                }
             }
         }
         let by_ip = claims

@@ -190,7 +190,7 @@ impl Adopter {
                     outcomes.insert(key.clone(), Err(AdoptError::NoUid.to_string()));
                 }
                 Some(uid) => match self.adopted.get(key) {
-                    Some(adopted) if adopted.holds_for(uid, pod.ip) => {
+                    Some(adopted) if adopted.holds_for(uid, pod.ip()) => {
                         outcomes.insert(key.clone(), Ok(adopted.found.clone()));
                     }
                     _ => {
@@ -214,7 +214,7 @@ impl Adopter {
                 let outcome = match &mut located {
                     Err(error) => Err(error.to_string()),
                     Ok(by_uid) => match by_uid.remove(uid) {
-                        Some(Ok(found)) => self.adopt(key, uid, pod.ip, found).await,
+                        Some(Ok(found)) => self.adopt(key, uid, pod.ip(), found).await,
                         Some(Err(error)) => Err(error.to_string()),
                         None => Err(AdoptError::NoProcess { uid: uid.clone() }.to_string()),
                     },

@@ -12,8 +12,9 @@
 //! never redirected. Maps and links are pinned
 //! under the pin directory (`/sys/fs/bpf/ambit` by default): a restarted agent finds the
 //! links still attached and re-adopts them, so enrolled pods stay redirected (and fail
-//! closed) while it is down. This module owns map layout knowledge on the user side; the
-//! rest of the agent calls [`Redirector::register`], [`Redirector::serve`],
+//! closed) while it is down. A pod is registered with every address it has (IPv4 and
+//! IPv6), all steered to the same listener slots. This module owns map layout knowledge on
+//! the user side; the rest of the agent calls [`Redirector::register`], [`Redirector::serve`],
 //! [`Redirector::release_netns`] / [`Redirector::release_ip`] and reads [`OrigDstTable`].
 
 use std::{
@@ -90,8 +91,6 @@ pub enum RedirectError {
     Map { map: &'static str, source: MapError },
     #[error("no free listener slot: at most {MAX_ENROLLED} pods per node")]
     SlotsExhausted,
-    #[error("IPv6 pod address {0} is not supported yet; the pod is held closed")]
-    Ipv6(IpAddr),
     #[error("cannot find the agent's own cgroup: {0}")]
     OwnCgroup(io::Error),
     #[error(transparent)]
@@ -108,9 +107,10 @@ pub struct Redirector {
     inbound_pods: HashMap<MapData, SockAddr, PodSlots>,
     listeners: SockMap<MapData>,
     orig_dst: OrigDstTable,
-    /// Pod IP → slot pair. Slots are handed out lowest first and reused after release.
-    /// Those of pods already in the pinned map are taken over at load, so that an agent
-    /// started beside another never moves a pod the other serves onto a different slot.
+    /// Pod IP → slot pair; every address of a pod has the same pair. Slots are handed out
+    /// lowest first and reused once no address holds them. Those of pods already in the
+    /// pinned map are taken over at load, so that an agent started beside another never
+    /// moves a pod the other serves onto a different slot.
     slots: BTreeMap<IpAddr, PodSlots>,
     /// This agent's cgroup in the set of agents whose connects are not redirected.
     registration: Option<Registration>,
@@ -213,11 +213,11 @@ impl Redirector {
     /// Puts a pod under the kernel programs, closed: its connects are redirected to its
     /// outbound port and TCP arriving in its namespace is steered to its listener slots,
     /// which stay empty, so everything is refused, until [`Redirector::serve`] fills them.
-    /// Idempotent. An IPv6 pod address is an error, but only once the pod is closed.
+    /// `ips` are all the pod's addresses. Idempotent.
     pub fn register(
         &mut self,
         netns_cookie: u64,
-        ip: IpAddr,
+        ips: &[IpAddr],
         netns: &File,
     ) -> Result<(), RedirectError> {
         // `sk_lookup` first: from then on TCP arriving in the namespace is steered or
@@ -238,21 +238,25 @@ impl Redirector {
         self.enrolled
             .insert(netns_cookie, redirect, 0)
             .map_err(map_error(ENROLLED_NETNS_MAP))?;
-        let key = pod_key(ip_key(ip)?);
-        let slots = self.slot_for(ip)?;
-        self.inbound_pods
-            .insert(key, slots, 0)
-            .map_err(map_error(INBOUND_PODS_MAP))
+        let slots = self.slot_for(ips)?;
+        for &ip in ips {
+            self.inbound_pods
+                .insert(ip_key(ip), slots, 0)
+                .map_err(map_error(INBOUND_PODS_MAP))?;
+        }
+        Ok(())
     }
 
     /// Hands a registered pod's inbound listeners to `sk_lookup`; replaces earlier ones.
+    /// A pod with an IPv6 address needs dual-stack listeners: `sk_lookup` hands them both
+    /// families.
     pub fn serve(
         &mut self,
-        ip: IpAddr,
+        ips: &[IpAddr],
         hbone_listener: BorrowedFd<'_>,
         plaintext_listener: BorrowedFd<'_>,
     ) -> Result<(), RedirectError> {
-        let slots = self.slot_for(ip)?;
+        let slots = self.slot_for(ips)?;
         self.listeners
             .set(slots.hbone, &hbone_listener, 0)
             .map_err(map_error(INBOUND_LISTENERS_MAP))?;
@@ -276,13 +280,14 @@ impl Redirector {
         Ok(())
     }
 
-    /// Stops steering TCP for `ip` to the proxy.
+    /// Stops steering TCP for `ip` to the proxy; the listener slots are emptied once no
+    /// other address of the pod uses them.
     pub fn release_ip(&mut self, ip: IpAddr) -> Result<(), RedirectError> {
-        // An IPv6 pod never got an entry (it was held closed by `sk_lookup` alone).
-        if let Ok(key) = ip_key(ip) {
-            ignore_missing(self.inbound_pods.remove(&key)).map_err(map_error(INBOUND_PODS_MAP))?;
-        }
-        if let Some(slots) = self.slots.remove(&ip) {
+        ignore_missing(self.inbound_pods.remove(&ip_key(ip)))
+            .map_err(map_error(INBOUND_PODS_MAP))?;
+        if let Some(slots) = self.slots.remove(&ip)
+            && !self.slots.values().any(|other| *other == slots)
+        {
             for slot in [slots.hbone, slots.plaintext] {
                 ignore_missing(self.listeners.clear_index(&slot))
                     .map_err(map_error(INBOUND_LISTENERS_MAP))?;
@@ -334,19 +339,25 @@ impl Redirector {
         self.orig_dst.clone()
     }
 
-    fn slot_for(&mut self, ip: IpAddr) -> Result<PodSlots, RedirectError> {
-        if let Some(slots) = self.slots.get(&ip) {
-            return Ok(*slots);
-        }
-        let used: Vec<u32> = self.slots.values().map(|s| s.hbone / 2).collect();
-        let index = (0..MAX_ENROLLED)
-            .find(|i| !used.contains(i))
-            .ok_or(RedirectError::SlotsExhausted)?;
-        let slots = PodSlots {
-            hbone: 2 * index,
-            plaintext: 2 * index + 1,
+    /// The slot pair of the pod at `ips`: the one an address of it already has, else a
+    /// free one; every address gets it.
+    fn slot_for(&mut self, ips: &[IpAddr]) -> Result<PodSlots, RedirectError> {
+        let slots = match ips.iter().find_map(|ip| self.slots.get(ip)) {
+            Some(slots) => *slots,
+            None => {
+                let used: Vec<u32> = self.slots.values().map(|s| s.hbone / 2).collect();
+                let index = (0..MAX_ENROLLED)
+                    .find(|i| !used.contains(i))
+                    .ok_or(RedirectError::SlotsExhausted)?;
+                PodSlots {
+                    hbone: 2 * index,
+                    plaintext: 2 * index + 1,
+                }
+            }
         };
-        self.slots.insert(ip, slots);
+        for &ip in ips {
+            self.slots.insert(ip, slots);
+        }
         Ok(slots)
     }
 }
@@ -378,11 +389,9 @@ fn sk_lookup_link_name(netns_cookie: u64) -> String {
     format!("{SK_LOOKUP_PREFIX}{netns_cookie}")
 }
 
-fn ip_key(ip: IpAddr) -> Result<SockAddr, RedirectError> {
-    match ip {
-        IpAddr::V4(_) => Ok(SockAddr::from(SocketAddr::new(ip, 0))),
-        IpAddr::V6(_) => Err(RedirectError::Ipv6(ip)),
-    }
+/// The key of `ip` in [`INBOUND_PODS_MAP`].
+fn ip_key(ip: IpAddr) -> SockAddr {
+    pod_key(SockAddr::from(SocketAddr::new(ip, 0)))
 }
 
 /// Attaches `program` with `attach` and pins the link as `name`; a link pinned under that

@@ -59,7 +59,8 @@ pub struct Applied {
 
 /// An enrolled pod as the data path decides for it.
 pub struct Served {
-    pub ip: IpAddr,
+    /// Every address of the pod.
+    pub ips: Vec<IpAddr>,
     /// As policies select it.
     pub workload: Workload,
     /// What the Services selecting it declare, by workload port; absent ports are sniffed.
@@ -92,8 +93,11 @@ impl Applied {
             .filter(|(_, pod)| snapshot.is_enrolled(pod))
             .filter_map(|(key, pod)| {
                 let ports = protocol::declared_ports(&snapshot, pod);
+                if pod.ips.is_empty() {
+                    return None;
+                }
                 let served = Served {
-                    ip: pod.ip?,
+                    ips: pod.ips.clone(),
                     workload: Workload::from_pod(pod),
                     ports,
                 };
@@ -109,10 +113,10 @@ impl Applied {
         }
     }
 
-    /// The pod `key` as it is now, if it is still enrolled at `ip`: what an admission
-    /// decision for a pod served at `ip` must use.
-    pub fn served(&self, key: &str, ip: IpAddr) -> Option<&Served> {
-        self.workloads.get(key).filter(|served| served.ip == ip)
+    /// The pod `key` as it is now, if it is still enrolled at the addresses `ips`: what an
+    /// admission decision for a pod served at `ips` must use.
+    pub fn served(&self, key: &str, ips: &[IpAddr]) -> Option<&Served> {
+        self.workloads.get(key).filter(|served| served.ips == ips)
     }
 }
 
@@ -146,7 +150,7 @@ status: {{podIP: {pod_ip}}}
     fn a_served_pod_is_seen_with_its_current_labels_at_its_current_address() {
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
         let now = applied("{app: web, locked: \"true\"}", "10.0.0.5");
-        let workload = &now.served("foo/web", ip).unwrap().workload;
+        let workload = &now.served("foo/web", &[ip]).unwrap().workload;
         assert_eq!(
             workload.labels.get("locked").map(String::as_str),
             Some("true")
@@ -154,14 +158,31 @@ status: {{podIP: {pod_ip}}}
         // Moved to another address, opted out, or gone: no longer served at `ip`.
         assert!(
             applied("{app: web}", "10.0.0.6")
-                .served("foo/web", ip)
+                .served("foo/web", &[ip])
                 .is_none()
         );
         assert!(
             applied("{ambit.io/mesh: disabled}", "10.0.0.5")
-                .served("foo/web", ip)
+                .served("foo/web", &[ip])
                 .is_none()
         );
-        assert!(now.served("foo/other", ip).is_none());
+        assert!(now.served("foo/other", &[ip]).is_none());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_served_at_all_its_addresses_only() {
+        let ips: [IpAddr; 2] = ["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let now = applied(
+            "{app: web}",
+            "10.0.0.5, podIPs: [{ip: 10.0.0.5}, {ip: 'fd00::5'}]",
+        );
+        assert!(now.served("foo/web", &ips).is_some());
+        // Enrolled with one address, the pod gained or lost one: it must be set up again.
+        assert!(now.served("foo/web", &ips[..1]).is_none());
+        assert!(
+            applied("{app: web}", "10.0.0.5")
+                .served("foo/web", &ips)
+                .is_none()
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Enrollment: turns the desired state (a [`Snapshot`]) into pods whose traffic goes
 //! through the proxy, and back.
 //!
-//! Enrolling a pod registers it with the kernel programs (closed), opens its listeners
-//! inside its namespace, installs the return path for transparent connections (`routing`),
+//! Enrolling a pod registers it with the kernel programs (closed) at every address it has,
+//! opens its listeners inside its namespace (see [`Listeners`]), installs the return path for transparent connections (`routing`),
 //! hands the listeners to the kernel and asks for its identity's certificate. A pod that
 //! fails (its namespace is gone, say) stays registered and so closed, is reported with the
 //! reason in `/workloads` and retried on the next pass. A failure on the agent's side (its
@@ -23,7 +23,8 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{Arc, RwLock},
@@ -116,7 +117,7 @@ impl Redirection {
 pub struct Failure {
     pub reason: String,
     /// The pod gives the agent nothing it can set up (no network namespace, or one that no
-    /// longer exists, no address, an IPv6 address, an invalid identity): no agent could
+    /// longer exists, no address, an invalid identity): no agent could
     /// serve it, so it is held closed without making the agent unready. Any other failure
     /// (listening ports held by another process, a kernel map or routing error) is the
     /// agent's own and does.
@@ -130,8 +131,7 @@ impl From<&EnrollError> for Failure {
         let lies_with_pod = match error {
             EnrollError::MissingNetns { .. }
             | EnrollError::MissingIp
-            | EnrollError::Identity(_)
-            | EnrollError::Redirect(RedirectError::Ipv6(_)) => true,
+            | EnrollError::Identity(_) => true,
             EnrollError::Netns(NetnsError::Open { source, .. })
             | EnrollError::OpenNetns { source, .. } => missing(source),
             _ => false,
@@ -148,7 +148,10 @@ impl From<&EnrollError> for Failure {
 pub struct WorkloadStatus {
     pub namespace: String,
     pub name: String,
+    /// The primary address (`status.podIP`).
     pub ip: Option<IpAddr>,
+    /// Every address (`status.podIPs`), the primary first.
+    pub ips: Vec<IpAddr>,
     pub identity: String,
     pub enrolled: bool,
     pub redirection: Redirection,
@@ -175,7 +178,7 @@ struct EnrolledPod {
 #[derive(PartialEq, Eq)]
 struct Setup<'a> {
     netns: Option<&'a PathBuf>,
-    ip: Option<IpAddr>,
+    ips: &'a [IpAddr],
     service_account: &'a str,
 }
 
@@ -183,7 +186,7 @@ impl<'a> Setup<'a> {
     fn of(pod: &'a Pod) -> Self {
         Self {
             netns: pod.netns.as_ref(),
-            ip: pod.ip,
+            ips: &pod.ips,
             service_account: &pod.service_account,
         }
     }
@@ -211,7 +214,6 @@ pub struct WorkloadManager {
 struct ClosedPod {
     pod: Pod,
     netns_cookie: u64,
-    ip: IpAddr,
 }
 
 impl WorkloadManager {
@@ -286,7 +288,7 @@ impl WorkloadManager {
                 Membership::Enrolled if self.enrolled.contains_key(key) => Redirection::Redirected,
                 Membership::Enrolled => match self.enroll(pod).await {
                     Ok(enrolled) => {
-                        info!(workload = %key, ip = ?pod.ip, "enrolled");
+                        info!(workload = %key, ips = ?pod.ips, "enrolled");
                         self.enrolled.insert(key.clone(), enrolled);
                         Redirection::Redirected
                     }
@@ -306,7 +308,8 @@ impl WorkloadManager {
                 WorkloadStatus {
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
-                    ip: pod.ip,
+                    ip: pod.ip(),
+                    ips: pod.ips.clone(),
                     identity: SpiffeId::new(
                         &self.trust_domain,
                         &pod.namespace,
@@ -381,7 +384,10 @@ impl WorkloadManager {
         let path = pod.netns.clone().ok_or_else(|| EnrollError::MissingNetns {
             why: pod.netns_missing.clone(),
         })?;
-        let ip = pod.ip.ok_or(EnrollError::MissingIp)?;
+        let ips = pod.ips.clone();
+        if ips.is_empty() {
+            return Err(EnrollError::MissingIp);
+        }
         let netns = PodNetns::enter(&path)?;
         let netns_file = File::open(&path).map_err(|source| EnrollError::OpenNetns {
             netns: path.clone(),
@@ -389,43 +395,25 @@ impl WorkloadManager {
         })?;
         let netns_cookie = netns.cookie().await?;
         // From here on the pod is closed: its traffic is refused until its listeners serve,
-        // and stays refused if setting them up fails (an IPv6 address, say).
+        // and stays refused if setting them up fails.
         self.closed.insert(
             pod.key(),
             ClosedPod {
                 pod: pod.clone(),
                 netns_cookie,
-                ip,
             },
         );
-        self.redirector.register(netns_cookie, ip, &netns_file)?;
-        let outbound_listener = self.listener(&netns, netns_cookie, ports::OUTBOUND).await?;
-        let plaintext_listener = self
-            .listener(&netns, netns_cookie, ports::INBOUND_PLAINTEXT)
-            .await?;
-        let hbone_listener = self
-            .listener(&netns, netns_cookie, ports::INBOUND_HBONE)
-            .await?;
-        let listening = [
-            (ports::OUTBOUND, &outbound_listener),
-            (ports::INBOUND_PLAINTEXT, &plaintext_listener),
-            (ports::INBOUND_HBONE, &hbone_listener),
-        ]
-        .into_iter()
-        .map(|(port, listener)| {
-            let key = ListenerKey { netns_cookie, port };
-            Ok((key, listener.as_fd().try_clone_to_owned()?))
-        })
-        .collect::<Result<_, std::io::Error>>()
-        .map_err(EnrollError::Listener)?;
-        routing::install(&netns, &self.saved_settings).await?;
+        self.redirector.register(netns_cookie, &ips, &netns_file)?;
+        let listeners = Listeners::open(&netns, netns_cookie, &ips, &mut self.inherited).await?;
+        let listening = listeners.handover_copies(netns_cookie)?;
+        routing::install(&netns, &self.saved_settings, &ips).await?;
         self.redirector
-            .serve(ip, hbone_listener.as_fd(), plaintext_listener.as_fd())?;
+            .serve(&ips, listeners.hbone.as_fd(), listeners.plaintext.as_fd())?;
         self.closed.remove(&pod.key());
 
         let proxy = Arc::new(PodProxy {
             key: pod.key(),
-            ip,
+            ips,
             identity: identity.clone(),
             netns,
             netns_cookie,
@@ -433,51 +421,35 @@ impl WorkloadManager {
             counters: WorkloadCounters::default(),
             acceptor: OnceCell::new(),
         });
-        let listeners = vec![
-            tokio::spawn(outbound::serve(
-                outbound_listener,
-                Arc::clone(&proxy),
-                self.shared.clone(),
-            )),
-            tokio::spawn(inbound::serve(
-                plaintext_listener,
-                Arc::clone(&proxy),
-                self.shared.clone(),
-            )),
-            tokio::spawn(hbone::server::serve(
-                hbone_listener,
-                Arc::clone(&proxy),
-                self.shared.clone(),
-            )),
-        ];
+        let outbound = std::iter::once(listeners.outbound).chain(listeners.outbound_v6);
+        let mut tasks: Vec<JoinHandle<()>> = outbound
+            .map(|listener| {
+                tokio::spawn(outbound::serve(
+                    listener,
+                    Arc::clone(&proxy),
+                    self.shared.clone(),
+                ))
+            })
+            .collect();
+        tasks.push(tokio::spawn(inbound::serve(
+            listeners.plaintext,
+            Arc::clone(&proxy),
+            self.shared.clone(),
+        )));
+        tasks.push(tokio::spawn(hbone::server::serve(
+            listeners.hbone,
+            Arc::clone(&proxy),
+            self.shared.clone(),
+        )));
         self.identities.add_workload(&identity);
         Ok(EnrolledPod {
             pod: pod.clone(),
             identity,
             proxy,
-            listeners,
+            listeners: tasks,
             listening,
             _descriptors: self.shared.descriptors.hold_for_pod(),
         })
-    }
-
-    /// The pod's listener on `port` (loopback): the one the previous agent handed over,
-    /// or a new one.
-    async fn listener(
-        &mut self,
-        netns: &PodNetns,
-        netns_cookie: u64,
-        port: u16,
-    ) -> Result<tokio::net::TcpListener, EnrollError> {
-        match self.inherited.take(ListenerKey { netns_cookie, port }) {
-            Some(listener) => {
-                tokio::net::TcpListener::from_std(listener).map_err(EnrollError::Listener)
-            }
-            None => {
-                let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-                Ok(socket::listen(netns, addr).await?)
-            }
-        }
     }
 
     /// Stops serving a pod: closes its listeners, after which the kernel refuses its
@@ -516,9 +488,10 @@ impl WorkloadManager {
         let held = self
             .enrolled
             .values()
-            .map(|e| (e.proxy.netns_cookie, e.proxy.ip))
-            .chain(self.closed.values().map(|c| (c.netns_cookie, c.ip)));
-        let (cookies, ips): (Vec<u64>, Vec<IpAddr>) = held.unzip();
+            .map(|e| (e.proxy.netns_cookie, &e.proxy.ips))
+            .chain(self.closed.values().map(|c| (c.netns_cookie, &c.pod.ips)));
+        let (cookies, ips): (Vec<u64>, Vec<&Vec<IpAddr>>) = held.unzip();
+        let ips: Vec<IpAddr> = ips.into_iter().flatten().copied().collect();
         for cookie in self.redirector.enrolled_cookies() {
             if !cookies.contains(&cookie)
                 && let Err(error) = self.redirector.release_netns(cookie)
@@ -539,6 +512,125 @@ impl WorkloadManager {
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, WorkloadStatus>> {
         self.table.read().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A pod's listening sockets, in its namespace.
+///
+/// IPv4 connects are redirected to `127.0.0.1:15001`, IPv6 ones to `[::1]:15001` (an
+/// `IPV6_V6ONLY` socket cannot reach an IPv4 listener). The inbound listeners take what
+/// `sk_lookup` steers to the pod's addresses: on `127.0.0.1` for an IPv4-only pod, whose
+/// namespace (or kernel) may have no IPv6 at all; for a pod with an IPv6 address, one
+/// dual-stack socket per role, since an IPv6 lookup can only pick an IPv6 socket and an
+/// IPv4 lookup only an IPv4 or dual-stack one. That socket is bound to `::`: the kernel
+/// makes a socket bound to any other IPv6 address (`::1` included) IPv6-only. It listens
+/// on every address of the namespace, but nothing but the kernel's steering reaches it
+/// from outside (`sk_lookup` steers or drops all TCP arriving there), and inside the pod
+/// the kernel redirects or refuses every connect to it.
+struct Listeners {
+    outbound: tokio::net::TcpListener,
+    /// Absent only when the namespace has no IPv6 loopback (and the pod no IPv6 address):
+    /// its IPv6 connects, redirected to `[::1]:15001`, then fail.
+    outbound_v6: Option<tokio::net::TcpListener>,
+    plaintext: tokio::net::TcpListener,
+    hbone: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    /// The pod's listeners: those the previous agent handed over for these very
+    /// addresses, and new ones for the rest.
+    async fn open(
+        netns: &PodNetns,
+        netns_cookie: u64,
+        ips: &[IpAddr],
+        inherited: &mut Inherited,
+    ) -> Result<Self, EnrollError> {
+        let dual_stack = ips.iter().any(IpAddr::is_ipv6);
+        let v4 = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let v6 = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
+        let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        let inbound = if dual_stack { any } else { v4 };
+        let mut listen = Listen {
+            netns,
+            netns_cookie,
+            inherited,
+        };
+        let outbound = listen.at(v4(ports::OUTBOUND)).await?;
+        let outbound_v6 = match listen.at(v6(ports::OUTBOUND)).await {
+            Ok(listener) => Some(listener),
+            Err(EnrollError::Socket(socket::SocketError::Listen { source, .. }))
+                if !dual_stack && lacks_ipv6(&source) =>
+            {
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        let plaintext = listen.at(inbound(ports::INBOUND_PLAINTEXT)).await?;
+        let hbone = listen.at(inbound(ports::INBOUND_HBONE)).await?;
+        // Sockets handed over for other addresses (the pod's families changed across the
+        // upgrade) would keep their ports taken.
+        inherited.forget(netns_cookie);
+        Ok(Self {
+            outbound,
+            outbound_v6,
+            plaintext,
+            hbone,
+        })
+    }
+
+    /// Copies of the listening sockets, each with its key, for the next agent.
+    fn handover_copies(
+        &self,
+        netns_cookie: u64,
+    ) -> Result<Vec<(ListenerKey, OwnedFd)>, EnrollError> {
+        [
+            Some(&self.outbound),
+            self.outbound_v6.as_ref(),
+            Some(&self.plaintext),
+            Some(&self.hbone),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|listener| {
+            let key = ListenerKey {
+                netns_cookie,
+                addr: listener.local_addr()?,
+            };
+            Ok((key, listener.as_fd().try_clone_to_owned()?))
+        })
+        .collect::<Result<_, io::Error>>()
+        .map_err(EnrollError::Listener)
+    }
+}
+
+/// Where a pod's listeners come from: the previous agent's, or new ones in its namespace.
+struct Listen<'a> {
+    netns: &'a PodNetns,
+    netns_cookie: u64,
+    inherited: &'a mut Inherited,
+}
+
+impl Listen<'_> {
+    async fn at(&mut self, addr: SocketAddr) -> Result<tokio::net::TcpListener, EnrollError> {
+        let key = ListenerKey {
+            netns_cookie: self.netns_cookie,
+            addr,
+        };
+        match self.inherited.take(key) {
+            Some(listener) => {
+                tokio::net::TcpListener::from_std(listener).map_err(EnrollError::Listener)
+            }
+            None => Ok(socket::listen(self.netns, addr).await?),
+        }
+    }
+}
+
+/// The error of binding `::1` where there is no IPv6: the kernel has none, or the
+/// namespace has it disabled.
+fn lacks_ipv6(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 #[cfg(test)]
@@ -564,10 +656,6 @@ mod tests {
         let cases = [
             (EnrollError::MissingNetns { why: None }, true),
             (EnrollError::MissingIp, true),
-            (
-                EnrollError::Redirect(RedirectError::Ipv6("fd00::1".parse().unwrap())),
-                true,
-            ),
             (open(io::ErrorKind::NotFound), true),
             (open(io::ErrorKind::PermissionDenied), false),
             (listen, false),

@@ -122,8 +122,9 @@ impl Mesh {
             }),
             ip: "10.0.3.20".parse().unwrap(),
         };
-        let ip = self.snapshot.pods[pod].ip.unwrap();
-        let admitted = admission::admit(&applied, pod, ip, &peer, SocketAddr::new(ip, HTTPBIN));
+        let ips = &self.snapshot.pods[pod].ips;
+        let destination = SocketAddr::new(ips[0], HTTPBIN);
+        let admitted = admission::admit(&applied, pod, ips, &peer, destination);
         let admission = match admitted {
             Ok(admission) => admission,
             Err(Refusal::StrictMtls { .. }) => return 0,

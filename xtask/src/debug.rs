@@ -5,7 +5,7 @@ use serde_json::Value;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Known pods: IP, identity, enrollment, redirection state and counters.
+    /// Known pods: IPs, identity, enrollment, redirection state and counters.
     Workloads(Admin),
     /// Live and recently closed connections through the proxy.
     Connections(Admin),
@@ -136,7 +136,7 @@ fn workloads_table(workloads: &Value) -> Vec<Vec<String>> {
     let mut rows = vec![header(&[
         "NAMESPACE",
         "NAME",
-        "IP",
+        "IPS",
         "IDENTITY",
         "ENROLLED",
         "REDIRECTION",
@@ -152,7 +152,7 @@ fn workloads_table(workloads: &Value) -> Vec<Vec<String>> {
         rows.push(vec![
             text(&w["namespace"]),
             text(&w["name"]),
-            text(&w["ip"]),
+            ips(&w["ips"]),
             text(&w["identity"]),
             text(&w["enrolled"]),
             redirection,
@@ -262,6 +262,16 @@ fn header(names: &[&str]) -> Vec<String> {
 }
 
 /// A JSON value as a table cell: strings bare, null as `-`.
+/// A pod's addresses, comma-separated (`-` for none).
+fn ips(value: &Value) -> String {
+    let ips: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    if ips.is_empty() {
+        "-".to_owned()
+    } else {
+        ips.join(",")
+    }
+}
+
 pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),

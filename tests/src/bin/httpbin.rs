@@ -51,7 +51,8 @@ async fn main() -> anyhow::Result<()> {
         .route(
             "/ip",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
-                Json(json!({ "origin": peer.ip().to_string() }))
+                // Listening on `::`, an IPv4 client shows as `::ffff:a.b.c.d`.
+                Json(json!({ "origin": peer.ip().to_canonical().to_string() }))
             }),
         )
         .route(

@@ -173,7 +173,7 @@ pub fn graph(
 ) -> Graph {
     let by_ip: HashMap<IpAddr, (&String, &WorkloadStatus)> = workloads
         .iter()
-        .filter_map(|(key, status)| Some((status.ip?, (key, status))))
+        .flat_map(|(key, status)| status.ips.iter().map(move |&ip| (ip, (key, status))))
         .collect();
     let endpoint = |ip: IpAddr| match by_ip.get(&ip) {
         Some((key, _)) => (*key).clone(),
@@ -290,9 +290,8 @@ fn node(id: &str, status: Option<&WorkloadStatus>, certs: &CertsReport, applied:
             not_before: c.not_before.clone(),
             not_after: c.not_after.clone(),
         });
-    let policies = status
-        .ip
-        .and_then(|ip| applied.served(id, ip))
+    let policies = applied
+        .served(id, &status.ips)
         .map(|served| {
             applied
                 .policies

@@ -82,19 +82,19 @@ pub struct Admission {
     principal: Option<String>,
 }
 
-/// Decides whether `peer` may connect to `destination` on the pod `key` served at `ip`,
-/// against the configuration `applied`.
+/// Decides whether `peer` may connect to `destination` on the pod `key` served at `ips`
+/// (every address of the pod), against the configuration `applied`.
 pub fn admit(
     applied: &Applied,
     key: &str,
-    ip: IpAddr,
+    ips: &[IpAddr],
     peer: &Peer,
     destination: SocketAddr,
 ) -> Result<Admission, Refusal> {
     let served = applied
-        .served(key, ip)
+        .served(key, ips)
         .ok_or_else(|| Refusal::NotServed(key.to_owned()))?;
-    if destination.ip() != ip {
+    if !ips.contains(&destination.ip()) {
         return Err(Refusal::NotThisPod(destination));
     }
     let port = destination.port();

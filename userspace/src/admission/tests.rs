@@ -57,7 +57,13 @@ fn plaintext() -> Peer {
 }
 
 fn admit_port(applied: &Applied, peer: &Peer, port: u16) -> Result<Admission, Refusal> {
-    admit(applied, "foo/web", ip(), peer, SocketAddr::new(ip(), port))
+    admit(
+        applied,
+        "foo/web",
+        &[ip()],
+        peer,
+        SocketAddr::new(ip(), port),
+    )
 }
 
 fn request(method: &str, path: &str) -> Parts {
@@ -80,19 +86,58 @@ fn only_the_served_pods_own_application_is_admitted() {
         admit(
             &applied,
             "foo/web",
-            other,
+            &[other],
             &peer,
             SocketAddr::new(other, 80)
         ),
         Err(Refusal::NotServed(_))
     ));
     assert!(matches!(
-        admit(&applied, "foo/web", ip(), &peer, SocketAddr::new(other, 80)),
+        admit(
+            &applied,
+            "foo/web",
+            &[ip()],
+            &peer,
+            SocketAddr::new(other, 80)
+        ),
         Err(Refusal::NotThisPod(_))
     ));
     assert!(matches!(
         admit_port(&applied, &peer, 15006),
         Err(Refusal::ProxyPort(15006))
+    ));
+}
+
+#[test]
+fn a_dual_stack_pod_admits_its_application_at_either_address() {
+    let v6: IpAddr = "fd00::5".parse().unwrap();
+    let config = PODS.replace(
+        "status: {podIP: 10.0.0.5}",
+        "status: {podIP: 10.0.0.5, podIPs: [{ip: 10.0.0.5}, {ip: 'fd00::5'}]}",
+    );
+    let applied = Applied::new(
+        snapshot_of(&config),
+        &crate::state::PolicySettings::new("istio-system", "cluster.local"),
+    );
+    let ips = [ip(), v6];
+    let peer = Peer {
+        identity: None,
+        ip: "fd00::9".parse().unwrap(),
+    };
+    for destination in [ip(), v6] {
+        let admitted = admit(
+            &applied,
+            "foo/web",
+            &ips,
+            &peer,
+            SocketAddr::new(destination, 80),
+        );
+        assert!(admitted.is_ok(), "{destination}: {admitted:?}");
+    }
+    let other: IpAddr = "fd00::6".parse().unwrap();
+    assert!(matches!(
+        admit(&applied, "foo/web", &ips, &peer, SocketAddr::new(other, 80)),
+        Err(Refusal::NotThisPod(_))
     ));
 }
 

@@ -444,7 +444,7 @@ mod tests {
         let Some(Object::Pod(kept)) = pods.objects.get("foo/a") else {
             panic!("pod dropped")
         };
-        assert_eq!(kept.ip, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(kept.ip(), Some("10.0.0.2".parse().unwrap()));
         assert_eq!(pods.rejected.len(), 1);
     }
 

@@ -71,7 +71,9 @@ pub struct Pod {
     /// `metadata.ownerReferences`: what names the pod's workload (`crate::peers`).
     pub owners: Vec<OwnerReference>,
     pub service_account: String,
-    pub ip: Option<IpAddr>,
+    /// `status.podIPs`: every address of the pod, at most one per family, `status.podIP`
+    /// (the primary) first; empty until the pod has one.
+    pub ips: Vec<IpAddr>,
     /// From [`NETNS_ANNOTATION`], or filled in by the agent (`cni_server::overlay`,
     /// `pod_cgroup::Adopter`).
     pub netns: Option<PathBuf>,
@@ -89,6 +91,16 @@ impl Pod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The primary address (`status.podIP`).
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ips.first().copied()
+    }
+
+    /// True when `ip` is one of the pod's addresses.
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
     }
 
     /// True when `node` runs the pod: it names that node in `spec.nodeName`, or no node
@@ -143,8 +155,16 @@ struct PodSpec {
 struct PodStatus {
     #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Vec<PodIp>,
     #[serde(default)]
     phase: Option<String>,
+}
+
+/// One of `status.podIPs`.
+#[derive(Deserialize)]
+struct PodIp {
+    ip: String,
 }
 
 impl PodStatus {
@@ -255,19 +275,13 @@ impl Pod {
             return Ok(None);
         }
         let namespace = metadata.namespace().to_owned();
-        let ip = match status.and_then(|s| s.pod_ip) {
-            Some(value) => Some(parse_ip(
-                "Pod",
-                &namespace,
-                &metadata.name,
-                "status.podIP",
-                value,
-            )?),
-            None => None,
+        let ips = match status {
+            Some(status) => pod_ips(&namespace, &metadata.name, status)?,
+            None => Vec::new(),
         };
         Ok(Some(Self {
             namespace,
-            ip,
+            ips,
             netns: metadata
                 .annotations
                 .get(NETNS_ANNOTATION)
@@ -288,6 +302,21 @@ impl Pod {
                 .unwrap_or_else(|| "default".to_owned()),
         }))
     }
+}
+
+/// `status.podIP` first, then the other addresses of `status.podIPs` (which repeats the
+/// primary); an address the pod shows twice counts once.
+fn pod_ips(namespace: &str, name: &str, status: PodStatus) -> Result<Vec<IpAddr>, ObjectError> {
+    let primary = status.pod_ip.map(|ip| (ip, "status.podIP"));
+    let others = status.pod_ips.into_iter().map(|p| (p.ip, "status.podIPs"));
+    let mut ips = Vec::new();
+    for (value, field) in primary.into_iter().chain(others) {
+        let ip = parse_ip("Pod", namespace, name, field, value)?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
 }
 
 impl Service {
@@ -346,9 +375,46 @@ mod tests {
         .unwrap();
         assert_eq!(pod.namespace, "default");
         assert_eq!(pod.service_account, "default");
-        assert_eq!(pod.ip, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(pod.ips, ["10.0.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/x")));
         assert!(!pod.host_network);
+    }
+
+    #[test]
+    fn pod_reads_every_address_primary_first() {
+        let ips = |status: &str| {
+            Pod::from_yaml(yaml(&format!("metadata: {{name: p}}\nstatus: {status}")))
+                .unwrap()
+                .unwrap()
+                .ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ips("{podIP: 10.0.0.2, podIPs: [{ip: 10.0.0.2}, {ip: 'fd44::2'}]}"),
+            ["10.0.0.2", "fd44::2"]
+        );
+        assert_eq!(
+            ips("{podIP: 'fd44::2', podIPs: [{ip: 'fd44::2'}]}"),
+            ["fd44::2"]
+        );
+        // The API server always sets both; a hand-written file may give either.
+        assert_eq!(
+            ips("{podIPs: [{ip: 'fd44::2'}, {ip: 10.0.0.2}]}"),
+            ["fd44::2", "10.0.0.2"]
+        );
+        assert_eq!(ips("{podIP: 10.0.0.2}"), ["10.0.0.2"]);
+        assert!(ips("{phase: Pending}").is_empty());
+        let err = Pod::from_yaml(yaml(
+            "metadata: {name: p}\nstatus: {podIPs: [{ip: 'fd44::zz'}]}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            r#"Pod default/p: status.podIPs "fd44::zz" is not an IP address"#
+        );
     }
 
     #[test]

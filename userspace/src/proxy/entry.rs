@@ -58,7 +58,7 @@ pub fn admit(
     admission::admit(
         &shared.applied.borrow(),
         &pod.key,
-        pod.ip,
+        &pod.ips,
         peer,
         destination,
     )
@@ -75,7 +75,7 @@ pub async fn enter(
     source: &Source,
     destination: SocketAddr,
 ) -> Result<Entered, EntryError> {
-    let admission = admission::admit(applied, &pod.key, pod.ip, peer, destination)?;
+    let admission = admission::admit(applied, &pod.key, &pod.ips, peer, destination)?;
     let permit = pod.counters.inbound(&shared.limits, source)?;
     let descriptor = shared.descriptors.acquire()?;
     let upstream = match admission.handling {

@@ -36,7 +36,7 @@ impl Recheck<'_> {
             }
             let current = self.applied.borrow_and_update().clone();
             let (pod, peer) = (self.pod, self.peer);
-            let decided = admission::admit(&current, &pod.key, pod.ip, peer, self.destination)
+            let decided = admission::admit(&current, &pod.key, &pod.ips, peer, self.destination)
                 .and_then(|admitted| match self.whole {
                     true => admitted.authorize_whole(),
                     false => Ok(()),

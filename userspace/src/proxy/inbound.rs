@@ -60,7 +60,11 @@ async fn handle(
         peer: client,
         descriptor: _descriptor,
     } = accepted;
-    let destination = stream.local_addr().map_err(InboundError::LocalAddr)?;
+    // A dual-stack listener shows IPv4 as `::ffff:a.b.c.d`.
+    let destination = stream
+        .local_addr()
+        .map(super::socket::canonical)
+        .map_err(InboundError::LocalAddr)?;
     let client_of = Client {
         addr: client,
         identity: None,

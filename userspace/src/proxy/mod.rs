@@ -43,7 +43,8 @@ use socket::ProxyStream;
 pub struct PodProxy {
     /// `namespace/name`.
     pub key: String,
-    pub ip: IpAddr,
+    /// Every address of the pod (`status.podIPs`), the primary first.
+    pub ips: Vec<IpAddr>,
     pub identity: SpiffeId,
     pub netns: PodNetns,
     pub netns_cookie: u64,
@@ -53,6 +54,17 @@ pub struct PodProxy {
     /// The TLS server side of this pod, built on the first HBONE connection (it waits for
     /// the pod's first certificate).
     pub acceptor: OnceCell<MeshAcceptor>,
+}
+
+impl PodProxy {
+    /// The pod's address that a connection to `peer` goes out from: the one of `peer`'s
+    /// family, or the primary one for a pod without an address of that family.
+    pub fn ip_toward(&self, peer: IpAddr) -> IpAddr {
+        let same_family = |ip: &&IpAddr| ip.is_ipv4() == peer.to_canonical().is_ipv4();
+        // A pod is enrolled with at least one address: `peer` is never the answer.
+        let ip = self.ips.iter().find(same_family).or(self.ips.first());
+        ip.copied().unwrap_or(peer)
+    }
 }
 
 /// What every listener of the node shares.
@@ -93,6 +105,7 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let peer = socket::canonical(peer);
                 let stream = ProxyStream::new(stream);
                 // Small writes (a TLS record, a 1-byte reply) go out at once: with Nagle's
                 // algorithm a second small write waits for the peer's delayed ACK, up to

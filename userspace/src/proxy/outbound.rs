@@ -171,7 +171,7 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         direction: Direction::Outbound,
         path,
         workload: &pod.key,
-        source: SocketAddr::new(pod.ip, peer.port()),
+        source: SocketAddr::new(pod.ip_toward(destination.ip()), peer.port()),
         destination,
         ends,
         tunnel: TunnelMetadata {

@@ -64,12 +64,18 @@ pub enum Source {
     Client(std::net::IpAddr),
 }
 
-/// Opens a listener on `addr` inside the pod's namespace.
+/// Opens a listener on `addr` inside the pod's namespace. An IPv6 listener on `::` is
+/// dual-stack (`IPV6_V6ONLY` off; bound to any other IPv6 address a socket is IPv6-only
+/// whatever the option says): `sk_lookup` may hand it IPv4 connections, which show their
+/// addresses as `::ffff:a.b.c.d` ([`canonical`]).
 pub async fn listen(netns: &PodNetns, addr: SocketAddr) -> Result<TcpListener, SocketError> {
     let pod = || netns.path().display().to_string();
     netns
         .run(move || -> io::Result<TcpListener> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(false)?;
+            }
             socket.set_reuse_address(true)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
@@ -112,7 +118,10 @@ pub async fn connect(
                     // Through `lo`, so `sk_lookup` sees loopback ingress and lets it reach
                     // the application instead of steering it back to the proxy.
                     socket.bind_device(Some(b"lo"))?;
-                    socket.set_ip_transparent_v4(true)?;
+                    match addr {
+                        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+                        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+                    }
                     socket.bind(&SocketAddr::new(ip, 0).into())?;
                 }
             }
@@ -225,6 +234,13 @@ impl AsyncWrite for ProxyStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack socket
+/// shows IPv4 peers) turned into the IPv4 address it is: policies, limits and logs see
+/// one form of each address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// True when a connect to `addr` could land on one of the proxy's listeners in the pod:

@@ -8,23 +8,25 @@
 //! - `net.ipv4.tcp_fwmark_accept = 1`: an accepted socket takes the mark of the SYN that
 //!   created it, so the application's socket carries the proxy's
 //!   [`marks::PROXY_TRANSPARENT`] mark;
-//! - `net.ipv4.fwmark_reflect = 1`: replies the kernel sends without a socket (the reset
-//!   for a port nobody listens on) carry the mark too, so a refused connect fails at once
-//!   instead of timing out;
+//! - `net.ipv4.fwmark_reflect = 1` (and `net.ipv6.fwmark_reflect` for a pod with an IPv6
+//!   address): replies the kernel sends without a socket (the reset for a port nobody
+//!   listens on) carry the mark too, so a refused connect fails at once instead of timing
+//!   out;
 //! - a policy rule sends packets with that mark to a table whose only route is
-//!   `local 0.0.0.0/0 dev lo`, so the replies loop back to the proxy's socket.
+//!   `local 0.0.0.0/0 dev lo`, so the replies loop back to the proxy's socket; for a pod
+//!   with an IPv6 address, the same for IPv6 (`local ::/0 dev lo`).
 //!
-//! The two sysctls are the pod's own settings: their values from before the first install
+//! The sysctls are the pod's own settings: their values from before the first install
 //! are saved ([`SavedSettings`]) and put back when the pod leaves the mesh.
 
 mod saved;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ambit_common::marks;
 use netlink_packet_route::{
     route::{RouteScope, RouteType},
-    rule::RuleAction,
+    rule::{RuleAction, RuleMessage},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -37,11 +39,17 @@ use crate::netns::{NetnsError, PodNetns};
 const TABLE: u32 = 0xa3b;
 /// Rule priority: before the `main` table (32766).
 const RULE_PRIORITY: u32 = 100;
-/// The sysctls the return path needs on, by name.
-const SYSCTLS: [&str; 2] = ["net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect"];
+/// The sysctls the return path needs on, by name; the last one for IPv6 only
+/// (`tcp_fwmark_accept` covers IPv6 TCP too).
+const SYSCTLS: [&str; 3] = [
+    "net.ipv4.tcp_fwmark_accept",
+    "net.ipv4.fwmark_reflect",
+    "net.ipv6.fwmark_reflect",
+];
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const EEXIST: i32 = 17;
+const EAFNOSUPPORT: i32 = 97;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -66,10 +74,17 @@ pub enum RoutingError {
     Saved { pod: String, source: SavedError },
 }
 
-/// Installs the return path in the pod's namespace. Idempotent: the sysctls' original
-/// values are saved by the first install only, as a later one (by a restarted agent)
-/// would read back ambit's own.
-pub async fn install(netns: &PodNetns, saved: &SavedSettings) -> Result<(), RoutingError> {
+/// Installs the return path in the pod's namespace, for the families of the pod's
+/// addresses `ips` (a pod without an IPv6 address may have no IPv6 at all). Idempotent:
+/// the sysctls' original values are saved by the first install only, as a later one (by
+/// a restarted agent) would read back ambit's own.
+pub async fn install(
+    netns: &PodNetns,
+    saved: &SavedSettings,
+    ips: &[IpAddr],
+) -> Result<(), RoutingError> {
+    let ipv6 = ips.iter().any(IpAddr::is_ipv6);
+    let sysctls = sysctls(ipv6);
     let pod = netns.path().display().to_string();
     let saved_error = |source| RoutingError::Saved {
         pod: pod.clone(),
@@ -78,26 +93,61 @@ pub async fn install(netns: &PodNetns, saved: &SavedSettings) -> Result<(), Rout
     let cookie = netns.cookie().await?;
     // Saved before anything changes: a crash in between must not lose the originals.
     if saved.load(cookie).map_err(saved_error)?.is_none() {
-        let originals = in_netns(netns, &pod, read_sysctls).await?;
+        let originals = in_netns(netns, &pod, move || read_sysctls(sysctls)).await?;
         saved
             .save(cookie, netns.path(), &originals)
             .map_err(saved_error)?;
     }
-    let enabled: Sysctls = SYSCTLS.iter().map(|name| ((*name).to_owned(), 1)).collect();
+    let enabled: Sysctls = sysctls.iter().map(|name| ((*name).to_owned(), 1)).collect();
     in_netns(netns, &pod, move || write_sysctls(&enabled)).await?;
 
     let handle = connect(netns, &pod).await?;
     let request = |action| request_failed(action, &pod);
-    handle
-        .route()
-        .add(local_route())
-        .replace()
-        .execute()
-        .await
-        .map_err(request("add the local route"))?;
-    let added = mark_rule(&handle).execute().await;
-    ignore_errno(added, EEXIST).map_err(request("add the mark rule"))
+    let families: &[Family] = if ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    for &family in families {
+        handle
+            .route()
+            .add(local_route(family))
+            .replace()
+            .execute()
+            .await
+            .map_err(request(family.action(ADD_ROUTE)))?;
+        let mut add = handle.rule().add();
+        *add.message_mut() = mark_rule(&handle, family);
+        ignore_errno(add.execute().await, EEXIST).map_err(request(family.action(ADD_RULE)))?;
+    }
+    Ok(())
 }
+
+/// The sysctls for a pod with (or without) an IPv6 address.
+fn sysctls(ipv6: bool) -> &'static [&'static str] {
+    if ipv6 { &SYSCTLS } else { &SYSCTLS[..2] }
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Of the two wordings of an action (IPv4, IPv6), this family's.
+    fn action(self, [v4, v6]: [&'static str; 2]) -> &'static str {
+        match self {
+            Self::V4 => v4,
+            Self::V6 => v6,
+        }
+    }
+}
+
+const ADD_ROUTE: [&str; 2] = ["add the local route", "add the IPv6 local route"];
+const ADD_RULE: [&str; 2] = ["add the mark rule", "add the IPv6 mark rule"];
+const DELETE_ROUTE: [&str; 2] = ["delete the local route", "delete the IPv6 local route"];
+const DELETE_RULE: [&str; 2] = ["delete the mark rule", "delete the IPv6 mark rule"];
 
 /// Removes the return path from the pod's namespace and puts the saved sysctl values
 /// back; sysctls with nothing saved (set by an agent that kept no record) stay as they
@@ -110,18 +160,24 @@ pub async fn remove(netns: &PodNetns, saved: &SavedSettings) -> Result<(), Routi
     routes.and(sysctls)
 }
 
+/// Removes both families' pieces, whichever the pod had: absent ones, and IPv6 where the
+/// kernel has none, are not an error.
 async fn remove_routes(netns: &PodNetns, pod: &str) -> Result<(), RoutingError> {
     let handle = connect(netns, pod).await?;
-    let mut rule = mark_rule(&handle);
-    let deleted = handle
-        .rule()
-        .del(rule.message_mut().clone())
-        .execute()
-        .await;
     let request = |action| request_failed(action, pod);
-    ignore_errno(deleted, ENOENT).map_err(request("delete the mark rule"))?;
-    let deleted = handle.route().del(local_route()).execute().await;
-    ignore_errno(deleted, ESRCH).map_err(request("delete the local route"))
+    for family in [Family::V4, Family::V6] {
+        let deleted = handle
+            .rule()
+            .del(mark_rule(&handle, family))
+            .execute()
+            .await;
+        let deleted = ignore_errno(deleted, EAFNOSUPPORT);
+        ignore_errno(deleted, ENOENT).map_err(request(family.action(DELETE_RULE)))?;
+        let deleted = handle.route().del(local_route(family)).execute().await;
+        let deleted = ignore_errno(deleted, EAFNOSUPPORT);
+        ignore_errno(deleted, ESRCH).map_err(request(family.action(DELETE_ROUTE)))?;
+    }
+    Ok(())
 }
 
 async fn restore_sysctls(
@@ -163,8 +219,8 @@ async fn in_netns<R: Send + 'static>(
     })
 }
 
-fn read_sysctls() -> Result<Sysctls, SysctlFailure> {
-    SYSCTLS
+fn read_sysctls(sysctls: &[&'static str]) -> Result<Sysctls, SysctlFailure> {
+    sysctls
         .iter()
         .map(|&sysctl| {
             let failure = |source| SysctlFailure {
@@ -230,25 +286,38 @@ fn request_failed(
     }
 }
 
-fn local_route() -> netlink_packet_route::route::RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .output_interface(1)
-        .table_id(TABLE)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .build()
+/// `local 0.0.0.0/0 dev lo` (`local ::/0 dev lo`) in [`TABLE`].
+fn local_route(family: Family) -> netlink_packet_route::route::RouteMessage {
+    match family {
+        Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(1)
+            .table_id(TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build(),
+        Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(1)
+            .table_id(TABLE)
+            .kind(RouteType::Local)
+            .build(),
+    }
 }
 
-fn mark_rule(handle: &Handle) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
-    handle
+/// Packets with the transparent mark go to [`TABLE`].
+fn mark_rule(handle: &Handle, family: Family) -> RuleMessage {
+    let rule = handle
         .rule()
         .add()
-        .v4()
         .fw_mark(marks::PROXY_TRANSPARENT)
         .table_id(TABLE)
         .priority(RULE_PRIORITY)
-        .action(RuleAction::ToTable)
+        .action(RuleAction::ToTable);
+    match family {
+        Family::V4 => rule.v4().message_mut().clone(),
+        Family::V6 => rule.v6().message_mut().clone(),
+    }
 }
 
 fn ignore_errno(result: Result<(), rtnetlink::Error>, errno: i32) -> Result<(), rtnetlink::Error> {

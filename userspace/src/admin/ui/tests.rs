@@ -43,6 +43,7 @@ fn status(key: &str, ip: &str, redirection: Redirection) -> (String, WorkloadSta
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         ip: Some(ip.parse().unwrap()),
+        ips: vec![ip.parse().unwrap()],
         identity: format!("spiffe://cluster.local/ns/{namespace}/sa/default"),
         enrolled: redirection != Redirection::NotEnrolled,
         redirection,

@@ -73,6 +73,26 @@ fn source_fields_and_their_not_forms() {
             ],
         ),
         (
+            "from: [{source: {ipBlocks: [\"fd44::/64\", 10.44.0.0/24]}}]",
+            vec![
+                ("v6 in", Req::plaintext().ip("fd44::44:2"), YES),
+                ("v6 outside", Req::plaintext().ip("fd45::2"), NO),
+                ("v4 in", Req::plaintext().ip("10.44.0.2"), YES),
+            ],
+        ),
+        (
+            "from: [{source: {notIpBlocks: [\"fd44::44:2/128\"]}}]",
+            vec![
+                ("the one", Req::plaintext().ip("fd44::44:2"), NO),
+                ("another", Req::plaintext().ip("fd44::44:3"), YES),
+                (
+                    "a v4 address is outside a v6 block",
+                    Req::plaintext().ip("10.44.0.2"),
+                    YES,
+                ),
+            ],
+        ),
+        (
             "from: [{source: {remoteIpBlocks: [\"2001:db8::/32\"]}}]",
             vec![
                 ("remote in", Req::plaintext().remote("2001:db8::1"), YES),

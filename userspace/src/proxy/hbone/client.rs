@@ -128,7 +128,7 @@ impl Pool {
         connect: Connect,
     ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
-            source_pod: pod.ip,
+            source_pod: pod.ip_toward(gateway.ip()),
             source: pod.identity.clone(),
             allowed,
             gateway,
@@ -142,7 +142,7 @@ impl Pool {
             }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
-        let forwarded = baggage::forwarded(pod.ip);
+        let forwarded = baggage::forwarded(pod.ip_toward(gateway.ip()));
         let (pooled, stream, reused) = pick(&slot, pod, shared, &key, false).await?;
         match request(pooled, stream, &connect, &forwarded).await {
             Err(HboneError::Http(error)) if reused => {

@@ -14,22 +14,27 @@ pub enum BadRequest {
     Method(String),
     #[error("authority {0:?} is not an ip:port")]
     Authority(String),
-    #[error("target {target} is not this pod ({pod})")]
-    OtherPod { target: SocketAddr, pod: IpAddr },
+    #[error("target {target} is not this pod ({pod:?})")]
+    OtherPod {
+        target: SocketAddr,
+        pod: Vec<IpAddr>,
+    },
     #[error("target port {0} is one of the proxy's own listeners")]
     ProxyPort(u16),
     #[error("target port 0 is not a port")]
     PortZero,
 }
 
-/// The application address a `CONNECT` request asks for on the pod at `pod_ip`.
+/// The application address a `CONNECT` request asks for on the pod at `pod_ips` (every
+/// address of the pod; the authority of an IPv6 one is bracketed, `[fd44::5]:8080`).
 ///
-/// The target must be the pod's own IP (the proxy never relays elsewhere) on a port that is
-/// not one of the proxy's listeners (which would make the proxy connect to itself).
+/// The target must be one of the pod's own IPs (the proxy never relays elsewhere) on a
+/// port that is not one of the proxy's listeners (which would make the proxy connect to
+/// itself).
 pub fn connect_target(
     method: &Method,
     uri: &Uri,
-    pod_ip: IpAddr,
+    pod_ips: &[IpAddr],
 ) -> Result<SocketAddr, BadRequest> {
     if method != Method::CONNECT {
         return Err(BadRequest::Method(method.to_string()));
@@ -42,12 +47,12 @@ pub fn connect_target(
     let target: SocketAddr = authority
         .parse()
         .map_err(|_| BadRequest::Authority(authority.to_owned()))?;
-    if target.ip() != pod_ip {
+    let Some(&pod_ip) = pod_ips.iter().find(|&&ip| ip == target.ip()) else {
         return Err(BadRequest::OtherPod {
             target,
-            pod: pod_ip,
+            pod: pod_ips.to_vec(),
         });
-    }
+    };
     match target.port() {
         0 => return Err(BadRequest::PortZero),
         port if ports::is_listener(port) => return Err(BadRequest::ProxyPort(port)),
@@ -61,10 +66,13 @@ pub fn connect_target(
 mod tests {
     use super::*;
 
-    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 5));
+    const POD: [IpAddr; 2] = [
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 5)),
+        IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
+    ];
 
     fn target(method: Method, uri: &str) -> Result<SocketAddr, BadRequest> {
-        connect_target(&method, &uri.parse().unwrap(), POD)
+        connect_target(&method, &uri.parse().unwrap(), &POD)
     }
 
     #[test]
@@ -95,16 +103,26 @@ mod tests {
             target(Method::CONNECT, "10.0.0.5:0"),
             Err(BadRequest::PortZero)
         );
-        let v6 = connect_target(
-            &Method::CONNECT,
-            &"[fd00::5%1]:80".parse().unwrap(),
-            "fd00::5".parse().unwrap(),
+        assert_eq!(
+            target(Method::CONNECT, "[fd00::5]:8080"),
+            Ok("[fd00::5]:8080".parse().unwrap()),
+            "either address of a dual-stack pod"
         );
+        let v6 = target(Method::CONNECT, "[fd00::5%1]:80");
         assert_eq!(
             v6,
             Ok("[fd00::5]:80".parse().unwrap()),
             "the scope is dropped"
         );
+        for other in ["[fd00::6]:80", "[::ffff:10.0.0.5]:80", "[::1]:80"] {
+            assert!(
+                matches!(
+                    target(Method::CONNECT, other),
+                    Err(BadRequest::OtherPod { .. })
+                ),
+                "{other}"
+            );
+        }
         for uri in ["http://10.0.0.5:80/", "10.0.0.5", "web.foo:80", "/path"] {
             assert!(
                 matches!(target(Method::CONNECT, uri), Err(BadRequest::Authority(_))),

@@ -246,7 +246,7 @@ async fn open_stream(
         open,
         forwarded_client_cert,
     } = stream;
-    let destination = match request::connect_target(request.method(), request.uri(), pod.ip) {
+    let destination = match request::connect_target(request.method(), request.uri(), &pod.ips) {
         Ok(target) => target,
         Err(error) => {
             debug!(workload = %pod.key, %error, "bad HBONE request");
