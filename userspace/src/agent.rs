@@ -170,6 +170,10 @@ pub struct LimitArgs {
     /// File descriptors the data path leaves for the agent's own work.
     #[arg(long, default_value_t = Limits::default().fd_reserve)]
     pub fd_reserve: usize,
+    /// Bytes of relay buffers one pod's connections may hold beyond their initial 1 KiB
+    /// per direction; past it their buffers stop growing.
+    #[arg(long, default_value_t = Limits::default().buffer_per_workload)]
+    pub max_buffer_per_workload: usize,
 }
 
 impl From<&LimitArgs> for Limits {
@@ -185,6 +189,7 @@ impl From<&LimitArgs> for Limits {
             handshakes_per_source: args.max_handshakes_per_source,
             streams_per_connection: args.max_streams_per_connection,
             fd_reserve: args.fd_reserve,
+            buffer_per_workload: args.max_buffer_per_workload,
         }
     }
 }

@@ -15,11 +15,13 @@ use crate::build::{cargo, run};
 /// The LLVM major that bpf-linker is built against and the nightly must use.
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: LLVM for bpf-linker, and the real clients and tools the tests and the
-/// bench run.
+/// Debian packages: LLVM for bpf-linker, make for jemalloc, and the real clients and tools
+/// the tests and the bench run.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
+    // The agent's allocator: tikv-jemalloc-sys builds jemalloc with configure and make.
+    "make",
     "curl",
     "iproute2",
     "openssl",

@@ -9,6 +9,7 @@ use super::{
     PodProxy,
     connections::{Close, CloseReason, ConnectionGuard},
     copy::copy_both_ways,
+    limits::BufferBudget,
 };
 use crate::{
     admission::{self, Peer, Refusal},
@@ -50,18 +51,20 @@ impl Recheck<'_> {
     }
 }
 
-/// Copies both ways until both sides have closed or, with `recheck`, until the
-/// configuration refuses the connection; either way the record is closed.
+/// Copies both ways, with buffers grown within `budget` (the workload's), until both
+/// sides have closed or, with `recheck`, until the configuration refuses the connection;
+/// either way the record is closed.
 pub async fn relay<C, S>(
     client: C,
     server: S,
+    budget: BufferBudget,
     record: &mut ConnectionGuard,
     recheck: Option<Recheck<'_>>,
 ) where
     C: AsyncRead + AsyncWrite,
     S: AsyncRead + AsyncWrite,
 {
-    let copy = copy_both_ways(client, server, record.traffic());
+    let copy = copy_both_ways(client, server, record.traffic(), &budget);
     let refused = async {
         match recheck {
             Some(recheck) => recheck.refused().await,

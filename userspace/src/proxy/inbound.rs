@@ -160,7 +160,8 @@ pub async fn deliver<C>(
                 destination: admission.destination,
                 whole: true,
             };
-            forward::relay(client, &mut upstream, record, Some(recheck)).await;
+            let budget = pod.counters.buffers(&shared.limits);
+            forward::relay(client, &mut upstream, budget, record, Some(recheck)).await;
         }
         None => {
             let conn = l7::Connection::new(

@@ -4,8 +4,10 @@
 //! makes the proxy hold is counted against a limit: per destination workload, per source
 //! (a verified identity, or an IP before one is known), and node-wide in file descriptors,
 //! with a reserve the data path never touches so the agent's own work (configuration, the
-//! CA, the admin API) always has descriptors. A count is a permit that gives itself back
-//! when dropped, so no error path can leak one.
+//! CA, the admin API) always has descriptors; memory is bounded per connection by the
+//! relay's largest buffer and per workload by a budget for relay buffers
+//! ([`BufferBudget`]). A count is a permit that gives itself back when dropped, so no
+//! error path can leak one.
 
 use std::{
     collections::HashMap,
@@ -43,6 +45,9 @@ pub struct Limits {
     pub streams_per_connection: u32,
     /// Descriptors the data path leaves for the agent's own work.
     pub fd_reserve: usize,
+    /// Bytes of relay buffers one workload's connections may hold beyond each
+    /// direction's small initial buffer.
+    pub buffer_per_workload: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +63,7 @@ impl Default for Limits {
             handshakes_per_source: 32,
             streams_per_connection: 100,
             fd_reserve: 512,
+            buffer_per_workload: 32 * 1024 * 1024,
         }
     }
 }
@@ -93,14 +99,19 @@ pub struct Gauge(AtomicUsize);
 impl Gauge {
     /// One more, unless `limit` are held already.
     pub fn try_acquire(self: &Arc<Self>, limit: usize) -> Option<GaugePermit> {
+        self.try_add(1, limit)
+    }
+
+    /// `count` more, unless that would hold more than `limit`.
+    pub fn try_add(self: &Arc<Self>, count: usize, limit: usize) -> Option<GaugePermit> {
         self.0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
+                n.checked_add(count).filter(|sum| *sum <= limit)
             })
             .ok()
             .map(|_| GaugePermit {
                 gauge: Arc::clone(self),
-                count: 1,
+                count,
             })
     }
 
@@ -123,6 +134,18 @@ impl Gauge {
 pub struct GaugePermit {
     gauge: Arc<Gauge>,
     count: usize,
+}
+
+impl GaugePermit {
+    /// Takes over the counts of `other`, a permit of the same gauge: one permit to hold
+    /// and give back instead of many.
+    pub fn absorb(&mut self, mut other: GaugePermit) {
+        debug_assert!(
+            Arc::ptr_eq(&self.gauge, &other.gauge),
+            "permits of one gauge"
+        );
+        self.count += std::mem::take(&mut other.count);
+    }
 }
 
 impl Drop for GaugePermit {
@@ -192,6 +215,7 @@ pub struct WorkloadCounters {
     outbound: Arc<Gauge>,
     handshakes: Arc<Gauge>,
     handshakes_by_source: Arc<Counts<IpAddr>>,
+    buffers: Arc<Gauge>,
 }
 
 /// Permits held for one inbound connection or stream.
@@ -230,6 +254,11 @@ impl WorkloadCounters {
             .ok_or(Exceeded::OutboundPerWorkload)
     }
 
+    /// The relay-buffer budget of the workload's connections (those its listeners accepted).
+    pub fn buffers(&self, limits: &Limits) -> BufferBudget {
+        BufferBudget::new(Arc::clone(&self.buffers), limits.buffer_per_workload)
+    }
+
     pub fn handshake(&self, limits: &Limits, source: IpAddr) -> Result<HandshakePermit, Exceeded> {
         let workload = self
             .handshakes
@@ -243,6 +272,29 @@ impl WorkloadCounters {
             _workload: workload,
             _source: source,
         })
+    }
+}
+
+/// Bytes of relay buffers one workload holds beyond the initial ones, up to a limit.
+/// Running out slows a stream (it keeps a smaller buffer) and refuses nothing.
+#[derive(Clone, Debug)]
+pub struct BufferBudget {
+    held: Arc<Gauge>,
+    limit: usize,
+}
+
+impl BufferBudget {
+    pub fn new(held: Arc<Gauge>, limit: usize) -> Self {
+        Self { held, limit }
+    }
+
+    /// `bytes` more, unless the workload would hold more than its limit.
+    pub fn charge(&self, bytes: usize) -> Option<GaugePermit> {
+        self.held.try_add(bytes, self.limit)
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.held()
     }
 }
 
@@ -333,6 +385,32 @@ mod tests {
             Exceeded::HandshakesPerSource
         );
         assert_eq!(counters.handshakes.held(), 1);
+    }
+
+    #[test]
+    fn a_buffer_budget_charges_up_to_its_limit_and_absorbed_permits_give_back_once() {
+        let limits = Limits {
+            buffer_per_workload: 3000,
+            ..Limits::default()
+        };
+        let counters = WorkloadCounters::default();
+        let budget = counters.buffers(&limits);
+        let mut first = budget.charge(1000).unwrap();
+        first.absorb(budget.charge(1500).unwrap());
+        assert!(
+            budget.charge(600).is_none(),
+            "3100 bytes would pass the limit"
+        );
+        let last = budget.charge(500).unwrap();
+        assert_eq!(
+            counters.buffers(&limits).held(),
+            3000,
+            "one budget per workload"
+        );
+        drop(first);
+        assert_eq!(budget.held(), 500);
+        drop(last);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]

@@ -183,7 +183,8 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
     let error = match route {
         Route::Direct(addr) => match direct(pod, shared, addr).await {
             Ok((upstream, _descriptor)) => {
-                forward::relay(stream, upstream, &mut record, None).await;
+                let budget = pod.counters.buffers(&shared.limits);
+                forward::relay(stream, upstream, budget, &mut record, None).await;
                 return Ok(());
             }
             Err(error) => error,
@@ -204,7 +205,8 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
                 .await
             {
                 Ok(tunnel) => {
-                    forward::relay(stream, tunnel, &mut record, None).await;
+                    let budget = pod.counters.buffers(&shared.limits);
+                    forward::relay(stream, tunnel, budget, &mut record, None).await;
                     return Ok(());
                 }
                 Err(error) => OutboundError::from(error),

@@ -45,6 +45,9 @@ const NEIGHBOUR_STREAMS: u32 = 8;
 /// How long the neighbour runs before the round trips are measured: its streams must have
 /// connected and reached their rate.
 const NEIGHBOUR_WARM_UP: Duration = Duration::from_secs(2);
+/// How long the agent is left idle after a pass's load before its RSS is read: enough
+/// for an allocator that returns memory on a timer to have done so.
+const AFTER_LOAD_SETTLE: Duration = Duration::from_secs(5);
 
 /// How much a run measures.
 struct Plan {
@@ -335,6 +338,11 @@ impl Bed {
         pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
         if first {
             pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
+            // What the agent gives back once the load is gone: its pooled HBONE
+            // connections stay up (until --hbone-idle-timeout), the rest is freed memory
+            // the allocator may return.
+            std::thread::sleep(AFTER_LOAD_SETTLE);
+            pass.insert(Figure::AgentRssAfterLoad, self.usage.rss_mib()?);
         }
         Ok(pass)
     }

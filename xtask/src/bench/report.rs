@@ -67,10 +67,11 @@ pub enum Figure {
     AgentPeakRss,
     AgentIdleRss,
     AgentIdleRssPerConnection,
+    AgentRssAfterLoad,
 }
 
 impl Figure {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::RoundTripMedian,
@@ -90,6 +91,7 @@ impl Figure {
         Self::AgentPeakRss,
         Self::AgentIdleRss,
         Self::AgentIdleRssPerConnection,
+        Self::AgentRssAfterLoad,
     ];
 
     /// `(label, unit, JSON key)`.
@@ -150,6 +152,11 @@ impl Figure {
                 "KiB/conn",
                 "agent_idle_rss_kib_per_connection",
             ),
+            Self::AgentRssAfterLoad => (
+                "agent RSS, idle after load",
+                "MiB",
+                "agent_rss_after_load_mib",
+            ),
         }
     }
 
@@ -174,7 +181,10 @@ impl Figure {
     pub fn is_memory(self) -> bool {
         matches!(
             self,
-            Self::AgentPeakRss | Self::AgentIdleRss | Self::AgentIdleRssPerConnection
+            Self::AgentPeakRss
+                | Self::AgentIdleRss
+                | Self::AgentIdleRssPerConnection
+                | Self::AgentRssAfterLoad
         )
     }
 

@@ -130,7 +130,8 @@ pub async fn serve<C>(
         let upstream = entry::connect(&conn.shared, &conn.pod, &conn.peer, conn.destination);
         match upstream.await {
             Ok(mut upstream) => {
-                forward::relay(client, &mut upstream, record, Some(recheck(true))).await;
+                let budget = conn.pod.counters.buffers(&conn.shared.limits);
+                forward::relay(client, &mut upstream, budget, record, Some(recheck(true))).await;
             }
             Err(error) => record.finish(Close::new(CloseReason::ConnectFailed, &error)),
         }
