@@ -31,7 +31,7 @@ use crate::{
     pod_cgroup::{Adopter, HostPaths},
     policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
-    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
+    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool, same_node::LocalPods},
     redirect::Redirector,
     state::{Applied, PolicySettings},
     workloads::{WorkloadManager, WorkloadTable},
@@ -92,6 +92,17 @@ pub struct RunArgs {
     /// with the `ambit.io/netns` annotation.
     #[arg(long, env = "AMBIT_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
+    /// Connections between two pods this agent serves skip the HBONE tunnel (same
+    /// admission, no TLS); `--same-node-shortcut=false` encrypts every hop.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub same_node_shortcut: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -260,6 +271,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         applied: applied_rx.clone(),
         identities: identity.manager.clone(),
         pool,
+        local: LocalPods::new(args.same_node_shortcut),
         limits: Arc::new(limits),
         descriptors,
     };

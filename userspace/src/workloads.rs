@@ -380,6 +380,7 @@ impl WorkloadManager {
             )),
         ];
         self.identities.add_workload(&identity);
+        self.shared.local.insert(ip, identity.clone(), &proxy);
         Ok(EnrolledPod {
             pod: pod.clone(),
             identity,
@@ -401,6 +402,7 @@ impl WorkloadManager {
             ..
         } = enrolled;
         self.identities.remove_workload(&identity);
+        self.shared.local.remove(proxy.ip, &proxy);
         // Waiting for the aborted tasks means their listening sockets are closed before a
         // new enrollment binds the same ports. Connections already open finish on their
         // own, re-checked against the configuration in force.

@@ -113,6 +113,7 @@ pub fn open(
         destination,
         ends,
         tunnel,
+        traffic: None,
     };
     shared.connections.open(opening, Arc::clone(&pod.stats))
 }
