@@ -68,8 +68,11 @@ impl SameNodeError {
 /// shortcut is off (`--same-node-shortcut=false`). Cloning shares the table.
 pub struct LocalPods<P = PodProxy> {
     enabled: bool,
-    pods: Arc<RwLock<HashMap<IpAddr, (SpiffeId, Arc<P>)>>>,
+    pods: Arc<RwLock<ByIp<P>>>,
 }
+
+/// Each served pod at its IP, with the identity it runs as.
+type ByIp<P> = HashMap<IpAddr, (SpiffeId, Arc<P>)>;
 
 impl<P> Clone for LocalPods<P> {
     fn clone(&self) -> Self {
@@ -126,7 +129,7 @@ impl<P> LocalPods<P> {
             .then(|| (Arc::clone(pod), *target))
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<IpAddr, (SpiffeId, Arc<P>)>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, ByIp<P>> {
         self.pods.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -257,9 +260,9 @@ mod tests {
         }
     }
 
-    fn local(enabled: bool) -> (LocalPods<&'static str>, Arc<&'static str>) {
+    fn local(enabled: bool) -> (LocalPods<String>, Arc<String>) {
         let pods = LocalPods::new(enabled);
-        let web = Arc::new("web");
+        let web = Arc::new("web".to_owned());
         pods.insert("10.0.0.11".parse().unwrap(), id("web"), &web);
         (pods, web)
     }
@@ -267,7 +270,10 @@ mod tests {
     #[test]
     fn takes_the_shortcut_only_to_a_served_pod_whose_identity_the_route_allows() {
         let (pods, web) = local(true);
-        let served = |route: &Route| pods.serving(route).map(|(pod, target)| (*pod, target));
+        let served = |route: &Route| {
+            pods.serving(route)
+                .map(|(pod, target)| (pod.as_str().to_owned(), target))
+        };
         let cases: &[(Route, Option<(&str, &str)>)] = &[
             (
                 hbone("10.0.0.11", &["web"]),
@@ -286,7 +292,7 @@ mod tests {
             (Route::Refuse("nowhere".into()), None),
         ];
         for (route, expected) in cases {
-            let expected = expected.map(|(pod, target)| (pod, target.parse().unwrap()));
+            let expected = expected.map(|(pod, target)| (pod.to_owned(), target.parse().unwrap()));
             assert_eq!(served(route), expected, "{route:?}");
         }
         pods.remove("10.0.0.11".parse().unwrap(), &web);
@@ -296,11 +302,11 @@ mod tests {
     #[test]
     fn a_pod_that_left_does_not_remove_the_one_now_at_its_address() {
         let (pods, old) = local(true);
-        let new = Arc::new("web-2");
+        let new = Arc::new("web-2".to_owned());
         pods.insert("10.0.0.11".parse().unwrap(), id("web"), &new);
         pods.remove("10.0.0.11".parse().unwrap(), &old);
-        let served = pods.serving(&hbone("10.0.0.11", &["web"])).map(|(p, _)| *p);
-        assert_eq!(served, Some("web-2"));
+        let served = pods.serving(&hbone("10.0.0.11", &["web"])).map(|(p, _)| p);
+        assert_eq!(served.as_deref().map(String::as_str), Some("web-2"));
     }
 
     #[test]
