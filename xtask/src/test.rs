@@ -31,7 +31,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     let quick = crate::bench::Options {
         quick: true,
         json: None,
-        same_node_shortcut: true,
+        no_same_node_shortcut: false,
     };
     crate::bench::run(&quick, Binaries::in_dir(&binaries)?)
 }

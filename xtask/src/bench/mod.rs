@@ -38,17 +38,10 @@ pub struct Options {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// The agents' `--same-node-shortcut`: `false` measures the mesh mode over HBONE, as
-    /// the two-node mode always is.
-    #[arg(
-        long,
-        default_value_t = true,
-        action = clap::ArgAction::Set,
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_name = "BOOL"
-    )]
-    pub same_node_shortcut: bool,
+    /// Runs the agents with `--same-node-shortcut=false`, so that the mesh mode measures
+    /// HBONE between two pods of one node (as before the shortcut).
+    #[arg(long)]
+    pub no_same_node_shortcut: bool,
 }
 
 /// How much a run measures.
@@ -93,7 +86,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
 /// its debug build, to keep the bench working without a second build of everything.
 pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
     let plan = Plan::new(opts.quick);
-    let bed = Bed::new(binaries, opts.same_node_shortcut)?;
+    let bed = Bed::new(binaries, !opts.no_same_node_shortcut)?;
     let versions = tools::versions()?;
     eprintln!(
         "bench: node {}, agent pid {}, {} round(s) of passes, {} s per tool run",
