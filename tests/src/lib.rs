@@ -16,7 +16,7 @@ mod run;
 
 pub use agent::Agent;
 pub use apiserver::ApiServer;
-pub use node::{AgentOptions, Capture, Family, GRPC_ECHO, Node, Pod, Stack};
+pub use node::{AgentOptions, Capture, Family, GRPC_ECHO, Node, Pod, Stack, pcap_packets};
 pub use run::{Binaries, CurlResult, check, command_line};
 
 /// The [`Binaries`] of the running test: cargo builds them next to `ambit-httpbin`, whose

@@ -807,11 +807,18 @@ impl Node {
     /// Starts `tcpdump` on `pod`'s veth (in the node namespace), writing packets to a file;
     /// [`Capture::finish`] stops it and returns the bytes captured.
     pub fn capture(&mut self, pod: &Pod) -> anyhow::Result<Capture> {
+        self.capture_matching(pod, &[])
+    }
+
+    /// [`Self::capture`] of the packets that match the `tcpdump` filter `filter` (its
+    /// words, e.g. `["tcp", "port", "15008"]`).
+    pub fn capture_matching(&mut self, pod: &Pod, filter: &[&str]) -> anyhow::Result<Capture> {
         let file = self.config_dir.with_extension(format!("{}.pcap", pod.veth));
         let log = file.with_extension("log");
         let mut cmd = self.node_command("tcpdump");
         cmd.args(["-i", &pod.veth, "--immediate-mode", "-U", "-s", "0", "-w"])
             .arg(&file)
+            .args(filter)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         let child = cmd.spawn().context("cannot start tcpdump")?;
@@ -996,6 +1003,20 @@ impl Capture {
         self.child.wait()?;
         std::fs::read(&self.file).context("tcpdump wrote no capture")
     }
+}
+
+/// The packets of a pcap file (as [`Capture::finish`] returns it), by their record headers.
+pub fn pcap_packets(pcap: &[u8]) -> usize {
+    // A 24-byte file header, then per packet a 16-byte header whose third word is the
+    // length captured (in the byte order of the file's magic; tcpdump writes the host's).
+    let mut at = 24;
+    let mut packets = 0;
+    while let Some(header) = pcap.get(at..at + 16) {
+        let captured = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
+        at += 16 + captured as usize;
+        packets += 1;
+    }
+    packets
 }
 
 impl Drop for Capture {

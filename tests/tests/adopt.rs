@@ -68,10 +68,10 @@ fn pod_started_before_the_agent_is_adopted_through_its_cgroup() {
     let agent = node.agent().unwrap();
     let outbound = agent.recorded("foo/old", "outbound").unwrap();
     let paths: Vec<&Value> = outbound.iter().map(|c| &c["path"]).collect();
-    assert_eq!(paths, ["hbone"], "{outbound:#?}");
+    assert_eq!(paths, ["same-node"], "{outbound:#?}");
     let inbound = agent.recorded("foo/server", "inbound").unwrap();
     assert!(
-        inbound.iter().any(|c| c["path"] == "hbone-inbound"
+        inbound.iter().any(|c| c["path"] == "same-node-inbound"
             && c["source"]
                 .as_str()
                 .unwrap()

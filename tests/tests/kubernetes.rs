@@ -290,5 +290,5 @@ fn endpoint_slices_route_selectorless_services_skip_unready_endpoints_and_name_p
         curl(FOO, "http://10.96.0.21:80/ip") == 200
     });
     assert!(reached.is_some(), "the named targetPort is not resolved");
-    assert_eq!(last_path("foo/sleep"), "hbone");
+    assert_eq!(last_path("foo/sleep"), "same-node");
 }

@@ -1,17 +1,23 @@
 //! End to end: per-request authorization in the node proxy, with real curl over HTTP/1.1
-//! and HTTP/2, through HBONE (`foo/sleep` → `bar/httpbin`, mutual TLS) and through the
-//! plaintext listener (`legacy/sleep` → `bar/httpbin`, PERMISSIVE).
+//! and HTTP/2, from a mesh client (`foo/sleep` → `bar/httpbin`: by the same-node shortcut,
+//! and in the first test through HBONE, with `--same-node-shortcut=false`) and through
+//! the plaintext listener (`legacy/sleep` → `bar/httpbin`, PERMISSIVE).
 
 use std::time::Duration;
 
 use ambit_tests::{
-    CurlResult,
+    AgentOptions, CurlResult,
     mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, policies::get_not_admin, within},
 };
 use serde_json::Value;
 
 fn mesh_with(policy: &str) -> Mesh {
-    let mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
+    mesh_with_agent(policy, &AgentOptions::default())
+}
+
+/// [`mesh_with`] the agent started as `agent` says.
+fn mesh_with_agent(policy: &str, agent: &AgentOptions) -> Mesh {
+    let mesh = Mesh::with_agent(ambit_tests::test_binaries!(), agent).expect("mesh");
     mesh.node.write_file("policy.yaml", policy).unwrap();
     // Applied once a denied path is answered by the proxy.
     let applied = within(Duration::from_secs(3), || {
@@ -33,7 +39,8 @@ fn curl(mesh: &Mesh, from: usize, args: &[&str], path: &str) -> CurlResult {
 
 #[test]
 fn each_http_request_is_authorized_over_hbone_and_plaintext_in_both_http_versions() {
-    let mesh = mesh_with(&get_not_admin("bar"));
+    let hbone = AgentOptions::args(&["--same-node-shortcut=false"]);
+    let mesh = mesh_with_agent(&get_not_admin("bar"), &hbone);
     for from in [FOO, LEGACY] {
         for version in ["--http1.1", "--http2-prior-knowledge"] {
             let ok = curl(&mesh, from, &[version], "/ip");

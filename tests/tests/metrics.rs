@@ -1,5 +1,6 @@
 //! End to end: Istio's standard metrics and the access log, for meshed (`foo/sleep` →
-//! `bar/httpbin`, HBONE), plaintext (`legacy/sleep` → `foo/httpbin`, `foo/sleep` →
+//! `bar/httpbin`, HBONE: the agent runs with `--same-node-shortcut=false`, since the HBONE
+//! metadata is part of what is tested; `same_node.rs` checks the shortcut's), plaintext (`legacy/sleep` → `foo/httpbin`, `foo/sleep` →
 //! `legacy/httpbin`), denied (a DENY AuthorizationPolicy) and per-request (an L7 policy)
 //! traffic. Counters are compared, series by series, against what curl says it sent and
 //! received; the text must parse with Prometheus' own parser (the `prometheus_client`
@@ -12,10 +13,13 @@ use std::{
     time::Duration,
 };
 
-use ambit_tests::mesh::{
-    BAR, FOO, HTTP_PORT, LEGACY, Mesh,
-    policies::{DENY_FOO_IN_BAR, get_not_admin},
-    within,
+use ambit_tests::{
+    AgentOptions,
+    mesh::{
+        BAR, FOO, HTTP_PORT, LEGACY, Mesh,
+        policies::{DENY_FOO_IN_BAR, get_not_admin},
+        within,
+    },
 };
 use serde_json::Value;
 
@@ -54,7 +58,8 @@ fn exchange(mesh: &Mesh, from: usize, to: usize, path: &str) -> Exchange {
 }
 
 fn mesh() -> Mesh {
-    Mesh::new(ambit_tests::test_binaries!()).expect("mesh")
+    let options = AgentOptions::args(&["--same-node-shortcut=false"]);
+    Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh")
 }
 
 /// Meshed: `foo/sleep` → `bar/httpbin` over HBONE.

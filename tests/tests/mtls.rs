@@ -1,22 +1,37 @@
 //! End to end: the mutual TLS data path and Istio's PeerAuthentication and
 //! AuthorizationPolicy, step by step as in Istio's mutual TLS migration task, on a node with
 //! `foo` and `bar` enrolled and `legacy` not.
+//!
+//! The policy matrices run with the agent's defaults, so enrolled pods of this one node
+//! reach each other by the same-node shortcut (`same_node.rs` tests what sets it apart);
+//! the tests of HBONE itself (encryption on the wire, the destination proxy's 503, many
+//! streams over pooled connections, a Service's endpoint, the re-check of a live tunnel)
+//! run with `--same-node-shortcut=false`, which sends same-node traffic over HBONE.
 
 use std::time::Duration;
 
-use ambit_tests::mesh::{
-    BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
-    policies::{
-        ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE, FOO_STRICT,
-        MESH_STRICT,
+use ambit_tests::{
+    AgentOptions,
+    mesh::{
+        BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+        policies::{
+            ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE,
+            FOO_STRICT, MESH_STRICT,
+        },
+        within,
     },
-    within,
 };
 use serde_json::Value;
 
 fn mesh() -> Mesh {
     let binaries = ambit_tests::test_binaries!();
     Mesh::new(binaries).expect("mesh")
+}
+
+/// The scenario with same-node traffic over HBONE, for the tests of HBONE itself.
+fn hbone_mesh() -> Mesh {
+    let options = AgentOptions::args(&["--same-node-shortcut=false"]);
+    Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh")
 }
 
 /// 200 everywhere but where `refused` says.
@@ -61,14 +76,14 @@ fn without_policy_every_pair_answers_with_the_client_ip() {
     let paths: Vec<&str> = outbound.iter().filter_map(|c| c["path"].as_str()).collect();
     assert_eq!(
         paths,
-        ["hbone", "hbone", "plaintext"],
-        "foo → foo, bar: HBONE; → legacy: plain"
+        ["same-node", "same-node", "plaintext"],
+        "foo → foo, bar: the same-node shortcut; → legacy: plain"
     );
 }
 
 #[test]
 fn traffic_between_enrolled_pods_is_encrypted_on_the_wire() {
-    let mut mesh = mesh();
+    let mut mesh = hbone_mesh();
     // The capture sees plaintext where there is some: legacy → legacy crosses the veth bare.
     let (_, seen) = mesh.capture_request(LEGACY, LEGACY).unwrap();
     assert!(seen, "the capture must see plaintext traffic");
@@ -147,7 +162,7 @@ fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
 
 #[test]
 fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
-    let mesh = mesh();
+    let mesh = hbone_mesh();
     // A long-lived connection from bar/sleep to foo/httpbin:9000: curl's telnet mode sends
     // nothing while its stdin stays open, and the server waits for a request.
     let mut cmd = mesh.node.command(&mesh.sleep[BAR], "curl");
@@ -191,7 +206,7 @@ fn a_connection_denied_by_a_later_policy_is_closed_within_a_second() {
 
 #[test]
 fn a_service_address_reaches_its_enrolled_endpoint_over_hbone() {
-    let mesh = mesh();
+    let mesh = hbone_mesh();
     mesh.node
         .write_file("service.yaml", FOO_HTTPBIN_SERVICE)
         .unwrap();
@@ -217,7 +232,7 @@ fn a_service_address_reaches_its_enrolled_endpoint_over_hbone() {
 
 #[test]
 fn a_refusing_application_is_reported_as_503_by_the_destination_proxy() {
-    let mesh = mesh();
+    let mesh = hbone_mesh();
     let url = format!("http://{}:7777/", mesh.httpbin[BAR].ip);
     let result = mesh.node.curl(Some(&mesh.sleep[FOO]), &url).unwrap();
     assert_eq!(result.code, 0, "nothing listens on 7777: {result:?}");
@@ -240,7 +255,7 @@ fn more_connections_than_one_hbone_connection_carries_all_get_through() {
     use std::io::BufRead as _;
     const CONNECTIONS: u32 = 250;
     const PORT: u16 = 9100;
-    let mut mesh = mesh();
+    let mut mesh = hbone_mesh();
     let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     let server = mesh.httpbin[BAR].clone();
     mesh.node

@@ -215,8 +215,8 @@ fn a_killed_agent_ends_held_connections_at_once_and_fails_closed_until_restarted
     let outbound = mesh.recorded("foo/sleep", "outbound").unwrap();
     assert_eq!(
         outbound.last().map(|c| &c["path"]),
-        Some(&Value::from("hbone")),
-        "foo → bar goes over HBONE again: {outbound:#?}"
+        Some(&Value::from("same-node")),
+        "foo → bar goes through the mesh again (same node: the shortcut): {outbound:#?}"
     );
     let result = node
         .curl(Some(legacy_sleep), &mesh.url(FOO, "/ip"))

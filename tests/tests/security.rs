@@ -523,7 +523,8 @@ fn a_forged_proxy_mark_does_not_let_a_pod_around_the_proxy() {
 /// couple of seconds.
 #[test]
 fn a_relabel_that_brings_a_deny_applies_to_pooled_hbone_connections() {
-    let mut mesh = mesh();
+    // Same-node traffic over HBONE, so that there is a pooled connection to test.
+    let mut mesh = mesh_with(&["--same-node-shortcut=false"]);
     let (sleep, bar_url) = (mesh.sleep[FOO].clone(), mesh.url(BAR, "/ip"));
     // Establishes the pooled HBONE connection foo/sleep's proxy → bar/httpbin's.
     let result = curl(&mesh.node, &sleep, &bar_url);

@@ -169,8 +169,8 @@ pub struct Common {
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
     pub direction: Direction,
-    /// The hop through the proxy (`hbone`, `plaintext`, `hbone-inbound`,
-    /// `plaintext-inbound`).
+    /// The hop through the proxy (`hbone`, `same-node`, `plaintext`, `hbone-inbound`,
+    /// `same-node-inbound`, `plaintext-inbound`).
     pub path: Path,
     pub source: Side,
     pub destination: Side,

@@ -39,7 +39,7 @@ use crate::{
     pod_cgroup::{Adopter, HostPaths},
     policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
-    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool},
+    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool, same_node::LocalPods},
     redirect::Redirector,
     state::{Applied, PolicySettings},
     workloads::{WorkloadManager, WorkloadTable},
@@ -104,6 +104,17 @@ pub struct RunArgs {
     /// are reset; a second SIGTERM ends the drain at once.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Connections between two pods this agent serves skip the HBONE tunnel (same
+    /// admission, no TLS); `--same-node-shortcut=false` encrypts every hop.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub same_node_shortcut: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -291,6 +302,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         applied: applied_rx.clone(),
         identities: identity.manager.clone(),
         pool: pool.clone(),
+        local: LocalPods::new(args.same_node_shortcut),
         limits: Arc::new(limits),
         descriptors: descriptors.clone(),
         drain: drain_watch.clone(),

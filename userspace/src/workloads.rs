@@ -442,6 +442,9 @@ impl WorkloadManager {
             self.shared.clone(),
         )));
         self.identities.add_workload(&identity);
+        for ip in &proxy.ips {
+            self.shared.local.insert(*ip, identity.clone(), &proxy);
+        }
         Ok(EnrolledPod {
             pod: pod.clone(),
             identity,
@@ -464,6 +467,9 @@ impl WorkloadManager {
             ..
         } = enrolled;
         self.identities.remove_workload(&identity);
+        for ip in &proxy.ips {
+            self.shared.local.remove(*ip, &proxy);
+        }
         // Waiting for the aborted tasks means their listening sockets are closed before a
         // new enrollment binds the same ports. Connections already open finish on their
         // own, re-checked against the configuration in force.

@@ -146,6 +146,9 @@ fn path(client: &Pod, server: &Pod, records: &[Value]) -> String {
         (Some(out), Some(inb)) if out == "hbone" => {
             format!("proxy -> HBONE (mTLS) -> proxy [{inb}]")
         }
+        (Some(out), Some(inb)) if out == "same-node" => {
+            format!("proxy -> same node, no tunnel -> proxy [{inb}]")
+        }
         (Some(out), Some(inb)) => format!("proxy [{out}] -> proxy [{inb}]"),
         (Some(out), None) => format!("proxy [{out}] -> direct"),
         (None, Some(inb)) => format!("direct -> proxy [{inb}]"),

@@ -31,6 +31,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     let quick = crate::bench::Options {
         quick: true,
         json: None,
+        no_same_node_shortcut: false,
     };
     crate::bench::run(&quick, Binaries::in_dir(&binaries)?)
 }

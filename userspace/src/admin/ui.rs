@@ -25,7 +25,7 @@ use super::AdminState;
 use crate::{
     identity::CertsReport,
     policy::resolve::Effect,
-    proxy::connections::{ConnectionRecord, ConnectionsReport, Direction, Path},
+    proxy::connections::{ConnectionRecord, ConnectionsReport, Direction},
     state::Applied,
     workloads::{Redirection, WorkloadStatus},
 };
@@ -187,7 +187,7 @@ pub fn graph(
         if record.direction == Direction::Outbound && local_ip(record.destination.ip()) {
             continue;
         }
-        let mtls = matches!(record.path, Path::Hbone | Path::HboneInbound);
+        let mtls = record.path.authenticated();
         let source = endpoint(record.source.ip());
         let destination = endpoint(record.destination.ip());
         let edge = edges

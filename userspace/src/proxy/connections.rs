@@ -54,6 +54,22 @@ pub enum Path {
     Hbone,
     /// Inbound through the HBONE listener (15008), forwarded to the application.
     HboneInbound,
+    /// Outbound to a pod this agent also serves, admitted and delivered by the same-node
+    /// shortcut: no TLS, no tunnel, and the bytes never leave the node.
+    SameNode,
+    /// Inbound by the same-node shortcut, forwarded to the application.
+    SameNodeInbound,
+}
+
+impl Path {
+    /// Whether the peer's identity was authenticated (by mutual TLS, or on the same node
+    /// by the agent that holds both identities).
+    pub fn authenticated(self) -> bool {
+        matches!(
+            self,
+            Self::Hbone | Self::HboneInbound | Self::SameNode | Self::SameNodeInbound
+        )
+    }
 }
 
 /// Why a connection ended, as a stable code for metrics and access logs.
@@ -156,6 +172,9 @@ pub struct Opening<'a> {
     pub destination: SocketAddr,
     pub ends: Ends,
     pub tunnel: TunnelMetadata,
+    /// Counters shared with the record of the connection's other end (the same-node
+    /// shortcut's two records count the same bytes); `None` for counters of its own.
+    pub traffic: Option<Arc<Traffic>>,
 }
 
 /// What an HBONE `CONNECT` carries for telemetry: the trace both proxies log (the client
@@ -307,7 +326,7 @@ impl ConnectionLog {
             requests: VecDeque::new(),
         };
         let live = Arc::new(Live {
-            traffic: Arc::default(),
+            traffic: opening.traffic.unwrap_or_default(),
             tally: self.metrics.open(opening.direction, &opening.ends),
             ends: opening.ends,
             direction: opening.direction,
@@ -324,7 +343,7 @@ impl ConnectionLog {
             stats,
             live,
             decision: None,
-            finished: false,
+            closed: None,
         }
     }
 
@@ -397,7 +416,8 @@ pub struct ConnectionGuard {
     live: Arc<Live>,
     /// Kept here rather than in the shared record, so that deciding takes no lock.
     decision: Option<Decided>,
-    finished: bool,
+    /// How it ended, once finished.
+    closed: Option<Close>,
 }
 
 impl ConnectionGuard {
@@ -409,6 +429,11 @@ impl ConnectionGuard {
     /// The same counters, for a stream that counts its own bytes.
     pub fn shared_traffic(&self) -> Arc<Traffic> {
         Arc::clone(&self.live.traffic)
+    }
+
+    /// How the connection ended, once [finished](Self::finish).
+    pub fn closed(&self) -> Option<&Close> {
+        self.closed.as_ref()
     }
 
     /// A handle that adds request decisions to this connection's record.
@@ -448,9 +473,10 @@ impl ConnectionGuard {
     /// Closes the record with the bytes counted so far and how it ended, counts it closed
     /// and writes its access log line.
     pub fn finish(&mut self, close: Close) {
-        if std::mem::replace(&mut self.finished, true) {
+        if self.closed.is_some() {
             return;
         }
+        self.closed = Some(close.clone());
         let live = &self.live;
         let sent = live.traffic.sent.load(Ordering::Relaxed);
         let received = live.traffic.received.load(Ordering::Relaxed);

@@ -117,6 +117,7 @@ pub fn open(
         destination,
         ends,
         tunnel,
+        traffic: None,
     };
     shared.connections.open(opening, Arc::clone(&pod.stats))
 }

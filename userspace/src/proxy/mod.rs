@@ -2,7 +2,8 @@
 //! listener of that pod accepts it ([`outbound`], [`inbound`], [`hbone::server`]), the
 //! proxy finds where it was going and whether it may ([`entry`], deciding with
 //! [`crate::admission`]), tunnels it between node proxies over mutual TLS ([`hbone`]) or
-//! forwards it ([`socket`]), and copies bytes both ways ([`forward`], [`copy`]) or serves it
+//! forwards it ([`socket`]) or, to a pod it also serves, delivers it without a tunnel
+//! ([`same_node`]), and copies bytes both ways ([`forward`], [`copy`]) or serves it
 //! request by request where policies look at HTTP ([`l7`]), recording it in
 //! [`connections`].
 
@@ -15,6 +16,7 @@ pub mod inbound;
 pub mod l7;
 pub mod limits;
 pub mod outbound;
+pub mod same_node;
 pub mod socket;
 
 use std::{
@@ -75,6 +77,8 @@ pub struct Shared {
     pub applied: AppliedRx,
     pub identities: SecretManager,
     pub pool: hbone::client::Pool,
+    /// The pods this agent serves, for the same-node shortcut.
+    pub local: same_node::LocalPods,
     pub limits: Arc<Limits>,
     pub descriptors: Descriptors,
     /// Started when the agent hands its listeners over or is told to stop.

@@ -2,8 +2,9 @@
 //! the pod's listener on 127.0.0.1:15001.
 //!
 //! accept → recover the original destination → count against the pod's outbound limit →
-//! [`decide`] the route (pure) → forward: as HBONE to an enrolled destination, as plain
-//! TCP from the pod to anything else.
+//! [`decide`] the route (pure) → forward: as HBONE to an enrolled destination, or, when
+//! this agent serves that destination too, by the [same-node shortcut](same_node); as
+//! plain TCP from the pod to anything else.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -19,6 +20,7 @@ use super::{
     forward,
     hbone::{self, client::Connect, trace_context::TraceParent},
     limits::Exceeded,
+    same_node::{self, SameNodeError},
     socket::{self, ProxyStream},
 };
 use crate::{destinations::Destinations, identity::SpiffeId};
@@ -35,6 +37,8 @@ pub enum OutboundError {
     Hbone(#[from] hbone::HboneError),
     #[error(transparent)]
     Limit(#[from] Exceeded),
+    #[error("same node: {0}")]
+    SameNode(#[from] SameNodeError),
 }
 
 /// Where a captured connection goes.
@@ -159,10 +163,12 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             .and_then(|w| w.baggage.clone());
         (route, ends, baggage)
     };
-    debug!(workload = %pod.key, %destination, ?route, "outbound");
-    let path = match route {
-        Route::Hbone { .. } => Path::Hbone,
-        Route::Direct(_) | Route::Refuse(_) => Path::Plaintext,
+    let shortcut = shared.local.serving(&route);
+    debug!(workload = %pod.key, %destination, ?route, same_node = shortcut.is_some(), "outbound");
+    let path = match (&route, &shortcut) {
+        (_, Some(_)) => Path::SameNode,
+        (Route::Hbone { .. }, None) => Path::Hbone,
+        (Route::Direct(_) | Route::Refuse(_), None) => Path::Plaintext,
     };
     // Every connection starts a trace, as with ztunnel: its ID is in this proxy's log line
     // and, through the tunnel's `traceparent`, in the destination proxy's.
@@ -178,7 +184,11 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             trace_id: Some(trace.trace_id),
             forwarded_for: None,
         },
+        traffic: None,
     };
+    if let Some((server, target)) = shortcut {
+        return Ok(same_node::forward(stream, pod, server, shared, opening, target).await?);
+    }
     let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
         Route::Direct(addr) => match direct(pod, shared, addr).await {
@@ -227,6 +237,7 @@ impl OutboundError {
             Self::Upstream(_) => CloseReason::ConnectFailed,
             Self::Hbone(error) => error.reason(),
             Self::Limit(_) => CloseReason::Limit,
+            Self::SameNode(error) => error.reason(),
         }
     }
 }

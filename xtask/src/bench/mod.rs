@@ -1,11 +1,13 @@
-//! `cargo xtask bench`: what the mesh costs on one node. The test bed's node gets three
-//! namespaces, `bench-direct` (not enrolled), `bench-mesh` (enrolled, no policy) and
-//! `bench-l7` (enrolled, with policies that need HTTP on the server's HTTP port, see
-//! [`l7`]), each with a `client` and a `server` pod, and one agent. Passes go in rounds,
-//! direct, mesh, mesh-l7, direct, … so that drift of the machine lands on all modes
-//! alike; each pass runs the tools of its mode (all of them in direct and mesh, the
-//! keep-alive HTTP run alone in mesh-l7) from the client pod to the server pod of its
-//! namespace and reads the agent's CPU and memory.
+//! `cargo xtask bench`: what the mesh costs. The test bed's node gets four namespaces,
+//! `bench-direct` (not enrolled), `bench-mesh` (enrolled, no policy), `bench-2nodes`
+//! (enrolled, no policy, its server on a second node with its own agent, joined as
+//! [`Node::join`] does) and `bench-l7` (enrolled, with policies that need HTTP on the
+//! server's HTTP port, see [`l7`]), each with a `client` and a `server` pod. Passes go in
+//! rounds, direct, mesh, mesh-2nodes, mesh-l7, direct, … so that drift of the machine
+//! lands on all modes alike; each pass runs the tools of its mode (all of them but in
+//! mesh-l7, where the keep-alive HTTP run goes alone) from the client pod to the server
+//! pod of its namespace and reads the CPU (of both agents in mesh-2nodes) and memory of
+//! the agents.
 //!
 //! Fairness between workloads: the direct and mesh namespaces also hold a neighbour pair,
 //! whose `iperf3 -P 8` runs while the client measures its round trips again; the ratio of
@@ -13,6 +15,8 @@
 //!
 //! The mesh passes measure whatever the data path of enrolled pods is: the bench only
 //! enrolls them (and writes policies) and never picks a listener or a port of the proxy.
+//! It checks which hop each mesh mode took (`same-node` and `hbone` in the agent's
+//! records), so that a row never claims a path it did not measure.
 
 mod l7;
 mod report;
@@ -38,6 +42,10 @@ pub struct Options {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Runs the agents with `--same-node-shortcut=false`, so that the mesh mode measures
+    /// HBONE between two pods of one node (as before the shortcut).
+    #[arg(long)]
+    pub no_same_node_shortcut: bool,
 }
 
 /// Streams of the noisy neighbour's `iperf3`.
@@ -91,7 +99,7 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
 /// its debug build, to keep the bench working without a second build of everything.
 pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
     let plan = Plan::new(opts.quick);
-    let bed = Bed::new(binaries)?;
+    let bed = Bed::new(binaries, !opts.no_same_node_shortcut)?;
     let versions = tools::versions()?;
     eprintln!(
         "bench: node {}, agent pid {}, {} round(s) of passes, {} s per tool run",
@@ -127,35 +135,60 @@ pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The node, its pods per mode, and the agent's /proc figures.
+/// The two nodes, the pods per mode, and the agents' /proc figures.
 struct Bed {
+    /// Runs every client, every server but the two-node mode's, and the agent whose
+    /// memory is measured.
     node: Node,
-    /// `(client, server)` of [`Mode::Direct`], [`Mode::Mesh`] and [`Mode::MeshL7`].
+    /// Runs the two-node mode's server, and its own agent.
+    second: Node,
+    /// `(client, server)` of [`Mode::Direct`], [`Mode::Mesh`], [`Mode::MeshTwoNodes`] and
+    /// [`Mode::MeshL7`].
     direct: (Pod, Pod),
     mesh: (Pod, Pod),
+    two_nodes: (Pod, Pod),
     l7: (Pod, Pod),
     /// The noisy neighbours' `(client, server)` in the direct and mesh namespaces.
     neighbours: [(Pod, Pod); 2],
     usage: Usage,
+    /// The second node's agent.
+    second_usage: Usage,
+    /// The hop the mesh mode's connections take.
+    mesh_hop: &'static str,
 }
 
+/// The namespace of the two-node mode.
+const TWO_NODES: &str = "bench-2nodes";
+
 impl Bed {
-    fn new(binaries: Binaries) -> anyhow::Result<Self> {
+    fn new(binaries: Binaries, same_node_shortcut: bool) -> anyhow::Result<Self> {
         let mut node = Node::new(binaries)?;
+        let mut second = node.join()?;
         let mut pods = Vec::new();
         let mut neighbours = Vec::new();
         for (namespace, enrolled) in [
             ("bench-direct", false),
             ("bench-mesh", true),
+            (TWO_NODES, true),
             (l7::NAMESPACE, true),
         ] {
             node.namespace(namespace, enrolled)?;
             let client = node.pod_with(namespace, "client", "client", &[("app", "client")])?;
-            let server = node.pod_with(namespace, "server", "server", &[("app", "server")])?;
+            let server = if namespace == TWO_NODES {
+                second.namespace(namespace, enrolled)?;
+                let server =
+                    second.pod_with(namespace, "server", "server", &[("app", "server")])?;
+                second.learn(&client, None)?;
+                node.learn(&server, None)?;
+                tools::start_servers(&mut second, &server)?;
+                server
+            } else {
+                node.pod_with(namespace, "server", "server", &[("app", "server")])?
+            };
             // The L7 mode runs the HTTP tool alone.
             if namespace == l7::NAMESPACE {
                 node.serve_http(&server, tools::HTTP_PORT)?;
-            } else {
+            } else if namespace != TWO_NODES {
                 tools::start_servers(&mut node, &server)?;
                 let labels = [("app", "neighbour")];
                 let noisy = node.pod_with(namespace, "neighbour", "neighbour", &labels)?;
@@ -166,8 +199,20 @@ impl Bed {
             pods.push((client, server));
         }
         node.write_file("bench-l7.yaml", &l7::policies())?;
-        let pid = node.start_agent()?.pid();
-        let [direct, mesh, l7]: [(Pod, Pod); 3] = pods
+        let shortcut = format!("--same-node-shortcut={same_node_shortcut}");
+        let pid = node.start_agent_with(&[shortcut.as_ref()])?.pid();
+        // The second agent signs with the first one's root, so that both trust each other.
+        let ca = node.state_dir().join("ca");
+        let (cert, key) = (ca.join("root-cert.pem"), ca.join("root-key.pem"));
+        let second_args = [
+            std::ffi::OsStr::new("--ca-cert"),
+            cert.as_os_str(),
+            std::ffi::OsStr::new("--ca-key"),
+            key.as_os_str(),
+            shortcut.as_ref(),
+        ];
+        let second_pid = second.start_agent_with(&second_args)?.pid();
+        let [direct, mesh, two_nodes, l7]: [(Pod, Pod); 4] = pods
             .try_into()
             .ok()
             .context("one client and server pair per mode")?;
@@ -177,13 +222,22 @@ impl Bed {
             .context("one neighbour pair in the direct and mesh namespaces")?;
         let bed = Self {
             usage: Usage::new(pid)?,
+            second_usage: Usage::new(second_pid)?,
             node,
+            second,
             direct,
             mesh,
+            two_nodes,
             l7,
             neighbours,
+            mesh_hop: if same_node_shortcut {
+                "same-node"
+            } else {
+                "hbone"
+            },
         };
         bed.check_paths()?;
+        bed.check_hops()?;
         l7::check(
             &bed.node,
             (&bed.l7.0, &bed.l7.1),
@@ -197,6 +251,7 @@ impl Bed {
         let (client, server) = match mode {
             Mode::Direct => &self.direct,
             Mode::Mesh => &self.mesh,
+            Mode::MeshTwoNodes => &self.two_nodes,
             Mode::MeshL7 => &self.l7,
         };
         (client, server)
@@ -218,16 +273,50 @@ impl Bed {
             (&mesh_neighbour.1, "redirected"),
             (&self.l7.0, "redirected"),
             (&self.l7.1, "redirected"),
+            (&self.two_nodes.0, "redirected"),
+            (&self.two_nodes.1, "other-node"),
         ];
-        let mut last = Value::Null;
+        let second = self.second.agent()?;
+        let mut last = (Value::Null, Value::Null);
         let settled = within(Duration::from_secs(10), || {
-            last = agent.admin_get("/workloads").unwrap_or(Value::Null);
-            expected
-                .iter()
-                .all(|(pod, state)| workload(&last, pod)["redirection"]["state"] == *state)
+            last = (
+                agent.admin_get("/workloads").unwrap_or(Value::Null),
+                second.admin_get("/workloads").unwrap_or(Value::Null),
+            );
+            let served_there =
+                workload(&last.1, &self.two_nodes.1)["redirection"]["state"] == "redirected";
+            served_there
+                && expected
+                    .iter()
+                    .all(|(pod, state)| workload(&last.0, pod)["redirection"]["state"] == *state)
         });
         if settled.is_none() {
-            bail!("the bench pods did not reach their redirection states within 10 s: {last:#}");
+            bail!(
+                "the bench pods did not reach their redirection states within 10 s: {:#} {:#}",
+                last.0,
+                last.1
+            );
+        }
+        Ok(())
+    }
+
+    /// One request in each mesh mode, and the hop the agent recorded for it: the mesh
+    /// mode's must be [`Self::mesh_hop`], the two-node mode's HBONE.
+    fn check_hops(&self) -> anyhow::Result<()> {
+        let agent = self.node.agent()?;
+        for (mode, hop) in [(Mode::Mesh, self.mesh_hop), (Mode::MeshTwoNodes, "hbone")] {
+            let (client, server) = self.pods(mode);
+            let url = format!("http://{}:{}/ip", server.ip, tools::HTTP_PORT);
+            let answered = self.node.curl(Some(client), &url)?;
+            if answered.code != 200 {
+                bail!("{} mode: {url} answered {answered:?}", mode.name());
+            }
+            let key = format!("{}/{}", client.namespace, client.name);
+            let recorded = agent.recorded(&key, "outbound")?;
+            let path = recorded.last().map(|c| c["path"].clone());
+            if path != Some(Value::from(hop)) {
+                bail!("{} mode went {path:?}, not {hop}", mode.name());
+            }
         }
         Ok(())
     }
@@ -244,14 +333,14 @@ impl Bed {
                 // wrk's keep-alive connections.
                 (pass, 1)
             }
-            Mode::Direct | Mode::Mesh => (
+            Mode::Direct | Mode::Mesh | Mode::MeshTwoNodes => (
                 self.all_tools(mode, client, server, plan, first)?,
                 u64::from(plan.idle_connections),
             ),
         };
         let proxied = self.proxied(client)? - proxied_before;
         match mode {
-            Mode::Mesh | Mode::MeshL7 if proxied < least => {
+            Mode::Mesh | Mode::MeshTwoNodes | Mode::MeshL7 if proxied < least => {
                 bail!(
                     "only {proxied} of the {} pass's connections went through the proxy",
                     mode.name()
@@ -277,10 +366,11 @@ impl Bed {
         let authorization = l7::authorization();
         let headers: &[&str] = match mode {
             Mode::MeshL7 => &[&authorization],
-            Mode::Direct | Mode::Mesh => &[],
+            Mode::Direct | Mode::Mesh | Mode::MeshTwoNodes => &[],
         };
-        let (rate, cpu) = self
-            .cpu(|| tools::wrk_keepalive(&self.node, client, server.ip, plan.seconds, headers))?;
+        let (rate, cpu) = self.cpu(mode, || {
+            tools::wrk_keepalive(&self.node, client, server.ip, plan.seconds, headers)
+        })?;
         pass.insert(Figure::HttpRequestRate, rate.per_second);
         // CPU seconds * 1e6 / requests: µs per request, i.e. ms per 1,000 requests.
         pass.insert(Figure::AgentCpuPerKiloRequest, cpu * 1e6 / rate.requests);
@@ -298,7 +388,7 @@ impl Bed {
     ) -> anyhow::Result<Pass> {
         let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
         self.usage.reset_peak()?;
-        let pass_start = self.usage.cpu_seconds()?;
+        let pass_start = self.cpu_seconds(mode)?;
         let mut pass = Pass::new();
 
         // Idle connections before the other tools, so that the first mesh pass measures
@@ -314,7 +404,7 @@ impl Bed {
             pass.insert(Figure::AgentIdleRssPerConnection, per_connection);
         }
 
-        let (one, cpu) = self.cpu(|| tools::iperf3(node, client, ip, 1, seconds))?;
+        let (one, cpu) = self.cpu(mode, || tools::iperf3(node, client, ip, 1, seconds))?;
         pass.insert(Figure::Throughput1, one.bits_per_second / 1e9);
         pass.insert(Figure::AgentCpuPerGb, cpu * 1e3 / (one.bytes / 1e9));
         let four = tools::iperf3(node, client, ip, 4, seconds)?;
@@ -322,20 +412,22 @@ impl Bed {
         let rtt = tools::sockperf(node, client, ip, seconds)?;
         pass.insert(Figure::RoundTripMedian, rtt.median_us);
         pass.insert(Figure::RoundTripP99, rtt.p99_us);
-        let loaded = self.round_trip_beside_neighbour(mode, client, server, seconds)?;
-        pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);
-        pass.insert(Figure::Unfairness, loaded.p99_us / rtt.p99_us);
-        let (rate, cpu) = self.cpu(|| tools::wrk(node, client, ip, seconds))?;
+        if let Some(neighbour) = self.neighbour(mode) {
+            let loaded = self.round_trip_beside(neighbour, client, server, seconds)?;
+            pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);
+            pass.insert(Figure::Unfairness, loaded.p99_us / rtt.p99_us);
+        }
+        let (rate, cpu) = self.cpu(mode, || tools::wrk(node, client, ip, seconds))?;
         pass.insert(Figure::ConnectionRate, rate.per_second);
         pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
-        let (crr, cpu) = self.cpu(|| tools::crr(node, client, ip, seconds))?;
+        let (crr, cpu) = self.cpu(mode, || tools::crr(node, client, ip, seconds))?;
         pass.insert(Figure::CrrRate, crr.per_second);
         pass.insert(Figure::CrrMedian, crr.median_us);
         pass.insert(Figure::CrrP99, crr.p99_us);
         pass.insert(Figure::AgentCpuPerCrr, cpu * 1e6 / crr.connections);
         self.http(&mut pass, mode, client, server, plan)?;
 
-        pass.insert(Figure::AgentCpu, self.usage.cpu_seconds()? - pass_start);
+        pass.insert(Figure::AgentCpu, self.cpu_seconds(mode)? - pass_start);
         if first {
             pass.insert(Figure::AgentPeakRss, self.usage.peak_rss_mib()?);
             // What the agent gives back once the load is gone: its pooled HBONE
@@ -347,20 +439,24 @@ impl Bed {
         Ok(pass)
     }
 
-    /// The client's round trips to its server while the mode's neighbour pair runs
-    /// `iperf3 -P 8` through the same node (and, meshed, the same agent).
-    fn round_trip_beside_neighbour(
+    /// The noisy neighbour pair of `mode`: the one-node modes have one.
+    fn neighbour(&self, mode: Mode) -> Option<&(Pod, Pod)> {
+        match mode {
+            Mode::Direct => Some(&self.neighbours[0]),
+            Mode::Mesh => Some(&self.neighbours[1]),
+            Mode::MeshTwoNodes | Mode::MeshL7 => None,
+        }
+    }
+
+    /// The client's round trips to its server while the `neighbour` pair runs
+    /// `iperf3 -P 8` on the same node (and, meshed, through the same agent).
+    fn round_trip_beside(
         &self,
-        mode: Mode,
+        (noisy, sink): &(Pod, Pod),
         client: &Pod,
         server: &Pod,
         seconds: u32,
     ) -> anyhow::Result<tools::RoundTrip> {
-        let (noisy, sink) = match mode {
-            Mode::Direct => &self.neighbours[0],
-            Mode::Mesh => &self.neighbours[1],
-            Mode::MeshL7 => bail!("the L7 mode has no neighbour"),
-        };
         let node = &self.node;
         // sockperf runs at least 2 s; the neighbour outlasts it by its warm-up and a second.
         let neighbour_seconds = seconds.max(2) + NEIGHBOUR_WARM_UP.as_secs() as u32 + 1;
@@ -378,11 +474,25 @@ impl Bed {
         })
     }
 
-    /// Runs `measure` and returns its result with the agent CPU seconds it took.
-    fn cpu<T>(&self, measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
-        let before = self.usage.cpu_seconds()?;
+    /// Runs `measure` and returns its result with the agent CPU seconds it took in
+    /// `mode`.
+    fn cpu<T>(
+        &self,
+        mode: Mode,
+        measure: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, f64)> {
+        let before = self.cpu_seconds(mode)?;
         let value = measure()?;
-        Ok((value, self.usage.cpu_seconds()? - before))
+        Ok((value, self.cpu_seconds(mode)? - before))
+    }
+
+    /// CPU seconds so far of the agents `mode` goes through: both in the two-node mode.
+    fn cpu_seconds(&self, mode: Mode) -> anyhow::Result<f64> {
+        let first = self.usage.cpu_seconds()?;
+        Ok(match mode {
+            Mode::MeshTwoNodes => first + self.second_usage.cpu_seconds()?,
+            Mode::Direct | Mode::Mesh | Mode::MeshL7 => first,
+        })
     }
 
     /// Outbound connections the proxy has handled for `pod` so far.

@@ -15,9 +15,13 @@ use crate::debug::render;
 pub enum Mode {
     /// Client and server pods in a namespace that is not enrolled: the kernel alone.
     Direct,
-    /// Both pods enrolled, no policy that looks at HTTP: through ambit, whatever its data
-    /// path is (the L4 fast path).
+    /// Both pods enrolled, on one node, no policy that looks at HTTP: through ambit,
+    /// whatever its data path between two pods of one node is (the same-node shortcut,
+    /// unless the bench turned it off).
     Mesh,
+    /// Both pods enrolled, each on its own node with its own agent, no policy that looks
+    /// at HTTP: the encrypted path between two node proxies (HBONE).
+    MeshTwoNodes,
     /// Both pods enrolled, and the server's policies need HTTP on its port (a path rule
     /// and a RequestAuthentication): every request is parsed and authorized.
     MeshL7,
@@ -25,12 +29,13 @@ pub enum Mode {
 
 impl Mode {
     /// In the order of a round of passes and of the table's columns.
-    pub const ALL: [Self; 3] = [Self::Direct, Self::Mesh, Self::MeshL7];
+    pub const ALL: [Self; 4] = [Self::Direct, Self::Mesh, Self::MeshTwoNodes, Self::MeshL7];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Mesh => "mesh",
+            Self::MeshTwoNodes => "mesh-2nodes",
             Self::MeshL7 => "mesh-l7",
         }
     }
@@ -40,6 +45,7 @@ impl Mode {
         match self {
             Self::Direct => ("DIRECT", "", "", "direct"),
             Self::Mesh => ("MESH", "MESH/DIRECT", "MESH-DIRECT", "mesh"),
+            Self::MeshTwoNodes => ("2NODES", "2NODES/DIRECT", "2NODES-DIRECT", "mesh_2nodes"),
             Self::MeshL7 => ("MESH-L7", "L7/DIRECT", "L7-DIRECT", "mesh_l7"),
         }
     }
@@ -161,12 +167,16 @@ impl Figure {
     }
 
     /// The modes whose passes measure this figure. The L7 mode only differs from the
-    /// mesh one where HTTP requests are made, so only the HTTP rows run in it.
+    /// mesh one where HTTP requests are made, so only the HTTP rows run in it; the agent's
+    /// memory is the one agent's of the direct and mesh modes (the two-node mode has two),
+    /// and only those have a noisy neighbour.
     pub fn modes(self) -> &'static [Mode] {
         if self.is_http() {
             &Mode::ALL
-        } else {
+        } else if self.is_memory() || self.is_fairness() {
             &[Mode::Direct, Mode::Mesh]
+        } else {
+            &[Mode::Direct, Mode::Mesh, Mode::MeshTwoNodes]
         }
     }
 
@@ -186,6 +196,11 @@ impl Figure {
                 | Self::AgentIdleRssPerConnection
                 | Self::AgentRssAfterLoad
         )
+    }
+
+    /// Measured beside a noisy neighbour, which only the one-node modes have.
+    fn is_fairness(self) -> bool {
+        matches!(self, Self::RoundTripP99UnderLoad | Self::Unfairness)
     }
 
     /// What the agent spends on traffic: near zero in a direct pass (that traffic
@@ -328,7 +343,7 @@ impl Report {
         }
         let mut out = render(&table);
         out.push_str(&format!(
-            "\nmedians of {} round(s) of passes ({}; agent memory: first round only; {}: HTTP rows only), {} s per tool run, {} idle connections held{}\n",
+            "\nmedians of {} round(s) of passes ({}; agent memory: first round, one-node modes only; {}: HTTP rows only), {} s per tool run, {} idle connections held{}\n",
             self.rounds,
             Mode::ALL.map(Mode::name).join(", "),
             Mode::MeshL7.name(),
@@ -425,11 +440,13 @@ mod tests {
         (mode, figures)
     }
 
-    /// One round: direct, mesh and mesh-l7 at `direct`, `mesh` and `l7`.
-    fn round(direct: f64, mesh: f64, l7: f64) -> [(Mode, Pass); 3] {
+    /// One round: direct, mesh and mesh-l7 at `direct`, `mesh` and `l7`, the two-node
+    /// mesh at twice `mesh`.
+    fn round(direct: f64, mesh: f64, l7: f64) -> [(Mode, Pass); 4] {
         [
             pass(Mode::Direct, direct),
             pass(Mode::Mesh, mesh),
+            pass(Mode::MeshTwoNodes, 2.0 * mesh),
             pass(Mode::MeshL7, l7),
         ]
     }
@@ -458,6 +475,9 @@ mod tests {
         assert_eq!(rtt["difference"], 1.0);
         assert_eq!(rtt["ratio"], 4.0 / 3.0);
         assert_eq!(rtt["mesh"]["ratio"], 4.0 / 3.0);
+        assert_eq!(rtt["mesh_2nodes"]["median"], 8.0);
+        assert_eq!(rtt["mesh_2nodes"]["ratio"], 8.0 / 3.0);
+        assert_eq!(rtt["mesh_2nodes"]["difference"], 5.0);
         let http = &json["figures"]["http_keepalive_requests_per_second"];
         assert_eq!(http["mesh_l7"]["median"], 1.5);
         assert_eq!(http["mesh_l7"]["runs"], json!([1.0, 2.0]));
@@ -488,14 +508,16 @@ mod tests {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
-        // label, unit, direct, mesh, ratio, difference: no L7 cells.
+        // label, unit, direct, mesh, two nodes, two ratios, two differences: no L7 cells.
         assert_eq!(
             line("round trip, median"),
             [
-                "round", "trip,", "median", "us", "2.00", "3.00", "1.50", "1.00"
+                "round", "trip,", "median", "us", "2.00", "3.00", "6.00", "1.50", "3.00", "1.00",
+                "4.00"
             ]
         );
-        // label (3 words), unit, direct, mesh, l7, two ratios, two differences.
+        // label (3 words), unit, direct, mesh, two nodes, l7, three ratios, three
+        // differences.
         assert_eq!(
             line("HTTP requests/s"),
             [
@@ -505,10 +527,13 @@ mod tests {
                 "req/s",
                 "2.00",
                 "3.00",
+                "6.00",
                 "1.00",
                 "1.50",
+                "3.00",
                 "0.50",
                 "1.00",
+                "4.00",
                 "-1.00"
             ]
         );
@@ -540,9 +565,13 @@ mod tests {
         let error = failure(&passes);
         assert!(error.contains("new connections"), "{error}");
         let mut passes = round(1.0, 1.0, 1.0);
-        passes[2].1.insert(Figure::HttpRequestRate, 0.0);
+        passes[3].1.insert(Figure::HttpRequestRate, 0.0);
         let error = failure(&passes);
         assert!(error.contains("(mesh-l7)"), "{error}");
+        let mut passes = round(1.0, 1.0, 1.0);
+        passes[2].1.insert(Figure::Throughput1, 0.0);
+        let error = failure(&passes);
+        assert!(error.contains("(mesh-2nodes)"), "{error}");
     }
 
     #[test]
@@ -551,14 +580,14 @@ mod tests {
         passes[0].1.remove(&Figure::Throughput4);
         assert!(failure(&passes).contains("throughput, 4 streams"));
         let mut passes = round(1.0, 1.0, 1.0);
-        passes[2].1.remove(&Figure::AgentCpuPerKiloRequest);
+        passes[3].1.remove(&Figure::AgentCpuPerKiloRequest);
         let error = failure(&passes);
-        assert!(error.contains("pass 3 (mesh-l7)"), "{error}");
+        assert!(error.contains("pass 4 (mesh-l7)"), "{error}");
     }
 
     #[test]
     fn a_missing_mode_fails_the_report() {
-        let error = failure(&round(1.0, 1.0, 1.0)[..2]);
+        let error = failure(&round(1.0, 1.0, 1.0)[..3]);
         assert!(error.contains("no mesh-l7 pass"), "{error}");
     }
 
@@ -572,7 +601,7 @@ mod tests {
         passes[1].1.insert(Figure::AgentCpu, 0.0);
         assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
         let mut passes = round(1.0, 1.0, 1.0);
-        passes[2].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
+        passes[3].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
         assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
     }
 }

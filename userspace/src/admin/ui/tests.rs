@@ -5,7 +5,7 @@ use crate::{
     discovery::files::snapshot_of,
     identity::{SpiffeId, manager::IdentityReport},
     policy::model::Action,
-    proxy::connections::{CloseReason, Decided, RequestRecord},
+    proxy::connections::{CloseReason, Decided, Path, RequestRecord},
     state::PolicySettings,
 };
 
