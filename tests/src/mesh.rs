@@ -44,7 +44,16 @@ impl Mesh {
     /// The scenario with every pod's addresses as `stack` says; the `httpbin`s listen on
     /// `::` (both families), and the matrices use IPv6 for IPv6-only pods.
     pub fn with_stack(binaries: Binaries, stack: Stack) -> anyhow::Result<Self> {
-        Self::build(Node::new(binaries)?, &AgentOptions::default(), stack)
+        Self::with_agent_and_stack(binaries, &AgentOptions::default(), stack)
+    }
+
+    /// Both: the agent as `agent` says, the pods' addresses as `stack` says.
+    pub fn with_agent_and_stack(
+        binaries: Binaries,
+        agent: &AgentOptions,
+        stack: Stack,
+    ) -> anyhow::Result<Self> {
+        Self::build(Node::new(binaries)?, agent, stack)
     }
 
     /// The scenario, its pods' addresses as `stack` says, published to `api`, with the

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use ambit_tests::{
-    ApiServer, Family, Stack,
+    AgentOptions, ApiServer, Family, Stack,
     mesh::{
         BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
         policies::{DENY_FOO_IN_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_STRICT, MESH_STRICT},
@@ -18,6 +18,13 @@ use serde_json::Value;
 
 fn mesh(stack: Stack) -> Mesh {
     Mesh::with_stack(ambit_tests::test_binaries!(), stack).expect("mesh")
+}
+
+/// The scenario with the same-node shortcut off: enrolled pods of this one node talk over
+/// HBONE, as pods of two nodes do.
+fn hbone_mesh(stack: Stack) -> Mesh {
+    let agent = AgentOptions::args(&["--same-node-shortcut=false"]);
+    Mesh::with_agent_and_stack(ambit_tests::test_binaries!(), &agent, stack).expect("mesh")
 }
 
 /// 200 everywhere but where `refused` says.
@@ -45,8 +52,9 @@ fn assert_matrix(mesh: &Mesh, port: u16, expected: [[u16; 3]; 3]) {
 }
 
 /// Every pair answers over `mesh.family`, the application sees the client's address of
-/// that family, and `foo/sleep`'s connections went over HBONE to the enrolled pods.
-fn assert_reachable_with_client_ip(mesh: &Mesh) {
+/// that family, and `foo/sleep`'s connections took `hop` to the enrolled pods (`hbone`,
+/// or `same-node` for the shortcut).
+fn assert_reachable_with_client_ip(mesh: &Mesh, hop: &str) {
     let matrix = mesh.matrix(HTTP_PORT).unwrap();
     for (from, row) in matrix.iter().enumerate() {
         for (to, result) in row.iter().enumerate() {
@@ -72,20 +80,16 @@ fn assert_reachable_with_client_ip(mesh: &Mesh) {
     let paths = [FOO, BAR, LEGACY].map(to_httpbin);
     assert_eq!(
         paths,
-        [
-            Some("hbone".into()),
-            Some("hbone".into()),
-            Some("plaintext".into())
-        ],
-        "foo → foo, bar over {:?}: HBONE; → legacy: plain ({outbound:#?})",
+        [Some(hop.into()), Some(hop.into()), Some("plaintext".into())],
+        "foo → foo, bar over {:?}: {hop}; → legacy: plain ({outbound:#?})",
         mesh.family
     );
 }
 
 #[test]
 fn ipv6_only_pods_are_meshed_and_see_the_clients_ipv6_address() {
-    let mesh = mesh(Stack::V6);
-    assert_reachable_with_client_ip(&mesh);
+    let mesh = hbone_mesh(Stack::V6);
+    assert_reachable_with_client_ip(&mesh, "hbone");
     // HBONE between the proxies went over IPv6 too: the enrolled server's proxy recorded
     // the client's IPv6 address on its HBONE listener.
     let inbound = mesh.recorded("bar/httpbin", "inbound").unwrap();
@@ -99,10 +103,11 @@ fn ipv6_only_pods_are_meshed_and_see_the_clients_ipv6_address() {
 
 #[test]
 fn dual_stack_pods_are_meshed_over_both_families() {
+    // The same-node shortcut, by default, over both families.
     let mut mesh = mesh(Stack::Dual);
     for family in [Family::V4, Family::V6] {
         mesh.family = family;
-        assert_reachable_with_client_ip(&mesh);
+        assert_reachable_with_client_ip(&mesh, "same-node");
     }
     let workload = mesh.workload("foo/httpbin").unwrap();
     let pod = &mesh.httpbin[FOO];
@@ -120,7 +125,7 @@ fn dual_stack_pods_from_the_kubernetes_api_are_meshed_over_both_families() {
     let mut mesh = Mesh::on_kubernetes(binaries, api, Stack::Dual).expect("mesh");
     for family in [Family::V6, Family::V4] {
         mesh.family = family;
-        assert_reachable_with_client_ip(&mesh);
+        assert_reachable_with_client_ip(&mesh, "same-node");
     }
 }
 
@@ -217,7 +222,7 @@ fn ip_blocks_with_an_ipv6_cidr_allow_and_deny_as_written() {
 
 #[test]
 fn traffic_between_enrolled_pods_over_ipv6_is_encrypted_on_the_wire() {
-    let mut mesh = mesh(Stack::V6);
+    let mut mesh = hbone_mesh(Stack::V6);
     // The capture sees plaintext where there is some: legacy → legacy crosses the veth bare.
     let (_, seen) = mesh.capture_request(LEGACY, LEGACY).unwrap();
     assert!(seen, "the capture must see plaintext traffic over IPv6");
@@ -240,7 +245,7 @@ fn ipv4_mapped_connects_of_a_dual_stack_pod_are_meshed() {
         format!("{}:{HTTP_PORT}", mesh.httpbin[BAR].ip),
         "the proxy sees the IPv4 destination"
     );
-    assert_eq!(last["path"], "hbone");
+    assert_eq!(last["path"], "same-node");
 
     node.write_file("deny.yaml", DENY_FOO_IN_BAR).unwrap();
     let refused = within(Duration::from_secs(3), || {
