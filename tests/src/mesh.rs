@@ -159,6 +159,21 @@ impl Mesh {
         Ok((packets.len(), seen))
     }
 
+    /// Waits (up to 3 s: config changes apply within a second) for the matrix on `port`,
+    /// over the mesh's family, to become `expected`, and fails showing the last one seen.
+    pub fn assert_matrix(&self, port: u16, expected: [[u16; 3]; 3]) {
+        let mut last = [[0; 3]; 3];
+        let reached = within(Duration::from_secs(3), || {
+            last = self.codes(port).expect("curl");
+            last == expected
+        });
+        assert!(
+            reached.is_some(),
+            "port {port} over {:?}: rows are from foo, bar, legacy sleep; columns to foo, bar, legacy httpbin\nexpected {expected:?}\n     got {last:?}",
+            self.family
+        );
+    }
+
     /// Every connection the proxy recorded, in the order it saw them.
     pub fn connections(&self) -> anyhow::Result<Vec<Value>> {
         self.node.agent()?.connections()
@@ -173,6 +188,16 @@ impl Mesh {
     pub fn workload(&self, workload: &str) -> anyhow::Result<Value> {
         self.node.agent()?.workload(workload)
     }
+}
+
+/// The codes of a matrix: 200 everywhere but where `refused` says (`(from, to)`: no
+/// answer).
+pub fn expect(refused: &[(usize, usize)]) -> [[u16; 3]; 3] {
+    let mut codes = [[200; 3]; 3];
+    for (from, to) in refused {
+        codes[*from][*to] = 0;
+    }
+    codes
 }
 
 /// Polls `check` every 20 ms until it holds or `limit` passes; returns the time it took.

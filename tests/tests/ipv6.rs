@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use ambit_tests::{
     AgentOptions, ApiServer, Family, Stack,
     mesh::{
-        BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+        BAR, FOO, HTTP_PORT, LEGACY, Mesh, OTHER_PORT, expect,
         policies::{DENY_FOO_IN_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_STRICT, MESH_STRICT},
         within,
     },
@@ -25,30 +25,6 @@ fn mesh(stack: Stack) -> Mesh {
 fn hbone_mesh(stack: Stack) -> Mesh {
     let agent = AgentOptions::args(&["--same-node-shortcut=false"]);
     Mesh::with_agent_and_stack(ambit_tests::test_binaries!(), &agent, stack).expect("mesh")
-}
-
-/// 200 everywhere but where `refused` says.
-fn expect(refused: &[(usize, usize)]) -> [[u16; 3]; 3] {
-    let mut codes = [[200; 3]; 3];
-    for (from, to) in refused {
-        codes[*from][*to] = 0;
-    }
-    codes
-}
-
-/// Waits (up to 3 s: config changes apply within a second) for the matrix on `port`, over
-/// the mesh's family, to become `expected`, and fails showing the last one seen.
-fn assert_matrix(mesh: &Mesh, port: u16, expected: [[u16; 3]; 3]) {
-    let mut last = [[0; 3]; 3];
-    let reached = within(Duration::from_secs(3), || {
-        last = mesh.codes(port).expect("curl");
-        last == expected
-    });
-    assert!(
-        reached.is_some(),
-        "port {port} over {:?}: rows are from foo, bar, legacy sleep; columns to foo, bar, legacy httpbin\nexpected {expected:?}\n     got {last:?}",
-        mesh.family
-    );
 }
 
 /// Every pair answers over `mesh.family`, the application sees the client's address of
@@ -132,19 +108,19 @@ fn dual_stack_pods_from_the_kubernetes_api_are_meshed_over_both_families() {
 /// Istio's mutual TLS migration over IPv6: plaintext from `legacy` follows the
 /// PeerAuthentication in force, as over IPv4.
 fn peer_authentication_steps(mesh: &Mesh) {
-    assert_matrix(mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
     mesh.node
         .write_file("peer-authn.yaml", MESH_STRICT)
         .unwrap();
-    assert_matrix(mesh, HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
     mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
-    assert_matrix(mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO)]));
     let policy = format!("{FOO_STRICT}---{FOO_HTTPBIN_8000_DISABLE}");
     mesh.node.write_file("peer-authn.yaml", &policy).unwrap();
-    assert_matrix(mesh, OTHER_PORT, expect(&[(LEGACY, FOO)]));
-    assert_matrix(mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(OTHER_PORT, expect(&[(LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
     mesh.node.remove_file("peer-authn.yaml").unwrap();
-    assert_matrix(mesh, OTHER_PORT, expect(&[]));
+    mesh.assert_matrix(OTHER_PORT, expect(&[]));
     let refused = mesh.recorded("foo/httpbin", "inbound").unwrap();
     assert!(
         refused
@@ -190,14 +166,10 @@ fn ip_blocks_with_an_ipv6_cidr_allow_and_deny_as_written() {
         .write_file("allow.yaml", &allow_from(&block))
         .unwrap();
     mesh.family = Family::V6;
-    assert_matrix(&mesh, HTTP_PORT, expect(&[(FOO, FOO), (LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(FOO, FOO), (LEGACY, FOO)]));
     // Over IPv4 the same client comes from an address outside the block.
     mesh.family = Family::V4;
-    assert_matrix(
-        &mesh,
-        HTTP_PORT,
-        expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]),
-    );
+    mesh.assert_matrix(HTTP_PORT, expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]));
     let denied = mesh.recorded("foo/httpbin", "inbound").unwrap();
     assert!(
         denied.iter().any(|c| c["error"]
@@ -211,13 +183,9 @@ fn ip_blocks_with_an_ipv6_cidr_allow_and_deny_as_written() {
         .write_file("allow.yaml", &allow_from("fd44::/64"))
         .unwrap();
     mesh.family = Family::V6;
-    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
     mesh.family = Family::V4;
-    assert_matrix(
-        &mesh,
-        HTTP_PORT,
-        expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]),
-    );
+    mesh.assert_matrix(HTTP_PORT, expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]));
 }
 
 #[test]

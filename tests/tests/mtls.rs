@@ -13,7 +13,7 @@ use std::time::Duration;
 use ambit_tests::{
     AgentOptions,
     mesh::{
-        BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, OTHER_PORT,
+        BAR, FOO, FOO_HTTPBIN_SERVICE, HTTP_PORT, LEGACY, Mesh, OTHER_PORT, expect,
         policies::{
             ALLOW_BAR_SLEEP, DENY_BAR, FOO_HTTPBIN_8000_DISABLE, FOO_HTTPBIN_PERMISSIVE,
             FOO_STRICT, MESH_STRICT,
@@ -32,29 +32,6 @@ fn mesh() -> Mesh {
 fn hbone_mesh() -> Mesh {
     let options = AgentOptions::args(&["--same-node-shortcut=false"]);
     Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh")
-}
-
-/// 200 everywhere but where `refused` says.
-fn expect(refused: &[(usize, usize)]) -> [[u16; 3]; 3] {
-    let mut codes = [[200; 3]; 3];
-    for (from, to) in refused {
-        codes[*from][*to] = 0;
-    }
-    codes
-}
-
-/// Waits (up to 3 s: config changes apply within a second) for the matrix on `port` to
-/// become `expected`, and fails showing the last one seen.
-fn assert_matrix(mesh: &Mesh, port: u16, expected: [[u16; 3]; 3]) {
-    let mut last = [[0; 3]; 3];
-    let reached = within(Duration::from_secs(3), || {
-        last = mesh.codes(port).expect("curl");
-        last == expected
-    });
-    assert!(
-        reached.is_some(),
-        "port {port}: rows are from foo, bar, legacy sleep; columns to foo, bar, legacy httpbin\nexpected {expected:?}\n     got {last:?}"
-    );
 }
 
 #[test]
@@ -98,7 +75,7 @@ fn mesh_wide_strict_refuses_plaintext_clients_only() {
     mesh.node
         .write_file("peer-authn.yaml", MESH_STRICT)
         .unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
     let refused = mesh.recorded("foo/httpbin", "inbound").unwrap();
     assert!(
         refused
@@ -112,7 +89,7 @@ fn mesh_wide_strict_refuses_plaintext_clients_only() {
 fn namespace_strict_refuses_plaintext_to_that_namespace_only() {
     let mesh = mesh();
     mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO)]));
 }
 
 #[test]
@@ -120,26 +97,26 @@ fn port_level_disable_reopens_one_port_under_namespace_strict() {
     let mesh = mesh();
     let policy = format!("{FOO_STRICT}---{FOO_HTTPBIN_8000_DISABLE}");
     mesh.node.write_file("peer-authn.yaml", &policy).unwrap();
-    assert_matrix(&mesh, OTHER_PORT, expect(&[(LEGACY, FOO)]));
-    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(OTHER_PORT, expect(&[(LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
 }
 
 #[test]
 fn workload_permissive_overrides_namespace_strict() {
     let mesh = mesh();
     mesh.node.write_file("peer-authn.yaml", FOO_STRICT).unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[(LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO)]));
     mesh.node
         .write_file("workload-authn.yaml", FOO_HTTPBIN_PERMISSIVE)
         .unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
 }
 
 #[test]
 fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
     let mesh = mesh();
     mesh.node.write_file("allow.yaml", ALLOW_BAR_SLEEP).unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[(FOO, FOO), (LEGACY, FOO)]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[(FOO, FOO), (LEGACY, FOO)]));
     let denied = mesh.recorded("foo/httpbin", "inbound").unwrap();
     assert!(
         denied.iter().any(|c| c["error"]
@@ -149,15 +126,11 @@ fn authorization_allows_by_principal_denies_by_namespace_and_restores() {
     );
 
     mesh.node.write_file("deny.yaml", DENY_BAR).unwrap();
-    assert_matrix(
-        &mesh,
-        HTTP_PORT,
-        expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]),
-    );
+    mesh.assert_matrix(HTTP_PORT, expect(&[(FOO, FOO), (BAR, FOO), (LEGACY, FOO)]));
 
     mesh.node.remove_file("allow.yaml").unwrap();
     mesh.node.remove_file("deny.yaml").unwrap();
-    assert_matrix(&mesh, HTTP_PORT, expect(&[]));
+    mesh.assert_matrix(HTTP_PORT, expect(&[]));
 }
 
 #[test]
