@@ -192,11 +192,16 @@ fn to_system_time(unix: i64) -> SystemTime {
     }
 }
 
+/// SHA-256 of a DER certificate: what `X-Forwarded-Client-Cert` names a peer's leaf by.
+pub fn sha256(der: &[u8]) -> [u8; 32] {
+    let mut digest = [0; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+    digest
+}
+
 /// Hex SHA-256 of a DER certificate, colon-separated as `openssl x509 -fingerprint`.
 pub fn fingerprint(der: &CertificateDer<'_>) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
-    digest
-        .as_ref()
+    sha256(der)
         .iter()
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()

@@ -237,11 +237,10 @@ async fn certificates(
     };
     let (source_cert, _) = tokio::try_join!(fetch(&source.identity), fetch(&server.identity))?;
     let leaf = source_cert.certified();
-    Ok(leaf.cert.first().map(|der| {
-        let mut fingerprint = [0; 32];
-        fingerprint.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
-        fingerprint
-    }))
+    Ok(leaf
+        .cert
+        .first()
+        .map(|der| crate::identity::cert::sha256(der)))
 }
 
 #[cfg(test)]

@@ -56,12 +56,10 @@ impl PeerVerified {
             .and_then(|c| c.first())
             .ok_or_else(|| TlsError::PeerIdentity("missing after the handshake".into()))?;
         let (id, not_after) = identity_and_expiry(leaf)?;
-        let mut fingerprint = [0; 32];
-        fingerprint.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
         Ok(Self {
             id,
             not_after,
-            fingerprint,
+            fingerprint: crate::identity::cert::sha256(leaf),
         })
     }
 }
