@@ -184,6 +184,18 @@ impl Mesh {
         self.node.agent()?.recorded(workload, direction)
     }
 
+    /// Fails unless one of `workload`'s inbound records was refused with an error that
+    /// says `why` (a refusal names its reason).
+    pub fn assert_refused_saying(&self, workload: &str, why: &str) {
+        let inbound = self.recorded(workload, "inbound").expect("records");
+        assert!(
+            inbound
+                .iter()
+                .any(|c| c["error"].as_str().is_some_and(|e| e.contains(why))),
+            "no refusal of {workload} says {why:?}: {inbound:#?}"
+        );
+    }
+
     /// The admin API's entry for `workload` (`ns/name`), or null.
     pub fn workload(&self, workload: &str) -> anyhow::Result<Value> {
         self.node.agent()?.workload(workload)

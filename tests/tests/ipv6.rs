@@ -121,13 +121,7 @@ fn peer_authentication_steps(mesh: &Mesh) {
     mesh.assert_matrix(HTTP_PORT, expect(&[]));
     mesh.node.remove_file("peer-authn.yaml").unwrap();
     mesh.assert_matrix(OTHER_PORT, expect(&[]));
-    let refused = mesh.recorded("foo/httpbin", "inbound").unwrap();
-    assert!(
-        refused
-            .iter()
-            .any(|c| c["error"].as_str().is_some_and(|e| e.contains("STRICT"))),
-        "the refusal says why: {refused:#?}"
-    );
+    mesh.assert_refused_saying("foo/httpbin", "STRICT");
 }
 
 #[test]

@@ -76,13 +76,7 @@ fn mesh_wide_strict_refuses_plaintext_clients_only() {
         .write_file("peer-authn.yaml", MESH_STRICT)
         .unwrap();
     mesh.assert_matrix(HTTP_PORT, expect(&[(LEGACY, FOO), (LEGACY, BAR)]));
-    let refused = mesh.recorded("foo/httpbin", "inbound").unwrap();
-    assert!(
-        refused
-            .iter()
-            .any(|c| c["error"].as_str().is_some_and(|e| e.contains("STRICT"))),
-        "the refusal says why: {refused:#?}"
-    );
+    mesh.assert_refused_saying("foo/httpbin", "STRICT");
 }
 
 #[test]
