@@ -14,6 +14,7 @@
 //!   echo server (`ambit-hold serve`): connect, send one byte, read it back, close (the
 //!   client closes, with a reset so that no TIME_WAIT runs the client out of ports), again
 //!   and again for S seconds (at most 1,000,000 times). Prints `{"connections", "failed",
+//!   "errors" (the first five failures: when, in ms from the start, and the error),
 //!   "per_second", "p50_us", "p99_us", "max_us"}`, times from connect to the reply.
 //! - `ambit-probe open ADDR N --hold-seconds S [--echo] [--ping-ms P] [--timeout-ms N]`:
 //!   opens N connections at once and holds them idle, sending nothing unless `--echo`
@@ -238,11 +239,19 @@ fn hammer(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json:
 fn crr(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json::Value {
     let start = Instant::now();
     let (mut times, mut failed) = (Vec::new(), 0u64);
+    // The first few failures, when and how, so a failed run says what went wrong.
+    let mut errors = Vec::new();
     while start.elapsed() < seconds && times.len() as u64 + failed < MAX_HAMMER_ATTEMPTS {
         let begun = Instant::now();
         match one_round_trip(addr, timeout) {
             Ok(()) => times.push(begun.elapsed()),
-            Err(_) => failed += 1,
+            Err(error) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    let at_ms = begun.duration_since(start).as_millis() as u64;
+                    errors.push(json!({ "at_ms": at_ms, "error": format!("{error:?}") }));
+                }
+            }
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -254,6 +263,7 @@ fn crr(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json::Va
     json!({
         "connections": times.len(),
         "failed": failed,
+        "errors": errors,
         "per_second": times.len() as f64 / elapsed,
         "p50_us": at(0.5),
         "p99_us": at(0.99),
@@ -261,14 +271,20 @@ fn crr(addr: SocketAddr, seconds: Duration, timeout: Duration) -> serde_json::Va
     })
 }
 
-/// One `TCP_CRR` transaction: connect, one byte out, one byte back, close.
+/// One `TCP_CRR` transaction: connect, one byte out, one byte back, close. A failure
+/// after the connect names the client's port, to find the connection in the agent's logs.
 fn one_round_trip(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"x")?;
-    let mut byte = [0u8; 1];
-    stream.read_exact(&mut byte)?;
+    let local = stream.local_addr()?;
+    let exchange = |stream: &mut TcpStream| -> std::io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"x")?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte)
+    };
+    exchange(&mut stream)
+        .map_err(|error| std::io::Error::new(error.kind(), format!("from {local}: {error}")))?;
     SockRef::from(&stream).set_linger(Some(Duration::ZERO))
 }
 

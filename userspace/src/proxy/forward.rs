@@ -10,6 +10,7 @@ use super::{
     connections::{Close, CloseReason, ConnectionGuard},
     copy::copy_both_ways,
     limits::BufferBudget,
+    socket::ProxyStream,
 };
 use crate::{
     admission::{self, Peer, Refusal},
@@ -51,6 +52,28 @@ impl Recheck<'_> {
     }
 }
 
+/// How a relayed connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Ending {
+    /// Both sides closed in order.
+    Orderly,
+    /// A side failed (a reset, say) or the configuration refused the connection: the
+    /// caller resets the socket it opened, as the client's end was, so the application
+    /// sees an abort and no TIME_WAIT is left in the pod's namespace under the client's
+    /// address.
+    Abrupt,
+}
+
+impl Ending {
+    /// Closes `upstream` as the connection ended.
+    pub fn close(self, upstream: ProxyStream) {
+        if self == Self::Abrupt {
+            upstream.reset();
+        }
+    }
+}
+
 /// Copies both ways, with buffers grown within `budget` (the workload's), until both
 /// sides have closed or, with `recheck`, until the configuration refuses the connection;
 /// either way the record is closed.
@@ -60,7 +83,8 @@ pub async fn relay<C, S>(
     budget: BufferBudget,
     record: &mut ConnectionGuard,
     recheck: Option<Recheck<'_>>,
-) where
+) -> Ending
+where
     C: AsyncRead + AsyncWrite,
     S: AsyncRead + AsyncWrite,
 {
@@ -71,14 +95,15 @@ pub async fn relay<C, S>(
             None => std::future::pending().await,
         }
     };
-    let close = tokio::select! {
+    let (close, ending) = tokio::select! {
         result = copy => match result {
-            Ok(()) => Close::done(),
-            Err(error) => Close::new(CloseReason::Io, &error),
+            Ok(()) => (Close::done(), Ending::Orderly),
+            Err(error) => (Close::new(CloseReason::Io, &error), Ending::Abrupt),
         },
-        refusal = refused => closed_by(record, &refusal),
+        refusal = refused => (closed_by(record, &refusal), Ending::Abrupt),
     };
     record.finish(close);
+    ending
 }
 
 /// Records that a new configuration refused a live connection.

@@ -162,7 +162,9 @@ pub async fn deliver<C>(
                 whole: true,
             };
             let budget = pod.counters.buffers(&shared.limits);
-            forward::relay(client, &mut upstream, budget, record, Some(recheck)).await;
+            forward::relay(client, &mut upstream, budget, record, Some(recheck))
+                .await
+                .close(upstream);
         }
         None => {
             let conn = l7::Connection::new(

@@ -192,9 +192,11 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
     let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
         Route::Direct(addr) => match direct(pod, shared, addr).await {
-            Ok((upstream, _descriptor)) => {
+            Ok((mut upstream, _descriptor)) => {
                 let budget = pod.counters.buffers(&shared.limits);
-                forward::relay(stream, upstream, budget, &mut record, None).await;
+                forward::relay(stream, &mut upstream, budget, &mut record, None)
+                    .await
+                    .close(upstream);
                 return Ok(());
             }
             Err(error) => error,
@@ -216,7 +218,8 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             {
                 Ok(tunnel) => {
                     let budget = pod.counters.buffers(&shared.limits);
-                    forward::relay(stream, tunnel, budget, &mut record, None).await;
+                    // A tunnel ends as its stream does; the HBONE connection stays.
+                    let _ = forward::relay(stream, tunnel, budget, &mut record, None).await;
                     return Ok(());
                 }
                 Err(error) => OutboundError::from(error),

@@ -90,7 +90,20 @@ pub async fn listen(netns: &PodNetns, addr: SocketAddr) -> Result<TcpListener, S
         })
 }
 
+/// Transparent connects that find their source port taken (see [`connect`]) try again
+/// this many times in all.
+const TRANSPARENT_ATTEMPTS: usize = 8;
+
 /// Connects to `addr` from inside the pod's namespace, within `timeout`.
+///
+/// A connection from the client's address ([`Source::Client`]) binds with `SO_REUSEADDR`,
+/// so that the kernel may choose a port held only by this proxy's connections in
+/// TIME_WAIT. Without it, a client opening connection after connection uses up the ports
+/// that `bind` prefers (one parity, half the range; a client's own connects take the other),
+/// and `bind` then hands out the client's own ports: a connection to the application with
+/// the 4-tuple of a live connection of that client to the pod is stuck. A port still in
+/// TIME_WAIT for the same 4-tuple is refused at connect (`EADDRNOTAVAIL`); another is
+/// chosen then.
 pub async fn connect(
     netns: &PodNetns,
     addr: SocketAddr,
@@ -106,37 +119,62 @@ pub async fn connect(
         pod: pod(),
         source,
     };
-    let socket = netns
-        .run(move || -> io::Result<TcpSocket> {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_nonblocking(true)?;
-            socket.set_tcp_nodelay(true)?;
-            match source {
-                Source::Pod => socket.set_mark(marks::PROXY)?,
-                Source::Client(ip) => {
-                    socket.set_mark(marks::PROXY_TRANSPARENT)?;
-                    // Through `lo`, so `sk_lookup` sees loopback ingress and lets it reach
-                    // the application instead of steering it back to the proxy.
-                    socket.bind_device(Some(b"lo"))?;
-                    match addr {
-                        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-                        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-                    }
-                    socket.bind(&SocketAddr::new(ip, 0).into())?;
-                }
+    let attempts = match source {
+        Source::Pod => 1,
+        Source::Client(_) => TRANSPARENT_ATTEMPTS,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let socket = netns
+            .run(move || upstream_socket(addr, source))
+            .await?
+            .map_err(error)?;
+        match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
+            Ok(Ok(connected)) => return Ok(ProxyStream::new(connected)),
+            Ok(Err(failed)) if attempt < attempts && port_taken(&failed) => continue,
+            Ok(Err(failed)) => return Err(error(failed)),
+            Err(_) => {
+                return Err(SocketError::Timeout {
+                    addr,
+                    pod: pod(),
+                    timeout,
+                });
             }
-            Ok(TcpSocket::from_std_stream(socket.into()))
-        })
-        .await?
-        .map_err(error)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(connected) => connected.map(ProxyStream::new).map_err(error),
-        Err(_) => Err(SocketError::Timeout {
-            addr,
-            pod: pod(),
-            timeout,
-        }),
+        }
     }
+}
+
+/// A socket for a connection to `addr`, bound as `source` says; run in the pod's namespace.
+fn upstream_socket(addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    match source {
+        Source::Pod => socket.set_mark(marks::PROXY)?,
+        Source::Client(ip) => {
+            socket.set_mark(marks::PROXY_TRANSPARENT)?;
+            // Through `lo`, so `sk_lookup` sees loopback ingress and lets it reach the
+            // application instead of steering it back to the proxy.
+            socket.bind_device(Some(b"lo"))?;
+            match addr {
+                SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+                SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+            }
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+    }
+    Ok(TcpSocket::from_std_stream(socket.into()))
+}
+
+/// True when a connect failed for its source port: in use for that 4-tuple.
+fn port_taken(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+    )
 }
 
 /// A TCP connection of the data path, closed with a reset if the agent dies while it

@@ -131,7 +131,9 @@ pub async fn serve<C>(
         match upstream.await {
             Ok(mut upstream) => {
                 let budget = conn.pod.counters.buffers(&conn.shared.limits);
-                forward::relay(client, &mut upstream, budget, record, Some(recheck(true))).await;
+                forward::relay(client, &mut upstream, budget, record, Some(recheck(true)))
+                    .await
+                    .close(upstream);
             }
             Err(error) => record.finish(Close::new(CloseReason::ConnectFailed, &error)),
         }
