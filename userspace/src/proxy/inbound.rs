@@ -174,7 +174,9 @@ pub async fn deliver<C>(
                 forwarded_client_cert,
                 record,
             );
-            l7::serve(client, admission, conn, record).await;
+            // Boxed: the HTTP server's state (several KiB) is then only in the tasks of
+            // connections served request by request, not in every relayed one.
+            Box::pin(l7::serve(client, admission, conn, record)).await;
         }
     }
 }

@@ -186,8 +186,12 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         },
         traffic: None,
     };
+    // The paths' futures are boxed: a task is as large as the largest future it may
+    // await, and every connection's task would otherwise carry the others' state (the
+    // HBONE client's handshake, tens of KiB) for its whole life.
     if let Some((server, target)) = shortcut {
-        return Ok(same_node::forward(stream, pod, server, shared, opening, target).await?);
+        let forward = same_node::forward(stream, pod, server, shared, opening, target);
+        return Ok(Box::pin(forward).await?);
     }
     let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
@@ -211,11 +215,7 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
                 baggage,
                 trace,
             };
-            match shared
-                .pool
-                .open(pod, shared, allowed, gateway, connect)
-                .await
-            {
+            match Box::pin(shared.pool.open(pod, shared, allowed, gateway, connect)).await {
                 Ok(tunnel) => {
                     let budget = pod.counters.buffers(&shared.limits);
                     // A tunnel ends as its stream does; the HBONE connection stays.

@@ -148,7 +148,9 @@ pub async fn forward(
     let trace_id = outbound.tunnel.trace_id;
     let client_addr = outbound.source;
     let stats = Arc::clone(&source.stats);
-    let fingerprint = match certificates(shared, source, &server).await {
+    // Boxed, as `entry::enter` below: their state is needed only until the connection
+    // is up, and would otherwise stay in the connection's future for its whole life.
+    let fingerprint = match Box::pin(certificates(shared, source, &server)).await {
         Ok(fingerprint) => fingerprint,
         Err(error) => {
             let mut record = shared.connections.open(outbound, stats);
@@ -188,7 +190,11 @@ pub async fn forward(
         ip: client_addr.ip(),
     };
     let charged = Source::Identity(source.identity.clone());
-    let entered = match entry::enter(shared, &applied, &server, &peer, &charged, target).await {
+    let entered = match Box::pin(entry::enter(
+        shared, &applied, &server, &peer, &charged, target,
+    ))
+    .await
+    {
         Ok(entered) => entered,
         Err(error) => {
             debug!(workload = %server.key, %error, "same-node connection refused or failed");

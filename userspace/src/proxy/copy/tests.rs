@@ -90,7 +90,7 @@ async fn read_and_grow(buffer: &mut Buffer<'_>, available: usize) -> usize {
 async fn buffers_start_small_and_grow_only_while_reads_fill_them() {
     let budget = budget(MAX_BUFFER);
     let mut buffer = Buffer::new(&budget);
-    assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
+    assert!(buffer.bytes.is_empty(), "no buffer before there is data");
     read_and_grow(&mut buffer, 10).await;
     assert_eq!(
         buffer.bytes.len(),
@@ -143,5 +143,33 @@ async fn an_idle_direction_gives_its_grown_buffer_back() {
     assert_eq!(n, 4, "the data that came after the idle time is read");
     assert_eq!(&buffer.bytes[..4], b"late");
     assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
+    assert_eq!(budget.held(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_direction_waiting_for_data_holds_no_buffer() {
+    let budget = budget(MAX_BUFFER);
+    let mut buffer = Buffer::new(&budget);
+    let (mut writer, mut reader) = duplex(64);
+    writer.write_all(b"first").await.unwrap();
+    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 5);
+    assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
+    let waited = tokio::time::timeout(SHRINK_AFTER / 10, buffer.read_from(&mut reader)).await;
+    assert!(waited.is_err(), "nothing to read yet");
+    assert_eq!(
+        buffer.bytes.capacity(),
+        0,
+        "the wait gave the buffer back at once"
+    );
+    writer.write_all(b"second").await.unwrap();
+    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 6);
+    assert_eq!(
+        &buffer.bytes[..6],
+        b"second",
+        "read through the scratch buffer"
+    );
+    assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
+    writer.shutdown().await.unwrap();
+    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 0);
     assert_eq!(budget.held(), 0);
 }
