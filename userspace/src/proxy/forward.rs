@@ -2,13 +2,13 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::{
     PodProxy,
     connections::{Close, CloseReason, ConnectionGuard},
-    copy::copy_both_ways,
+    copy::Directions,
+    lanes::{Lanes, Movable},
     limits::BufferBudget,
 };
 use crate::{
@@ -51,20 +51,23 @@ impl Recheck<'_> {
     }
 }
 
-/// Copies both ways, with buffers grown within `budget` (the workload's), until both
-/// sides have closed or, with `recheck`, until the configuration refuses the connection;
-/// either way the record is closed.
+/// Copies both ways, with buffers grown within `budget` (the workload's), on the main
+/// runtime or, once it proves bulk, on the bulk lane of `lanes`, until both sides have
+/// closed or, with `recheck`, until the configuration refuses the connection; either way
+/// the record is closed.
 pub async fn relay<C, S>(
     client: C,
     server: S,
     budget: BufferBudget,
+    lanes: &Lanes,
     record: &mut ConnectionGuard,
     recheck: Option<Recheck<'_>>,
 ) where
-    C: AsyncRead + AsyncWrite,
-    S: AsyncRead + AsyncWrite,
+    C: Movable,
+    S: Movable,
 {
-    let copy = copy_both_ways(client, server, record.traffic(), &budget);
+    let directions = Directions::new(&budget);
+    let copy = lanes.copy(client, server, directions, record.shared_traffic());
     let refused = async {
         match recheck {
             Some(recheck) => recheck.refused().await,

@@ -194,7 +194,7 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
         Route::Direct(addr) => match direct(pod, shared, addr).await {
             Ok((upstream, _descriptor)) => {
                 let budget = pod.counters.buffers(&shared.limits);
-                forward::relay(stream, upstream, budget, &mut record, None).await;
+                forward::relay(stream, upstream, budget, &shared.lanes, &mut record, None).await;
                 return Ok(());
             }
             Err(error) => error,
@@ -216,7 +216,8 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             {
                 Ok(tunnel) => {
                     let budget = pod.counters.buffers(&shared.limits);
-                    forward::relay(stream, tunnel, budget, &mut record, None).await;
+                    let lanes = &shared.lanes;
+                    forward::relay(stream, tunnel, budget, lanes, &mut record, None).await;
                     return Ok(());
                 }
                 Err(error) => OutboundError::from(error),
