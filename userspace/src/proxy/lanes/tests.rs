@@ -50,7 +50,7 @@ async fn pair() -> (ProxyStream, TcpStream) {
 
 /// Relays through `lanes`: a small exchange, then `payload` from the client, then the
 /// server's last word after the client's half-close. Returns what the server got, what
-/// the client got back, and the relay's counters.
+/// the client got back after the exchange, and the relay's counters.
 async fn relay(lanes: Lanes, payload: &[u8]) -> (Vec<u8>, Vec<u8>, Arc<Traffic>) {
     let (client, mut client_peer) = pair().await;
     let (server, mut server_peer) = pair().await;
@@ -98,7 +98,7 @@ async fn a_bulk_relay_moves_to_the_bulk_lane_and_loses_nothing() {
         got[..4] == *b"ping" && got[4..] == payload[..],
         "every byte, in order"
     );
-    assert_eq!(back, b"pongdone", "half-close and the answer after it");
+    assert_eq!(back, b"done", "half-close and the answer after it");
     let sent = traffic.sent.load(Ordering::Relaxed);
     assert_eq!(sent, 4 + payload.len() as u64, "counted on both lanes");
     assert_eq!(traffic.received.load(Ordering::Relaxed), 8);
@@ -111,7 +111,7 @@ async fn without_a_bulk_lane_a_bulk_relay_stays() {
     let payload = vec![7u8; 8 * BULK_AFTER as usize];
     let (got, back, _) = relay(lanes.clone(), &payload).await;
     assert_eq!(got.len(), 4 + payload.len());
-    assert_eq!(back, b"pongdone");
+    assert_eq!(back, b"done");
     assert_eq!(lanes.moved(), 0);
 }
 
@@ -120,6 +120,6 @@ async fn a_small_exchange_stays_on_the_main_runtime() {
     let lanes = Lanes::start(1).unwrap();
     let (got, back, _) = relay(lanes.clone(), b"small").await;
     assert_eq!(got, b"pingsmall");
-    assert_eq!(back, b"pongdone");
+    assert_eq!(back, b"done");
     assert_eq!(lanes.moved(), 0);
 }
