@@ -39,7 +39,9 @@ use crate::{
     pod_cgroup::{Adopter, HostPaths},
     policy::jwt::jwks_uris,
     proxy::limits::{Descriptors, Limits},
-    proxy::{Shared, connections::ConnectionLog, hbone::client::Pool, same_node::LocalPods},
+    proxy::{
+        Shared, connections::ConnectionLog, hbone::client::Pool, lanes::Lanes, same_node::LocalPods,
+    },
     redirect::Redirector,
     state::{Applied, PolicySettings},
     workloads::{WorkloadManager, WorkloadTable},
@@ -115,6 +117,18 @@ pub struct RunArgs {
         value_name = "BOOL"
     )]
     pub same_node_shortcut: bool,
+    /// Relays that prove bulk (a megabyte read without waiting for data) move to threads
+    /// of their own at the lowest priority, so that they do not delay other workloads'
+    /// connections; `--bulk-lane=false` keeps every relay on the main threads.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub bulk_lane: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -305,6 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         local: LocalPods::new(args.same_node_shortcut),
         limits: Arc::new(limits),
         descriptors: descriptors.clone(),
+        lanes: lanes(args.bulk_lane)?,
         drain: drain_watch.clone(),
     };
     // Last thing before serving: the running agent stops accepting as soon as this one
@@ -581,6 +596,17 @@ impl SourceConfig {
         }
         Ok(())
     }
+}
+
+/// The relays' lanes: with `bulk_lane`, a bulk lane with as many workers as the main
+/// runtime has (one per CPU).
+fn lanes(bulk_lane: bool) -> anyhow::Result<Lanes> {
+    use anyhow::Context as _;
+    if !bulk_lane {
+        return Ok(Lanes::main_only());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    Lanes::start(threads).context("cannot start the bulk lane's threads")
 }
 
 /// Raises the soft limit on open files to the hard limit: every meshed connection holds up

@@ -189,3 +189,15 @@ pub fn recv_with_fds(
     }
     Ok((message.bytes, fds))
 }
+
+/// Sets the nice value of the calling thread (on Linux a per-thread attribute: the other
+/// threads of the process keep theirs). Raising it needs no privilege.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: plain integers; `who` 0 is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -32,6 +32,8 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         quick: true,
         json: None,
         no_same_node_shortcut: false,
+        only: None,
+        agent_args: Vec::new(),
     };
     crate::bench::run(&quick, Binaries::in_dir(&binaries)?)
 }

@@ -12,7 +12,9 @@
 //! refused), so one workload's streams cannot take the node proxy's memory.
 //!
 //! An end of stream on one side is passed on as a half-close (`shutdown`) of the other,
-//! and the copy ends when both directions have.
+//! and the copy ends when both directions have. A copy may also stop between two chunks
+//! when it proves bulk, to go on in another lane ([`super::lanes`]) from where each
+//! direction stood ([`Directions`]).
 
 use std::{
     cell::RefCell,
@@ -23,9 +25,15 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    sync::Notify,
+};
 
-use super::limits::{BufferBudget, GaugePermit};
+use super::{
+    lanes::Streak,
+    limits::{BufferBudget, GaugePermit},
+};
 
 const INITIAL_BUFFER: usize = 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -47,50 +55,122 @@ pub struct Traffic {
     pub received: AtomicU64,
 }
 
-/// Copies `client` ⇄ `server` until both directions reached end of stream, growing
-/// buffers only as far as `budget` allows.
-pub async fn copy_both_ways<C, S>(
-    client: C,
-    server: S,
+/// Where each direction of a relay stands between two chunks: its buffer, whether it
+/// ended, and how bulk it has been. What a relay carries when it changes lanes.
+pub struct Directions {
+    sent: OneWay,
+    received: OneWay,
+}
+
+impl Directions {
+    /// Both directions at their start, with buffers grown within `budget` (the
+    /// workload's).
+    pub fn new(budget: &BufferBudget) -> Self {
+        Self {
+            sent: OneWay::new(budget),
+            received: OneWay::new(budget),
+        }
+    }
+}
+
+/// How [`copy`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// Both directions reached end of stream.
+    Done,
+    /// One direction proved bulk ([`Streak`]) and both stopped between two chunks: nothing
+    /// read is left unwritten, and the copy may go on elsewhere.
+    Bulk,
+}
+
+/// Copies `client` ⇄ `server` from where `directions` stand until both reached end of
+/// stream or, with `stop_when_bulk`, until one proves bulk.
+pub async fn copy<C, S>(
+    client: &mut C,
+    server: &mut S,
+    directions: &mut Directions,
     traffic: &Traffic,
-    budget: &BufferBudget,
-) -> io::Result<()>
+    stop_when_bulk: bool,
+) -> io::Result<Copied>
 where
-    C: AsyncRead + AsyncWrite,
-    S: AsyncRead + AsyncWrite,
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let (client_read, client_write) = tokio::io::split(client);
     let (server_read, server_write) = tokio::io::split(server);
-    tokio::try_join!(
-        copy_one_way(client_read, server_write, &traffic.sent, budget),
-        copy_one_way(server_read, client_write, &traffic.received, budget),
+    let stop = stop_when_bulk.then(Notify::new);
+    let Directions { sent, received } = directions;
+    let (sent_end, received_end) = tokio::try_join!(
+        sent.copy(client_read, server_write, &traffic.sent, stop.as_ref()),
+        received.copy(server_read, client_write, &traffic.received, stop.as_ref()),
     )?;
-    Ok(())
+    Ok(match (sent_end, received_end) {
+        (Copied::Done, Copied::Done) => Copied::Done,
+        _ => Copied::Bulk,
+    })
 }
 
-async fn copy_one_way<R, W>(
-    mut from: R,
-    mut to: W,
-    counter: &AtomicU64,
-    budget: &BufferBudget,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buffer = Buffer::new(budget);
-    loop {
-        let n = buffer.read_from(&mut from).await?;
-        if n == 0 {
-            return to.shutdown().await;
+/// One direction: its buffer, whether it passed the end of stream on, and its streak.
+struct OneWay {
+    buffer: Buffer,
+    ended: bool,
+    streak: Streak,
+}
+
+impl OneWay {
+    fn new(budget: &BufferBudget) -> Self {
+        Self {
+            buffer: Buffer::new(budget.clone()),
+            ended: false,
+            streak: Streak::default(),
         }
-        to.write_all(&buffer.bytes[..n]).await?;
-        // TLS and HTTP/2 streams hold data until flushed.
-        to.flush().await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buffer.bytes.len() {
-            buffer.grow();
+    }
+
+    /// Copies until the end of stream, passed on as a half-close; with `stop`, returns
+    /// [`Copied::Bulk`] between two chunks once this direction proved bulk (and tells the
+    /// other one through `stop`) or the other did.
+    async fn copy<R, W>(
+        &mut self,
+        mut from: R,
+        mut to: W,
+        counter: &AtomicU64,
+        stop: Option<&Notify>,
+    ) -> io::Result<Copied>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        while !self.ended {
+            let read = self.buffer.read_from(&mut from);
+            // A pending read has taken nothing from `from` (AsyncRead's contract): giving
+            // it up loses no data.
+            let (n, waited) = match stop {
+                Some(stop) => tokio::select! {
+                    read = read => read?,
+                    () = stop.notified() => return Ok(Copied::Bulk),
+                },
+                None => read.await?,
+            };
+            if n == 0 {
+                to.shutdown().await?;
+                self.ended = true;
+                break;
+            }
+            to.write_all(&self.buffer.bytes[..n]).await?;
+            // TLS and HTTP/2 streams hold data until flushed.
+            to.flush().await?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            if n == self.buffer.bytes.len() {
+                self.buffer.grow();
+            }
+            if let Some(stop) = stop
+                && self.streak.read(n, waited)
+            {
+                stop.notify_one();
+                return Ok(Copied::Bulk);
+            }
         }
+        Ok(Copied::Done)
     }
 }
 
@@ -99,14 +179,14 @@ where
 /// Invariants: `bytes` is empty (waiting for data), [`INITIAL_BUFFER`] long, or grown
 /// beyond it; `charge` holds `bytes.len() - INITIAL_BUFFER` of the budget when grown,
 /// none otherwise.
-struct Buffer<'a> {
+struct Buffer {
     bytes: Vec<u8>,
-    budget: &'a BufferBudget,
+    budget: BufferBudget,
     charge: Option<GaugePermit>,
 }
 
-impl<'a> Buffer<'a> {
-    fn new(budget: &'a BufferBudget) -> Self {
+impl Buffer {
+    fn new(budget: BufferBudget) -> Self {
         Self {
             bytes: Vec::new(),
             budget,
@@ -114,18 +194,27 @@ impl<'a> Buffer<'a> {
         }
     }
 
-    /// Reads from `from` into `self.bytes[..n]` and returns `n`; a grown buffer that
-    /// waits [`SHRINK_AFTER`] for data is given back first.
-    async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<usize> {
+    /// Reads from `from` into `self.bytes[..n]` and returns `n`, and whether it had to
+    /// wait for data; a grown buffer that waits [`SHRINK_AFTER`] for data is given back
+    /// first.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<(usize, bool)> {
+        let mut waited = false;
         if self.bytes.len() > INITIAL_BUFFER {
             // A read still pending has taken nothing from `from` (AsyncRead's contract),
             // so giving it up for a read into a smaller buffer loses no data.
-            match tokio::time::timeout(SHRINK_AFTER, from.read(&mut self.bytes)).await {
-                Ok(read) => return read,
+            let read = read_noting_wait(from, &mut self.bytes, &mut waited);
+            match tokio::time::timeout(SHRINK_AFTER, read).await {
+                Ok(read) => return Ok((read?, waited)),
                 Err(_idle) => self.shrink(),
             }
         }
-        std::future::poll_fn(|cx| self.poll_read_small(from, cx)).await
+        let n = std::future::poll_fn(|cx| {
+            let polled = self.poll_read_small(from, cx);
+            waited |= polled.is_pending();
+            polled
+        })
+        .await?;
+        Ok((n, waited))
     }
 
     /// A read at the initial size that holds a buffer only once there is data: into the
@@ -180,6 +269,22 @@ impl<'a> Buffer<'a> {
         self.bytes = Vec::new();
         self.charge = None;
     }
+}
+
+/// Reads from `from` into `buffer`; sets `waited` when no data was there at first.
+async fn read_noting_wait<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buffer: &mut [u8],
+    waited: &mut bool,
+) -> io::Result<usize> {
+    let mut read = ReadBuf::new(buffer);
+    std::future::poll_fn(|cx| {
+        let polled = Pin::new(&mut *from).poll_read(cx, &mut read);
+        *waited |= polled.is_pending();
+        polled
+    })
+    .await?;
+    Ok(read.filled().len())
 }
 
 #[cfg(test)]

@@ -2,15 +2,14 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::info;
 
 use super::{
     PodProxy,
     connections::{Close, CloseReason, ConnectionGuard},
-    copy::copy_both_ways,
+    copy::Directions,
+    lanes::{Lanes, Movable},
     limits::BufferBudget,
-    socket::ProxyStream,
 };
 use crate::{
     admission::{self, Peer, Refusal},
@@ -52,58 +51,37 @@ impl Recheck<'_> {
     }
 }
 
-/// How a relayed connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
-pub enum Ending {
-    /// Both sides closed in order.
-    Orderly,
-    /// A side failed (a reset, say) or the configuration refused the connection: the
-    /// caller resets the socket it opened, as the client's end was, so the application
-    /// sees an abort and no TIME_WAIT is left in the pod's namespace under the client's
-    /// address.
-    Abrupt,
-}
-
-impl Ending {
-    /// Closes `upstream` as the connection ended.
-    pub fn close(self, upstream: ProxyStream) {
-        if self == Self::Abrupt {
-            upstream.reset();
-        }
-    }
-}
-
-/// Copies both ways, with buffers grown within `budget` (the workload's), until both
-/// sides have closed or, with `recheck`, until the configuration refuses the connection;
-/// either way the record is closed.
+/// Copies both ways, with buffers grown within `budget` (the workload's), on the main
+/// runtime or, once it proves bulk, on the bulk lane of `lanes`, until both sides have
+/// closed or, with `recheck`, until the configuration refuses the connection; either way
+/// the record is closed.
 pub async fn relay<C, S>(
     client: C,
     server: S,
     budget: BufferBudget,
+    lanes: &Lanes,
     record: &mut ConnectionGuard,
     recheck: Option<Recheck<'_>>,
-) -> Ending
-where
-    C: AsyncRead + AsyncWrite,
-    S: AsyncRead + AsyncWrite,
+) where
+    C: Movable,
+    S: Movable,
 {
-    let copy = copy_both_ways(client, server, record.traffic(), &budget);
+    let directions = Directions::new(&budget);
+    let copy = lanes.copy(client, server, directions, record.shared_traffic());
     let refused = async {
         match recheck {
             Some(recheck) => recheck.refused().await,
             None => std::future::pending().await,
         }
     };
-    let (close, ending) = tokio::select! {
+    let close = tokio::select! {
         result = copy => match result {
-            Ok(()) => (Close::done(), Ending::Orderly),
-            Err(error) => (Close::new(CloseReason::Io, &error), Ending::Abrupt),
+            Ok(()) => Close::done(),
+            Err(error) => Close::new(CloseReason::Io, &error),
         },
-        refusal = refused => (closed_by(record, &refusal), Ending::Abrupt),
+        refusal = refused => closed_by(record, &refusal),
     };
     record.finish(close);
-    ending
 }
 
 /// Records that a new configuration refused a live connection.

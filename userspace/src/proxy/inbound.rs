@@ -9,7 +9,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use http::HeaderValue;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::{
@@ -18,6 +17,7 @@ use super::{
     entry::{self, Entered},
     forward::{self, Recheck},
     l7,
+    lanes::Movable,
     limits::Source,
 };
 use crate::{
@@ -142,7 +142,7 @@ pub async fn deliver<C>(
     forwarded_client_cert: Option<HeaderValue>,
     record: &mut ConnectionGuard,
 ) where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: Movable + Send + 'static,
 {
     let Entered {
         admission,
@@ -153,7 +153,7 @@ pub async fn deliver<C>(
         record.permitted(permit);
     }
     match upstream {
-        Some(mut upstream) => {
+        Some(upstream) => {
             let recheck = Recheck {
                 applied: shared.applied.clone(),
                 pod: &pod,
@@ -162,9 +162,8 @@ pub async fn deliver<C>(
                 whole: true,
             };
             let budget = pod.counters.buffers(&shared.limits);
-            forward::relay(client, &mut upstream, budget, record, Some(recheck))
-                .await
-                .close(upstream);
+            let lanes = &shared.lanes;
+            forward::relay(client, upstream, budget, lanes, record, Some(recheck)).await;
         }
         None => {
             let conn = l7::Connection::new(

@@ -3,7 +3,8 @@
 //! proxy finds where it was going and whether it may ([`entry`], deciding with
 //! [`crate::admission`]), tunnels it between node proxies over mutual TLS ([`hbone`]) or
 //! forwards it ([`socket`]) or, to a pod it also serves, delivers it without a tunnel
-//! ([`same_node`]), and copies bytes both ways ([`forward`], [`copy`]) or serves it
+//! ([`same_node`]), and copies bytes both ways ([`forward`], [`copy`], bulk relays on
+//! a lane of their own, [`lanes`]) or serves it
 //! request by request where policies look at HTTP ([`l7`]), recording it in
 //! [`connections`].
 
@@ -14,6 +15,7 @@ pub mod forward;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
+pub mod lanes;
 pub mod limits;
 pub mod outbound;
 pub mod same_node;
@@ -81,6 +83,8 @@ pub struct Shared {
     pub local: same_node::LocalPods,
     pub limits: Arc<Limits>,
     pub descriptors: Descriptors,
+    /// Where relays run: bulk ones apart, so they do not delay everyone else's.
+    pub lanes: lanes::Lanes,
     /// Started when the agent hands its listeners over or is told to stop.
     pub drain: crate::drain::DrainWatch,
 }

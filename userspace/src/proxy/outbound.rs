@@ -196,11 +196,9 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
     let mut record = shared.connections.open(opening, Arc::clone(&pod.stats));
     let error = match route {
         Route::Direct(addr) => match direct(pod, shared, addr).await {
-            Ok((mut upstream, _descriptor)) => {
+            Ok((upstream, _descriptor)) => {
                 let budget = pod.counters.buffers(&shared.limits);
-                forward::relay(stream, &mut upstream, budget, &mut record, None)
-                    .await
-                    .close(upstream);
+                forward::relay(stream, upstream, budget, &shared.lanes, &mut record, None).await;
                 return Ok(());
             }
             Err(error) => error,
@@ -218,8 +216,8 @@ async fn handle(accepted: Accepted, pod: &PodProxy, shared: &Shared) -> Result<(
             match Box::pin(shared.pool.open(pod, shared, allowed, gateway, connect)).await {
                 Ok(tunnel) => {
                     let budget = pod.counters.buffers(&shared.limits);
-                    // A tunnel ends as its stream does; the HBONE connection stays.
-                    let _ = forward::relay(stream, tunnel, budget, &mut record, None).await;
+                    let lanes = &shared.lanes;
+                    forward::relay(stream, tunnel, budget, lanes, &mut record, None).await;
                     return Ok(());
                 }
                 Err(error) => OutboundError::from(error),

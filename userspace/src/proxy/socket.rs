@@ -13,6 +13,7 @@ use std::{
     io,
     net::SocketAddr,
     ops::{Deref, DerefMut},
+    os::fd::OwnedFd,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -203,6 +204,19 @@ impl ProxyStream {
             stream,
             orderly_close: true,
         }
+    }
+
+    /// Takes over a descriptor of a data-path socket (nonblocking, as every socket of the
+    /// proxy is), registering it with the current runtime.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        TcpStream::from_std(std::net::TcpStream::from(fd)).map(Self::new)
+    }
+
+    /// Lets this descriptor go while another one of the same socket (taken with
+    /// `try_clone_to_owned`) holds the connection: the socket is neither closed nor
+    /// disarmed.
+    pub fn hand_over(mut self) {
+        self.orderly_close = false;
     }
 
     /// Closes the connection with a reset rather than a FIN, so the client sees the refusal

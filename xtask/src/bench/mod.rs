@@ -23,11 +23,11 @@ mod report;
 mod tools;
 mod usage;
 
-use std::{path::PathBuf, time::Duration};
+use std::{ffi::OsStr, path::PathBuf, time::Duration};
 
 use ambit_tests::{Binaries, Node, Pod, mesh::within};
 use anyhow::{Context as _, bail};
-use report::{Figure, Mode, Pass, Report};
+use report::{Figure, Mode, Part, Pass, Report};
 use serde_json::Value;
 use usage::Usage;
 
@@ -46,6 +46,14 @@ pub struct Options {
     /// HBONE between two pods of one node (as before the shortcut).
     #[arg(long)]
     pub no_same_node_shortcut: bool,
+    /// Runs only this part of the bench: `fairness` is the direct and mesh passes'
+    /// throughput and round-trip rows, alone and beside the noisy neighbour.
+    #[arg(long, value_enum, value_name = "PART")]
+    pub only: Option<Part>,
+    /// Passes ARG to both agents (repeatable), e.g. `--agent-arg=--bulk-lane=false` to
+    /// compare with a behaviour switched off in the same build.
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 /// Streams of the noisy neighbour's `iperf3`.
@@ -64,23 +72,27 @@ struct Plan {
     /// Duration of each tool run.
     seconds: u32,
     idle_connections: u32,
+    /// The one part to run, or the whole bench.
+    only: Option<Part>,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                rounds: 1,
-                seconds: 1,
-                idle_connections: 100,
-            }
-        } else {
-            Self {
-                rounds: 3,
-                seconds: 10,
-                idle_connections: 1000,
-            }
+    fn new(quick: bool, only: Option<Part>) -> Self {
+        let (rounds, seconds, idle_connections) = match quick {
+            true => (1, 1, 100),
+            false => (3, 10, 1000),
+        };
+        Self {
+            rounds,
+            seconds,
+            idle_connections,
+            only,
         }
+    }
+
+    /// The modes of a round.
+    fn modes(&self) -> &'static [Mode] {
+        self.only.map_or(&Mode::ALL[..], Part::modes)
     }
 }
 
@@ -98,8 +110,8 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
 /// The bench with `binaries` already built; `cargo xtask test` runs `--quick` this way on
 /// its debug build, to keep the bench working without a second build of everything.
 pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
-    let plan = Plan::new(opts.quick);
-    let bed = Bed::new(binaries, !opts.no_same_node_shortcut)?;
+    let plan = Plan::new(opts.quick, opts.only);
+    let bed = Bed::new(binaries, !opts.no_same_node_shortcut, &opts.agent_args)?;
     let versions = tools::versions()?;
     eprintln!(
         "bench: node {}, agent pid {}, {} round(s) of passes, {} s per tool run",
@@ -110,7 +122,7 @@ pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
     );
     let mut passes = Vec::new();
     for round in 1..=plan.rounds {
-        for mode in Mode::ALL {
+        for &mode in plan.modes() {
             eprintln!("bench: round {round}/{}, {}", plan.rounds, mode.name());
             let pass = bed
                 .pass(mode, &plan, round == 1)
@@ -123,6 +135,7 @@ pub fn run(opts: &Options, binaries: Binaries) -> anyhow::Result<()> {
         plan.seconds,
         plan.idle_connections,
         versions,
+        plan.only,
         &passes,
     )?;
     print!("{}", report.table());
@@ -161,7 +174,11 @@ struct Bed {
 const TWO_NODES: &str = "bench-2nodes";
 
 impl Bed {
-    fn new(binaries: Binaries, same_node_shortcut: bool) -> anyhow::Result<Self> {
+    fn new(
+        binaries: Binaries,
+        same_node_shortcut: bool,
+        agent_args: &[String],
+    ) -> anyhow::Result<Self> {
         let mut node = Node::new(binaries)?;
         let mut second = node.join()?;
         let mut pods = Vec::new();
@@ -200,17 +217,19 @@ impl Bed {
         }
         node.write_file("bench-l7.yaml", &l7::policies())?;
         let shortcut = format!("--same-node-shortcut={same_node_shortcut}");
-        let pid = node.start_agent_with(&[shortcut.as_ref()])?.pid();
+        let mut args: Vec<&OsStr> = vec![shortcut.as_ref()];
+        args.extend(agent_args.iter().map(OsStr::new));
+        let pid = node.start_agent_with(&args)?.pid();
         // The second agent signs with the first one's root, so that both trust each other.
         let ca = node.state_dir().join("ca");
         let (cert, key) = (ca.join("root-cert.pem"), ca.join("root-key.pem"));
-        let second_args = [
-            std::ffi::OsStr::new("--ca-cert"),
+        let mut second_args = vec![
+            OsStr::new("--ca-cert"),
             cert.as_os_str(),
-            std::ffi::OsStr::new("--ca-key"),
+            OsStr::new("--ca-key"),
             key.as_os_str(),
-            shortcut.as_ref(),
         ];
+        second_args.extend(args);
         let second_pid = second.start_agent_with(&second_args)?.pid();
         let [direct, mesh, two_nodes, l7]: [(Pod, Pod); 4] = pods
             .try_into()
@@ -335,7 +354,12 @@ impl Bed {
             }
             Mode::Direct | Mode::Mesh | Mode::MeshTwoNodes => (
                 self.all_tools(mode, client, server, plan, first)?,
-                u64::from(plan.idle_connections),
+                // The idle connections, where the pass holds them; else iperf3's control
+                // and data connections.
+                match plan.only {
+                    None => u64::from(plan.idle_connections),
+                    Some(Part::Fairness) => 2,
+                },
             ),
         };
         let proxied = self.proxied(client)? - proxied_before;
@@ -386,10 +410,14 @@ impl Bed {
         plan: &Plan,
         first: bool,
     ) -> anyhow::Result<Pass> {
+        let mut pass = Pass::new();
+        if plan.only == Some(Part::Fairness) {
+            self.streams_and_round_trips(&mut pass, mode, client, server, plan)?;
+            return Ok(pass);
+        }
         let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
         self.usage.reset_peak()?;
         let pass_start = self.cpu_seconds(mode)?;
-        let mut pass = Pass::new();
 
         // Idle connections before the other tools, so that the first mesh pass measures
         // them on an agent that has only seen direct traffic, which bypasses it.
@@ -404,19 +432,7 @@ impl Bed {
             pass.insert(Figure::AgentIdleRssPerConnection, per_connection);
         }
 
-        let (one, cpu) = self.cpu(mode, || tools::iperf3(node, client, ip, 1, seconds))?;
-        pass.insert(Figure::Throughput1, one.bits_per_second / 1e9);
-        pass.insert(Figure::AgentCpuPerGb, cpu * 1e3 / (one.bytes / 1e9));
-        let four = tools::iperf3(node, client, ip, 4, seconds)?;
-        pass.insert(Figure::Throughput4, four.bits_per_second / 1e9);
-        let rtt = tools::sockperf(node, client, ip, seconds)?;
-        pass.insert(Figure::RoundTripMedian, rtt.median_us);
-        pass.insert(Figure::RoundTripP99, rtt.p99_us);
-        if let Some(neighbour) = self.neighbour(mode) {
-            let loaded = self.round_trip_beside(neighbour, client, server, seconds)?;
-            pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);
-            pass.insert(Figure::Unfairness, loaded.p99_us / rtt.p99_us);
-        }
+        self.streams_and_round_trips(&mut pass, mode, client, server, plan)?;
         let (rate, cpu) = self.cpu(mode, || tools::wrk(node, client, ip, seconds))?;
         pass.insert(Figure::ConnectionRate, rate.per_second);
         pass.insert(Figure::AgentCpuPerConnection, cpu * 1e6 / rate.requests);
@@ -437,6 +453,33 @@ impl Bed {
             pass.insert(Figure::AgentRssAfterLoad, self.usage.rss_mib()?);
         }
         Ok(pass)
+    }
+
+    /// The throughput and round-trip rows, the latter beside the noisy neighbour too
+    /// where `mode` has one: the whole of a pass of [`Part::Fairness`].
+    fn streams_and_round_trips(
+        &self,
+        pass: &mut Pass,
+        mode: Mode,
+        client: &Pod,
+        server: &Pod,
+        plan: &Plan,
+    ) -> anyhow::Result<()> {
+        let (node, ip, seconds) = (&self.node, server.ip, plan.seconds);
+        let (one, cpu) = self.cpu(mode, || tools::iperf3(node, client, ip, 1, seconds))?;
+        pass.insert(Figure::Throughput1, one.bits_per_second / 1e9);
+        pass.insert(Figure::AgentCpuPerGb, cpu * 1e3 / (one.bytes / 1e9));
+        let four = tools::iperf3(node, client, ip, 4, seconds)?;
+        pass.insert(Figure::Throughput4, four.bits_per_second / 1e9);
+        let rtt = tools::sockperf(node, client, ip, seconds)?;
+        pass.insert(Figure::RoundTripMedian, rtt.median_us);
+        pass.insert(Figure::RoundTripP99, rtt.p99_us);
+        if let Some(neighbour) = self.neighbour(mode) {
+            let loaded = self.round_trip_beside(neighbour, client, server, seconds)?;
+            pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);
+            pass.insert(Figure::Unfairness, loaded.p99_us / rtt.p99_us);
+        }
+        Ok(())
     }
 
     /// The noisy neighbour pair of `mode`: the one-node modes have one.

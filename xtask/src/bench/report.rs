@@ -51,6 +51,40 @@ impl Mode {
     }
 }
 
+/// A part of the bench that runs alone (`--only`), for a quicker answer on its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The direct and mesh modes' throughput and round-trip rows, alone and beside the
+    /// noisy neighbour: whether one workload's bulk traffic hurts another's latency, and
+    /// what keeping it from doing so costs the bulk traffic.
+    Fairness,
+}
+
+impl Part {
+    /// The modes whose passes this part runs, in the order of a round.
+    pub fn modes(self) -> &'static [Mode] {
+        match self {
+            Self::Fairness => &[Mode::Direct, Mode::Mesh],
+        }
+    }
+
+    /// Whether this part measures `figure`.
+    pub fn measures(self, figure: Figure) -> bool {
+        match self {
+            Self::Fairness => matches!(
+                figure,
+                Figure::Throughput1
+                    | Figure::Throughput4
+                    | Figure::AgentCpuPerGb
+                    | Figure::RoundTripMedian
+                    | Figure::RoundTripP99
+                    | Figure::RoundTripP99UnderLoad
+                    | Figure::Unfairness
+            ),
+        }
+    }
+}
+
 /// One figure of a pass, in the order of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Figure {
@@ -229,6 +263,8 @@ pub struct Report {
     pub seconds: u32,
     pub idle_connections: u32,
     pub versions: Vec<String>,
+    /// The modes of the passes, in the order of a round: every mode, or the part's.
+    modes: &'static [Mode],
     rows: Vec<Row>,
 }
 
@@ -258,21 +294,30 @@ impl Row {
 }
 
 impl Report {
-    /// Gathers the passes (in order: the first round first); fails naming the pass and
-    /// figure that is missing, zero or not a number, or the figure that no pass of a mode
-    /// measuring it has.
+    /// Gathers the passes (in order: the first round first) of the whole bench or, with
+    /// `only`, of that part; fails naming the pass and figure that is missing, zero or not
+    /// a number, or the figure that no pass of a mode measuring it has.
     pub fn new(
         quick: bool,
         seconds: u32,
         idle_connections: u32,
         versions: Vec<String>,
+        only: Option<Part>,
         passes: &[(Mode, Pass)],
     ) -> anyhow::Result<Self> {
+        let modes = only.map_or(&Mode::ALL[..], Part::modes);
         let mut rows = Vec::new();
         for figure in Figure::ALL {
+            if only.is_some_and(|part| !part.measures(figure)) {
+                continue;
+            }
             let label = figure.describe().0;
-            let mut runs: BTreeMap<Mode, Vec<f64>> =
-                figure.modes().iter().map(|m| (*m, Vec::new())).collect();
+            let mut runs: BTreeMap<Mode, Vec<f64>> = figure
+                .modes()
+                .iter()
+                .filter(|m| modes.contains(m))
+                .map(|m| (*m, Vec::new()))
+                .collect();
             for (i, (mode, pass)) in passes.iter().enumerate() {
                 let Some(mode_runs) = runs.get_mut(mode) else {
                     continue;
@@ -305,6 +350,7 @@ impl Report {
             seconds,
             idle_connections,
             versions,
+            modes,
             rows,
         })
     }
@@ -312,9 +358,9 @@ impl Report {
     /// One column per mode, then the ratios, then the differences; a cell is empty where
     /// the figure is not measured in that mode.
     pub fn table(&self) -> String {
-        let others = &Mode::ALL[1..];
+        let others = &self.modes[1..];
         let mut header = vec!["FIGURE", "UNIT"];
-        header.extend(Mode::ALL.iter().map(|m| m.columns().0));
+        header.extend(self.modes.iter().map(|m| m.columns().0));
         header.extend(others.iter().map(|m| m.columns().1));
         header.extend(others.iter().map(|m| m.columns().2));
         let mut table = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
@@ -322,7 +368,7 @@ impl Report {
             let (label, unit, _) = row.figure.describe();
             let mut cells = vec![label.to_owned(), unit.to_owned()];
             cells.extend(
-                Mode::ALL
+                self.modes
                     .iter()
                     .map(|m| row.median(*m).map(number).unwrap_or_default()),
             );
@@ -345,7 +391,11 @@ impl Report {
         out.push_str(&format!(
             "\nmedians of {} round(s) of passes ({}; agent memory: first round, one-node modes only; {}: HTTP rows only), {} s per tool run, {} idle connections held{}\n",
             self.rounds,
-            Mode::ALL.map(Mode::name).join(", "),
+            self.modes
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(", "),
             Mode::MeshL7.name(),
             self.seconds,
             self.idle_connections,
@@ -396,7 +446,7 @@ impl Report {
         json!({
             "quick": self.quick,
             "rounds": self.rounds,
-            "modes": Mode::ALL.map(Mode::name),
+            "modes": self.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "seconds_per_run": self.seconds,
             "idle_connections": self.idle_connections,
             "tools": self.versions,
@@ -452,10 +502,39 @@ mod tests {
     }
 
     fn failure(passes: &[(Mode, Pass)]) -> String {
-        Report::new(true, 1, 10, vec![], passes)
+        Report::new(true, 1, 10, vec![], None, passes)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_fairness_part_reports_its_rows_in_its_modes_only() {
+        let only = |(mode, mut pass): (Mode, Pass)| {
+            pass.retain(|f, _| Part::Fairness.measures(*f));
+            (mode, pass)
+        };
+        let passes = round(2.0, 3.0, 1.0).map(only);
+        let report =
+            Report::new(false, 10, 1000, vec![], Some(Part::Fairness), &passes[..2]).unwrap();
+        let json = report.json();
+        assert_eq!(json["modes"], json!(["direct", "mesh"]));
+        let unfairness = &json["figures"]["round_trip_p99_loaded_over_alone"];
+        assert_eq!(unfairness["mesh"]["median"], 3.0);
+        assert!(json["figures"].get("connections_per_second").is_none());
+        let table = report.table();
+        let header = table.lines().next().unwrap_or_default();
+        assert_eq!(
+            header.split_whitespace().collect::<Vec<_>>(),
+            [
+                "FIGURE",
+                "UNIT",
+                "DIRECT",
+                "MESH",
+                "MESH/DIRECT",
+                "MESH-DIRECT"
+            ]
+        );
     }
 
     #[test]
@@ -467,7 +546,7 @@ mod tests {
     #[test]
     fn ratio_and_difference_are_each_mesh_mode_over_and_minus_direct() {
         let passes = [round(2.0, 3.0, 1.0), round(4.0, 5.0, 2.0)].concat();
-        let report = Report::new(false, 10, 1000, vec![], &passes).unwrap();
+        let report = Report::new(false, 10, 1000, vec![], None, &passes).unwrap();
         let json = report.json();
         let rtt = &json["figures"]["round_trip_median_us"];
         assert_eq!(rtt["direct"]["median"], 3.0);
@@ -492,7 +571,7 @@ mod tests {
 
     #[test]
     fn rows_not_measured_in_l7_have_empty_l7_cells() {
-        let report = Report::new(false, 10, 1000, vec![], &round(2.0, 3.0, 1.0)).unwrap();
+        let report = Report::new(false, 10, 1000, vec![], None, &round(2.0, 3.0, 1.0)).unwrap();
         let json = report.json();
         assert_eq!(
             json["figures"]["round_trip_median_us"]["mesh_l7"],
@@ -547,7 +626,7 @@ mod tests {
         };
         let mut passes = round(1.0, 2.0, 3.0).to_vec();
         passes.extend(round(5.0, 6.0, 7.0).map(later));
-        let json = Report::new(false, 10, 1000, vec![], &passes)
+        let json = Report::new(false, 10, 1000, vec![], None, &passes)
             .unwrap()
             .json();
         let idle = &json["figures"]["agent_idle_rss_mib"];
@@ -596,12 +675,12 @@ mod tests {
         let mut passes = round(1.0, 1.0, 1.0);
         passes[0].1.insert(Figure::AgentCpu, 0.0);
         passes[0].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
-        assert!(Report::new(true, 1, 10, vec![], &passes).is_ok());
+        assert!(Report::new(true, 1, 10, vec![], None, &passes).is_ok());
         let mut passes = round(1.0, 1.0, 1.0);
         passes[1].1.insert(Figure::AgentCpu, 0.0);
-        assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
+        assert!(Report::new(true, 1, 10, vec![], None, &passes).is_err());
         let mut passes = round(1.0, 1.0, 1.0);
         passes[3].1.insert(Figure::AgentCpuPerKiloRequest, 0.0);
-        assert!(Report::new(true, 1, 10, vec![], &passes).is_err());
+        assert!(Report::new(true, 1, 10, vec![], None, &passes).is_err());
     }
 }

@@ -1,8 +1,26 @@
 use std::sync::Arc;
 
-use tokio::io::duplex;
+use tokio::io::{AsyncReadExt, duplex};
 
 use super::*;
+
+/// Copies `client` ⇄ `server` until both directions reached end of stream, on the
+/// current runtime.
+async fn copy_both_ways<C, S>(
+    mut client: C,
+    mut server: S,
+    traffic: &Traffic,
+    budget: &BufferBudget,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut directions = Directions::new(budget);
+    let copied = copy(&mut client, &mut server, &mut directions, traffic, false).await?;
+    assert_eq!(copied, Copied::Done);
+    Ok(())
+}
 
 /// A budget with room for `limit` bytes beyond the initial buffers.
 fn budget(limit: usize) -> BufferBudget {
@@ -77,9 +95,9 @@ async fn a_spent_budget_slows_a_stream_but_does_not_break_it() {
 
 /// Fills `buffer` from a reader holding `available` bytes, then grows it if the read
 /// filled it, as the copy does.
-async fn read_and_grow(buffer: &mut Buffer<'_>, available: usize) -> usize {
+async fn read_and_grow(buffer: &mut Buffer, available: usize) -> usize {
     let data = vec![1u8; available];
-    let n = buffer.read_from(&mut &data[..]).await.unwrap();
+    let (n, _) = buffer.read_from(&mut &data[..]).await.unwrap();
     if n == buffer.bytes.len() {
         buffer.grow();
     }
@@ -89,7 +107,7 @@ async fn read_and_grow(buffer: &mut Buffer<'_>, available: usize) -> usize {
 #[tokio::test]
 async fn buffers_start_small_and_grow_only_while_reads_fill_them() {
     let budget = budget(MAX_BUFFER);
-    let mut buffer = Buffer::new(&budget);
+    let mut buffer = Buffer::new(budget.clone());
     assert!(buffer.bytes.is_empty(), "no buffer before there is data");
     read_and_grow(&mut buffer, 10).await;
     assert_eq!(
@@ -108,13 +126,13 @@ async fn buffers_start_small_and_grow_only_while_reads_fill_them() {
 async fn growth_stops_at_the_workload_budget() {
     // Room for 1 KiB → 2 KiB → 4 KiB (1 + 2 KiB), not for the next 4 KiB.
     let budget = budget(3 * INITIAL_BUFFER);
-    let mut buffer = Buffer::new(&budget);
+    let mut buffer = Buffer::new(budget.clone());
     for _ in 0..10 {
         read_and_grow(&mut buffer, MAX_BUFFER).await;
     }
     assert_eq!(buffer.bytes.len(), 4 * INITIAL_BUFFER);
     assert_eq!(budget.held(), 3 * INITIAL_BUFFER);
-    let mut other = Buffer::new(&budget);
+    let mut other = Buffer::new(budget.clone());
     read_and_grow(&mut other, MAX_BUFFER).await;
     assert_eq!(
         other.bytes.len(),
@@ -128,13 +146,13 @@ async fn growth_stops_at_the_workload_budget() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_direction_gives_its_grown_buffer_back() {
     let budget = budget(MAX_BUFFER);
-    let mut buffer = Buffer::new(&budget);
+    let mut buffer = Buffer::new(budget.clone());
     for _ in 0..4 {
         read_and_grow(&mut buffer, MAX_BUFFER).await;
     }
     assert_eq!(buffer.bytes.len(), 16 * INITIAL_BUFFER);
     let (mut writer, mut reader) = duplex(64);
-    let read = async { buffer.read_from(&mut reader).await.unwrap() };
+    let read = async { buffer.read_from(&mut reader).await.unwrap().0 };
     let late = async {
         tokio::time::sleep(SHRINK_AFTER * 2).await;
         writer.write_all(b"late").await.unwrap();
@@ -149,10 +167,10 @@ async fn an_idle_direction_gives_its_grown_buffer_back() {
 #[tokio::test(start_paused = true)]
 async fn a_direction_waiting_for_data_holds_no_buffer() {
     let budget = budget(MAX_BUFFER);
-    let mut buffer = Buffer::new(&budget);
+    let mut buffer = Buffer::new(budget.clone());
     let (mut writer, mut reader) = duplex(64);
     writer.write_all(b"first").await.unwrap();
-    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 5);
+    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), (5, false));
     assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
     let waited = tokio::time::timeout(SHRINK_AFTER / 10, buffer.read_from(&mut reader)).await;
     assert!(waited.is_err(), "nothing to read yet");
@@ -162,7 +180,11 @@ async fn a_direction_waiting_for_data_holds_no_buffer() {
         "the wait gave the buffer back at once"
     );
     writer.write_all(b"second").await.unwrap();
-    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 6);
+    assert_eq!(
+        buffer.read_from(&mut reader).await.unwrap(),
+        (6, false),
+        "the data was there when read"
+    );
     assert_eq!(
         &buffer.bytes[..6],
         b"second",
@@ -170,6 +192,6 @@ async fn a_direction_waiting_for_data_holds_no_buffer() {
     );
     assert_eq!(buffer.bytes.len(), INITIAL_BUFFER);
     writer.shutdown().await.unwrap();
-    assert_eq!(buffer.read_from(&mut reader).await.unwrap(), 0);
+    assert_eq!(buffer.read_from(&mut reader).await.unwrap().0, 0);
     assert_eq!(budget.held(), 0);
 }

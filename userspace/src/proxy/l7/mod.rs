@@ -13,7 +13,7 @@
 
 mod counted;
 mod respond;
-mod rewind;
+pub(super) mod rewind;
 mod upstream;
 
 use std::{
@@ -129,11 +129,11 @@ pub async fn serve<C>(
         }
         let upstream = entry::connect(&conn.shared, &conn.pod, &conn.peer, conn.destination);
         match upstream.await {
-            Ok(mut upstream) => {
+            Ok(upstream) => {
                 let budget = conn.pod.counters.buffers(&conn.shared.limits);
-                forward::relay(client, &mut upstream, budget, record, Some(recheck(true)))
-                    .await
-                    .close(upstream);
+                let lanes = &conn.shared.lanes;
+                let recheck = Some(recheck(true));
+                forward::relay(client, upstream, budget, lanes, record, recheck).await;
             }
             Err(error) => record.finish(Close::new(CloseReason::ConnectFailed, &error)),
         }
