@@ -40,6 +40,31 @@ pub fn last_json(stdout: &[u8], stderr: &[u8], args: &[&str]) -> Value {
     })
 }
 
+/// An `ambit-probe` started in the background, whose last JSON line is read when it ends.
+pub struct Running {
+    child: Child,
+    args: Vec<String>,
+}
+
+impl Running {
+    pub fn start(node: &Node, pod: &Pod, args: &[&str]) -> Self {
+        let child = probe_command(node, pod, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ambit-probe");
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        Self { child, args }
+    }
+
+    /// Waits for the end and returns the last JSON line.
+    pub fn finish(self) -> Value {
+        let output = self.child.wait_with_output().expect("ambit-probe");
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        last_json(&output.stdout, &output.stderr, &args)
+    }
+}
+
 /// A running `ambit-probe open`, read line by line; killed on drop.
 pub struct Held {
     child: Child,

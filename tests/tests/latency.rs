@@ -33,17 +33,9 @@ fn crr(mesh: &Mesh, from: usize, to: usize) -> Value {
 #[test]
 fn a_new_meshed_connection_answers_within_milliseconds() {
     let mut mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
-    let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     for to in [BAR, FOO] {
         let server = mesh.httpbin[to].clone();
-        mesh.node
-            .serve(
-                &server,
-                &hold,
-                &["serve", &ECHO_PORT.to_string()],
-                ECHO_PORT,
-            )
-            .unwrap();
+        mesh.node.serve_hold(&server, ECHO_PORT).unwrap();
     }
     // Over HBONE (mutual TLS between two pods' proxies), and through the plaintext inbound
     // listener from a pod outside the mesh.

@@ -7,12 +7,10 @@
 //! upgrade test caught one such request stuck after ~14,000 connections). Run as root
 //! (`cargo xtask test`); nothing here is skipped.
 
-use std::process::{Child, Stdio};
-
 use ambit_tests::{
     Node, Pod,
     mesh::{BAR, FOO, LEGACY, Mesh},
-    probe::{last_json, probe_command},
+    probe::Running,
 };
 
 const ECHO_PORT: u16 = 9100;
@@ -29,20 +27,18 @@ fn narrow_ports(node: &Node, pod: &Pod) {
     ambit_tests::check(node.command(pod, "sysctl").args(["-w", &range])).expect("sysctl");
 }
 
-fn start_crr(node: &Node, client: &Pod, server: &Pod) -> (Child, Vec<String>) {
+fn start_crr(node: &Node, client: &Pod, server: &Pod) -> Running {
     let target = format!("{}:{ECHO_PORT}", server.ip);
-    let args: Vec<String> = ["crr", &target, "--seconds", &SECONDS.to_string()]
-        .into_iter()
-        .chain(["--timeout-ms", "3000"])
-        .map(str::to_owned)
-        .collect();
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = probe_command(node, client, &argv)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ambit-probe crr");
-    (child, args)
+    let seconds = SECONDS.to_string();
+    let args = [
+        "crr",
+        &target,
+        "--seconds",
+        &seconds,
+        "--timeout-ms",
+        "3000",
+    ];
+    Running::start(node, client, &args)
 }
 
 #[test]
@@ -77,10 +73,8 @@ fn more_connections_than_the_pods_ports_never_collide_with_the_clients_own() {
         ),
     ];
     let ports = u64::from(PORT_RANGE.1 - PORT_RANGE.0 + 1);
-    for (name, (child, args)) in loops {
-        let output = child.wait_with_output().expect("ambit-probe crr");
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let report = last_json(&output.stdout, &output.stderr, &argv);
+    for (name, probe) in loops {
+        let report = probe.finish();
         eprintln!("{name}: {report}");
         assert_eq!(report["failed"], 0, "{name}: failed requests: {report}");
         // Fewer connections than ports would prove nothing.

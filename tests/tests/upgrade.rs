@@ -7,14 +7,13 @@
 
 use std::{
     os::unix::fs::MetadataExt as _,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use ambit_tests::{
     AgentOptions, Binaries, Node, Pod,
     mesh::{BAR, FOO, HTTP_PORT, LEGACY, Mesh, within},
-    probe::{Held, last_json, probe, probe_command},
+    probe::{Held, Running, probe},
 };
 use serde_json::Value;
 
@@ -70,32 +69,28 @@ fn hold(node: &Node, client: &Pod, server: &Pod) -> (Held, Instant) {
 /// `seconds` (`ambit-probe crr`).
 struct Loop {
     name: &'static str,
-    child: Child,
-    args: Vec<String>,
+    probe: Running,
 }
 
 impl Loop {
     fn start(node: &Node, name: &'static str, client: &Pod, server: &Pod, seconds: u64) -> Self {
         let target = format!("{}:{HOLD_PORT}", server.ip);
-        let args: Vec<String> = ["crr", &target, "--seconds", &seconds.to_string()]
-            .into_iter()
-            .chain(["--timeout-ms", "5000"])
-            .map(str::to_owned)
-            .collect();
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = probe_command(node, client, &argv)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ambit-probe crr");
-        Self { name, child, args }
+        let seconds = seconds.to_string();
+        let args = [
+            "crr",
+            &target,
+            "--seconds",
+            &seconds,
+            "--timeout-ms",
+            "5000",
+        ];
+        let probe = Running::start(node, client, &args);
+        Self { name, probe }
     }
 
     /// Waits for the loop's end and checks that none of its requests failed.
     fn assert_no_failure(self) {
-        let output = self.child.wait_with_output().expect("ambit-probe crr");
-        let argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let report = last_json(&output.stdout, &output.stderr, &argv);
+        let report = self.probe.finish();
         eprintln!("{}: {report}", self.name);
         assert!(
             report["connections"].as_u64().unwrap_or(0) > 50,
