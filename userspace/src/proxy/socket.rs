@@ -91,20 +91,14 @@ pub async fn listen(netns: &PodNetns, addr: SocketAddr) -> Result<TcpListener, S
         })
 }
 
-/// Transparent connects that find their source port taken (see [`connect`]) try again
-/// this many times in all.
-const TRANSPARENT_ATTEMPTS: usize = 8;
-
 /// Connects to `addr` from inside the pod's namespace, within `timeout`.
 ///
-/// A connection from the client's address ([`Source::Client`]) binds with `SO_REUSEADDR`,
-/// so that the kernel may choose a port held only by this proxy's connections in
-/// TIME_WAIT. Without it, a client opening connection after connection uses up the ports
-/// that `bind` prefers (one parity, half the range; a client's own connects take the other),
-/// and `bind` then hands out the client's own ports: a connection to the application with
-/// the 4-tuple of a live connection of that client to the pod is stuck. A port still in
-/// TIME_WAIT for the same 4-tuple is refused at connect (`EADDRNOTAVAIL`); another is
-/// chosen then.
+/// A connection from the client's address ([`Source::Client`]) shares the pod's port space
+/// with that client's own connections to the pod, so it lets `bind` choose its port: `bind`
+/// prefers the other parity than a client's connects, as long as the proxy leaves no
+/// TIME_WAIT behind ([`super::lanes`] resets it when the client's side failed). Once
+/// `bind`'s half of the range is taken, it hands out ports a client connection may be
+/// using, and a connection with the 4-tuple of that client's connection to the pod is stuck.
 pub async fn connect(
     netns: &PodNetns,
     addr: SocketAddr,
@@ -120,30 +114,17 @@ pub async fn connect(
         pod: pod(),
         source,
     };
-    let attempts = match source {
-        Source::Pod => 1,
-        Source::Client(_) => TRANSPARENT_ATTEMPTS,
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let socket = netns
-            .run(move || upstream_socket(addr, source))
-            .await?
-            .map_err(error)?;
-        match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
-            Ok(Ok(connected)) => return Ok(ProxyStream::new(connected)),
-            Ok(Err(failed)) if attempt < attempts && port_taken(&failed) => continue,
-            Ok(Err(failed)) => return Err(error(failed)),
-            Err(_) => {
-                return Err(SocketError::Timeout {
-                    addr,
-                    pod: pod(),
-                    timeout,
-                });
-            }
-        }
+    let socket = netns
+        .run(move || upstream_socket(addr, source))
+        .await?
+        .map_err(error)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(connected) => connected.map(ProxyStream::new).map_err(error),
+        Err(_) => Err(SocketError::Timeout {
+            addr,
+            pod: pod(),
+            timeout,
+        }),
     }
 }
 
@@ -163,19 +144,10 @@ fn upstream_socket(addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
                 SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
                 SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
             }
-            socket.set_reuse_address(true)?;
             socket.bind(&SocketAddr::new(ip, 0).into())?;
         }
     }
     Ok(TcpSocket::from_std_stream(socket.into()))
-}
-
-/// True when a connect failed for its source port: in use for that 4-tuple.
-fn port_taken(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
-    )
 }
 
 /// A TCP connection of the data path, closed with a reset if the agent dies while it
