@@ -2,7 +2,9 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    net::SocketAddr,
     process::{Child, ChildStdout, Command, Stdio},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -55,6 +57,27 @@ impl Running {
             .expect("start ambit-probe");
         let args = args.iter().map(|a| (*a).to_owned()).collect();
         Self { child, args }
+    }
+
+    /// `ambit-probe crr` from `pod` to `target` for `seconds`, each attempt given `timeout`.
+    pub fn crr(
+        node: &Node,
+        pod: &Pod,
+        target: SocketAddr,
+        seconds: u64,
+        timeout: Duration,
+    ) -> Self {
+        let (target, seconds) = (target.to_string(), seconds.to_string());
+        let timeout = timeout.as_millis().to_string();
+        let args = [
+            "crr",
+            &target,
+            "--seconds",
+            &seconds,
+            "--timeout-ms",
+            &timeout,
+        ];
+        Self::start(node, pod, &args)
     }
 
     /// Waits for the end and returns the last JSON line.

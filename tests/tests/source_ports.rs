@@ -7,6 +7,8 @@
 //! upgrade test caught one such request stuck after ~14,000 connections). Run as root
 //! (`cargo xtask test`); nothing here is skipped.
 
+use std::{net::SocketAddr, time::Duration};
+
 use ambit_tests::{
     Node, Pod,
     mesh::{BAR, FOO, LEGACY, Mesh},
@@ -28,17 +30,8 @@ fn narrow_ports(node: &Node, pod: &Pod) {
 }
 
 fn start_crr(node: &Node, client: &Pod, server: &Pod) -> Running {
-    let target = format!("{}:{ECHO_PORT}", server.ip);
-    let seconds = SECONDS.to_string();
-    let args = [
-        "crr",
-        &target,
-        "--seconds",
-        &seconds,
-        "--timeout-ms",
-        "3000",
-    ];
-    Running::start(node, client, &args)
+    let target = SocketAddr::new(server.ip.into(), ECHO_PORT);
+    Running::crr(node, client, target, SECONDS, Duration::from_secs(3))
 }
 
 #[test]

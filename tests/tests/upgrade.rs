@@ -6,6 +6,7 @@
 //! nothing here is skipped.
 
 use std::{
+    net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -74,17 +75,8 @@ struct Loop {
 
 impl Loop {
     fn start(node: &Node, name: &'static str, client: &Pod, server: &Pod, seconds: u64) -> Self {
-        let target = format!("{}:{HOLD_PORT}", server.ip);
-        let seconds = seconds.to_string();
-        let args = [
-            "crr",
-            &target,
-            "--seconds",
-            &seconds,
-            "--timeout-ms",
-            "5000",
-        ];
-        let probe = Running::start(node, client, &args);
+        let target = SocketAddr::new(server.ip.into(), HOLD_PORT);
+        let probe = Running::crr(node, client, target, seconds, Duration::from_secs(5));
         Self { name, probe }
     }
 
