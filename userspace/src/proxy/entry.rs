@@ -99,7 +99,10 @@ pub async fn connect(
     socket::connect(
         &pod.netns,
         destination,
-        socket::Source::Client(peer.ip),
+        socket::Source::Client {
+            ip: peer.ip,
+            direct: peer.identity.is_none(),
+        },
         shared.limits.connect_timeout,
     )
     .await

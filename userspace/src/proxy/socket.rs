@@ -20,6 +20,7 @@ use std::{
 };
 
 use ambit_common::{marks, ports};
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -62,7 +63,14 @@ pub enum Source {
     Pod,
     /// The original client's address, bound transparently: for connections to the local
     /// application, which then sees the real client IP (`routing` brings its replies back).
-    Client(std::net::IpAddr),
+    Client {
+        ip: std::net::IpAddr,
+        /// The client reached the pod directly (plaintext inbound): its own connections to
+        /// the pod share this connection's 4-tuple space (see [`connect`]). Through a
+        /// tunnel or the same-node path they do not: the client's connection ends at
+        /// port 15008 or in another namespace.
+        direct: bool,
+    },
 }
 
 /// Opens a listener on `addr` inside the pod's namespace. An IPv6 listener on `::` is
@@ -93,12 +101,17 @@ pub async fn listen(netns: &PodNetns, addr: SocketAddr) -> Result<TcpListener, S
 
 /// Connects to `addr` from inside the pod's namespace, within `timeout`.
 ///
-/// A connection from the client's address ([`Source::Client`]) shares the pod's port space
-/// with that client's own connections to the pod, so it lets `bind` choose its port: `bind`
-/// prefers the other parity than a client's connects, as long as the proxy leaves no
-/// TIME_WAIT behind ([`super::lanes`] resets it when the client's side failed). Once
-/// `bind`'s half of the range is taken, it hands out ports a client connection may be
-/// using, and a connection with the 4-tuple of that client's connection to the pod is stuck.
+/// A connection from the client's address ([`Source::Client`]) that reached the pod
+/// directly shares the pod's port space with that client's own connections to the pod, so
+/// it lets `bind` choose its port: `bind` prefers the other parity than a client's
+/// connects, as long as the proxy leaves no TIME_WAIT behind ([`super::lanes`] resets it
+/// when the client's side failed). Once `bind`'s half of the range is taken, it hands out
+/// ports a client connection may be using, and a connection with the 4-tuple of that
+/// client's connection to the pod is stuck. Any other takes its port at connect
+/// (`IP_BIND_ADDRESS_NO_PORT`): unique for the 4-tuple, from the whole range, and free
+/// to reuse one whose TIME_WAIT (on `lo`) is over a second old, so connections that end
+/// in order, and HBONE streams the peer cancels (read as an end of stream), do not pile
+/// up ports.
 pub async fn connect(
     netns: &PodNetns,
     addr: SocketAddr,
@@ -135,7 +148,7 @@ fn upstream_socket(addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
     socket.set_tcp_nodelay(true)?;
     match source {
         Source::Pod => socket.set_mark(marks::PROXY)?,
-        Source::Client(ip) => {
+        Source::Client { ip, direct } => {
             socket.set_mark(marks::PROXY_TRANSPARENT)?;
             // Through `lo`, so `sk_lookup` sees loopback ingress and lets it reach the
             // application instead of steering it back to the proxy.
@@ -143,6 +156,9 @@ fn upstream_socket(addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
             match addr {
                 SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
                 SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+            }
+            if !direct {
+                setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
             }
             socket.bind(&SocketAddr::new(ip, 0).into())?;
         }
@@ -273,7 +289,7 @@ fn reaches_own_listener(addr: SocketAddr, source: Source) -> bool {
     let ip = addr.ip().to_canonical();
     ip.is_loopback()
         || ip.is_unspecified()
-        || (matches!(source, Source::Client(_)) && ports::is_listener(addr.port()))
+        || (matches!(source, Source::Client { .. }) && ports::is_listener(addr.port()))
 }
 
 #[cfg(test)]
@@ -282,7 +298,10 @@ mod tests {
 
     #[test]
     fn never_aims_at_the_proxys_own_listeners() {
-        let client = Source::Client("10.0.0.9".parse().unwrap());
+        let client = Source::Client {
+            ip: "10.0.0.9".parse().unwrap(),
+            direct: true,
+        };
         let refused = [
             ("127.0.0.1:15006", Source::Pod),
             ("127.0.0.1:8080", client),
