@@ -1,5 +1,5 @@
 //! End to end: a client opening connection after connection, more of them than its pod has
-//! ephemeral ports, through the plaintext inbound listener and the same-node path. The
+//! ephemeral ports, through the plaintext inbound listener, the same-node path and HBONE. The
 //! proxy's connection to the application carries the client's address, so it shares the
 //! pod's port space with the client's own connections: if it leaves its sockets in
 //! TIME_WAIT there, `bind` runs out of the ports it prefers and hands out ports a client
@@ -10,7 +10,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use ambit_tests::{
-    Node, Pod,
+    AgentOptions, Node, Pod,
     mesh::{BAR, FOO, LEGACY, Mesh},
     probe::Running,
 };
@@ -35,9 +35,10 @@ fn start_crr(node: &Node, client: &Pod, server: &Pod) -> Running {
     Running::crr(node, client, target, SECONDS, Duration::from_secs(3))
 }
 
-#[test]
-fn more_connections_than_the_pods_ports_never_collide_with_the_clients_own() {
-    let mut mesh = Mesh::new(ambit_tests::test_binaries!()).expect("mesh");
+/// A mesh whose `foo` and `bar` servers echo on [`ECHO_PORT`], with every pod this test
+/// uses narrowed to [`PORT_RANGE`].
+fn mesh(agent: &AgentOptions) -> Mesh {
+    let mut mesh = Mesh::with_agent(ambit_tests::test_binaries!(), agent).expect("mesh");
     let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     for to in [FOO, BAR] {
         let server = mesh.httpbin[to].clone();
@@ -50,24 +51,29 @@ fn more_connections_than_the_pods_ports_never_collide_with_the_clients_own() {
             )
             .unwrap();
     }
-    let (legacy, foo_sleep) = (mesh.sleep[LEGACY].clone(), mesh.sleep[FOO].clone());
-    let (foo_server, bar_server) = (mesh.httpbin[FOO].clone(), mesh.httpbin[BAR].clone());
-    for pod in [&legacy, &foo_sleep, &foo_server, &bar_server] {
+    for pod in [
+        &mesh.sleep[LEGACY],
+        &mesh.sleep[FOO],
+        &mesh.httpbin[FOO],
+        &mesh.httpbin[BAR],
+    ] {
         narrow_ports(&mesh.node, pod);
     }
+    mesh
+}
 
-    let loops = [
-        (
-            "legacy → foo, plaintext inbound",
-            start_crr(&mesh.node, &legacy, &foo_server),
-        ),
-        (
-            "foo → bar, same node",
-            start_crr(&mesh.node, &foo_sleep, &bar_server),
-        ),
-    ];
+/// Runs the client loops `(name, client, server)` side by side and asserts each made more
+/// connections than a pod has ports, with none failed.
+fn assert_never_out_of_ports(mesh: &Mesh, loops: &[(&str, usize, usize)]) {
+    let running: Vec<_> = loops
+        .iter()
+        .map(|&(name, from, to)| {
+            let probe = start_crr(&mesh.node, &mesh.sleep[from], &mesh.httpbin[to]);
+            (name, probe)
+        })
+        .collect();
     let ports = u64::from(PORT_RANGE.1 - PORT_RANGE.0 + 1);
-    for (name, probe) in loops {
+    for (name, probe) in running {
         let report = probe.finish();
         eprintln!("{name}: {report}");
         assert_eq!(report["failed"], 0, "{name}: failed requests: {report}");
@@ -77,4 +83,25 @@ fn more_connections_than_the_pods_ports_never_collide_with_the_clients_own() {
             "{name}: more connections than the pod has ports ({ports}): {report}"
         );
     }
+}
+
+#[test]
+fn more_connections_than_the_pods_ports_never_collide_with_the_clients_own() {
+    let mesh = mesh(&AgentOptions::default());
+    assert_never_out_of_ports(
+        &mesh,
+        &[
+            ("legacy → foo, plaintext inbound", LEGACY, FOO),
+            ("foo → bar, same node", FOO, BAR),
+        ],
+    );
+}
+
+/// Through HBONE, the client's reset reaches the destination proxy as a cancelled stream,
+/// which hyper reads as an end of stream: the connection to the application then ends in
+/// order, and its TIME_WAIT must not keep the port from the next one.
+#[test]
+fn more_hbone_streams_than_the_pods_ports_never_run_out_of_ports() {
+    let mesh = mesh(&AgentOptions::args(&["--same-node-shortcut=false"]));
+    assert_never_out_of_ports(&mesh, &[("foo → bar, HBONE", FOO, BAR)]);
 }
