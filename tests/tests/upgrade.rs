@@ -80,8 +80,9 @@ impl Loop {
         Self { name, probe }
     }
 
-    /// Waits for the loop's end and checks that none of its requests failed.
-    fn assert_no_failure(self) {
+    /// Waits for the loop's end and checks that none of its requests failed; `logs` are
+    /// the agents' warnings, to tell which one failed a request and why.
+    fn assert_no_failure(self, logs: &str) {
         let report = self.probe.finish();
         eprintln!("{}: {report}", self.name);
         assert!(
@@ -91,7 +92,7 @@ impl Loop {
         );
         assert_eq!(
             report["failed"], 0,
-            "{}: failed requests: {report}",
+            "{}: failed requests: {report}\n{logs}",
             self.name
         );
     }
@@ -282,8 +283,17 @@ fn an_upgrade_under_load_drops_nothing_and_leaves_only_the_new_agent() {
         "reset as A exited: {done}"
     );
 
+    let warnings = |log: String| {
+        let lines: Vec<_> = log.lines().filter(|l| l.contains("WARN")).collect();
+        lines.join("\n")
+    };
+    let logs = format!(
+        "A's warnings:\n{}\nB's warnings:\n{}",
+        warnings(node.agent().unwrap().log_text()),
+        warnings(b.log_text())
+    );
     for requests in loops {
-        requests.assert_no_failure();
+        requests.assert_no_failure(&logs);
     }
     assert!(
         !b.recorded("bar/httpbin", "inbound").unwrap().is_empty(),

@@ -421,6 +421,13 @@ impl WorkloadManager {
             counters: WorkloadCounters::default(),
             acceptor: OnceCell::new(),
         });
+        // Known before its listeners accept: connections queued while no agent accepted
+        // (an upgrade's handover) are taken the moment a task starts, on another worker,
+        // and the same-node path and the HBONE server look the pod up by identity and IP.
+        self.identities.add_workload(&identity);
+        for ip in &proxy.ips {
+            self.shared.local.insert(*ip, identity.clone(), &proxy);
+        }
         let outbound = std::iter::once(listeners.outbound).chain(listeners.outbound_v6);
         let mut tasks: Vec<JoinHandle<()>> = outbound
             .map(|listener| {
@@ -441,10 +448,6 @@ impl WorkloadManager {
             Arc::clone(&proxy),
             self.shared.clone(),
         )));
-        self.identities.add_workload(&identity);
-        for ip in &proxy.ips {
-            self.shared.local.insert(*ip, identity.clone(), &proxy);
-        }
         Ok(EnrolledPod {
             pod: pod.clone(),
             identity,
