@@ -451,6 +451,7 @@ impl Bed {
             // the allocator may return.
             std::thread::sleep(AFTER_LOAD_SETTLE);
             pass.insert(Figure::AgentRssAfterLoad, self.usage.rss_mib()?);
+            pass.insert(Figure::AgentAnonRssAfterLoad, self.usage.anon_rss_mib()?);
         }
         Ok(pass)
     }
@@ -471,9 +472,10 @@ impl Bed {
         pass.insert(Figure::AgentCpuPerGb, cpu * 1e3 / (one.bytes / 1e9));
         let four = tools::iperf3(node, client, ip, 4, seconds)?;
         pass.insert(Figure::Throughput4, four.bits_per_second / 1e9);
-        let rtt = tools::sockperf(node, client, ip, seconds)?;
+        let (rtt, cpu) = self.cpu(mode, || tools::sockperf(node, client, ip, seconds))?;
         pass.insert(Figure::RoundTripMedian, rtt.median_us);
         pass.insert(Figure::RoundTripP99, rtt.p99_us);
+        pass.insert(Figure::AgentCpuPerRoundTrip, cpu * 1e6 / rtt.round_trips);
         if let Some(neighbour) = self.neighbour(mode) {
             let loaded = self.round_trip_beside(neighbour, client, server, seconds)?;
             pass.insert(Figure::RoundTripP99UnderLoad, loaded.p99_us);

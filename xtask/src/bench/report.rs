@@ -76,6 +76,7 @@ impl Part {
                 Figure::Throughput1
                     | Figure::Throughput4
                     | Figure::AgentCpuPerGb
+                    | Figure::AgentCpuPerRoundTrip
                     | Figure::RoundTripMedian
                     | Figure::RoundTripP99
                     | Figure::RoundTripP99UnderLoad
@@ -104,14 +105,16 @@ pub enum Figure {
     AgentCpuPerConnection,
     AgentCpuPerCrr,
     AgentCpuPerKiloRequest,
+    AgentCpuPerRoundTrip,
     AgentPeakRss,
     AgentIdleRss,
     AgentIdleRssPerConnection,
     AgentRssAfterLoad,
+    AgentAnonRssAfterLoad,
 }
 
 impl Figure {
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 22] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::RoundTripMedian,
@@ -128,10 +131,12 @@ impl Figure {
         Self::AgentCpuPerConnection,
         Self::AgentCpuPerCrr,
         Self::AgentCpuPerKiloRequest,
+        Self::AgentCpuPerRoundTrip,
         Self::AgentPeakRss,
         Self::AgentIdleRss,
         Self::AgentIdleRssPerConnection,
         Self::AgentRssAfterLoad,
+        Self::AgentAnonRssAfterLoad,
     ];
 
     /// `(label, unit, JSON key)`.
@@ -185,6 +190,11 @@ impl Figure {
                 "ms/1k req",
                 "agent_cpu_ms_per_1000_requests",
             ),
+            Self::AgentCpuPerRoundTrip => (
+                "agent CPU per round trip",
+                "us/rt",
+                "agent_cpu_us_per_round_trip",
+            ),
             Self::AgentPeakRss => ("agent peak RSS, pass", "MiB", "agent_peak_rss_mib"),
             Self::AgentIdleRss => ("agent RSS, idle conns held", "MiB", "agent_idle_rss_mib"),
             Self::AgentIdleRssPerConnection => (
@@ -196,6 +206,11 @@ impl Figure {
                 "agent RSS, idle after load",
                 "MiB",
                 "agent_rss_after_load_mib",
+            ),
+            Self::AgentAnonRssAfterLoad => (
+                "of which anonymous (heap, stacks)",
+                "MiB",
+                "agent_anon_rss_after_load_mib",
             ),
         }
     }
@@ -229,6 +244,7 @@ impl Figure {
                 | Self::AgentIdleRss
                 | Self::AgentIdleRssPerConnection
                 | Self::AgentRssAfterLoad
+                | Self::AgentAnonRssAfterLoad
         )
     }
 
@@ -247,6 +263,7 @@ impl Figure {
                 | Self::AgentCpuPerConnection
                 | Self::AgentCpuPerCrr
                 | Self::AgentCpuPerKiloRequest
+                | Self::AgentCpuPerRoundTrip
                 | Self::AgentIdleRssPerConnection
         )
     }

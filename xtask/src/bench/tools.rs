@@ -111,6 +111,9 @@ pub fn parse_iperf3(json: &str) -> anyhow::Result<Throughput> {
 pub struct RoundTrip {
     pub median_us: f64,
     pub p99_us: f64,
+    /// Round trips of the whole run, warm-up included: what the agent's CPU over the run
+    /// is divided by.
+    pub round_trips: f64,
 }
 
 pub fn sockperf(
@@ -146,9 +149,19 @@ pub fn parse_sockperf(text: &str) -> anyhow::Result<RoundTrip> {
             .parse()
             .with_context(|| format!("sockperf's {prefix} is not a number"))
     };
+    // `sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; SentMessages=23157;
+    // ReceivedMessages=23156`.
+    let round_trips = text
+        .lines()
+        .filter(|line| line.contains("[Total Run]"))
+        .find_map(|line| line.split_once("ReceivedMessages=").map(|(_, v)| v.trim()))
+        .context("no `[Total Run] ... ReceivedMessages=` line in sockperf's output")?
+        .parse()
+        .context("sockperf's ReceivedMessages is not a number")?;
     Ok(RoundTrip {
         median_us: percentile("50.000")?,
         p99_us: percentile("99.000")?,
+        round_trips,
     })
 }
 
@@ -390,8 +403,11 @@ mod tests {
     }
 
     #[test]
-    fn sockperf_percentiles_are_read_through_colour_codes() {
-        let text = "sockperf: \x1b[2;35m====> avg-rtt=76.953 (std-dev=114.194)\x1b[0m\n\
+    fn sockperf_percentiles_and_round_trips_are_read_through_colour_codes() {
+        let text = "sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; \
+            SentMessages=23157; ReceivedMessages=23156\n\
+            sockperf: [Valid Duration] RunTime=0.551 sec; SentMessages=14245; ReceivedMessages=14245\n\
+            sockperf: \x1b[2;35m====> avg-rtt=76.953 (std-dev=114.194)\x1b[0m\n\
             sockperf: ---> percentile 99.000 =  150.864\n\
             sockperf: ---> percentile 90.000 =  104.425\n\
             sockperf: ---> percentile 50.000 =   80.069\n";
@@ -399,7 +415,8 @@ mod tests {
             parse_sockperf(text).unwrap(),
             RoundTrip {
                 median_us: 80.069,
-                p99_us: 150.864
+                p99_us: 150.864,
+                round_trips: 23156.0,
             }
         );
     }

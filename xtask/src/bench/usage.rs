@@ -42,6 +42,13 @@ impl Usage {
         self.status_mib("VmRSS:")
     }
 
+    /// The anonymous part of resident memory (`RssAnon`: heap, stacks), in MiB: what the
+    /// agent itself holds, where the rest of its RSS is file pages (its binary's code)
+    /// shared with the page cache.
+    pub fn anon_rss_mib(&self) -> anyhow::Result<f64> {
+        self.status_mib("RssAnon:")
+    }
+
     /// Peak resident memory since the last [`Self::reset_peak`] (`VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> anyhow::Result<f64> {
         self.status_mib("VmHWM:")
