@@ -206,7 +206,7 @@ fn an_upgrade_under_load_drops_nothing_and_leaves_only_the_new_agent() {
 
     let (mut held, opened) = hold(node, &foo_sleep, &bar_server);
     let loops = [
-        Loop::start(node, "foo → bar over HBONE", &foo_sleep, &bar_server, 16),
+        Loop::start(node, "foo → bar, same node", &foo_sleep, &bar_server, 16),
         Loop::start(
             node,
             "legacy → foo, plaintext inbound",
