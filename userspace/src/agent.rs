@@ -270,6 +270,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         Arc::new(metrics)
     };
     let access_log = AccessLog::start(&args.access_log, metrics.access_log_dropped.clone())?;
+    let _flush_access_log = access_log::FlushOnExit(access_log.clone());
     let (snapshot_tx, mut snapshots) = watch::channel(Snapshot::default());
     source
         .start(&args, snapshot_tx, metrics.config_rejected.clone())
