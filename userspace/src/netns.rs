@@ -5,19 +5,35 @@
 //! closures that create sockets (listeners, upstream connections, netlink) and gets the
 //! results back. No other thread of the agent ever leaves the node namespace, so a failure
 //! half way cannot strand a tokio worker in the wrong namespace.
+//!
+//! Only creating a socket needs the namespace: binding, options and connecting work from
+//! any thread. So the thread keeps a few TCP sockets made ahead ([`PodNetns::tcp_socket`]),
+//! and a new upstream connection takes one instead of waiting for the thread to wake, run
+//! and wake the connection's task in turn.
 
 use std::{
     fs::File,
     io,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
 };
 
 use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// Sockets of one family made ahead; the pod's descriptor count includes them.
+pub const SPARE_SOCKETS: usize = 8;
+/// Made again once this few are left: the thread wakes once per several connections.
+const SPARES_LOW: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -39,6 +55,55 @@ pub enum NetnsError {
 pub struct PodNetns {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
+    spares: Arc<[Spares; 2]>,
+}
+
+/// TCP sockets of one family made in the namespace ahead of need.
+#[derive(Debug, Default)]
+struct Spares {
+    sockets: Mutex<Vec<OwnedFd>>,
+    /// A refill is queued on the thread: one at a time.
+    refilling: AtomicBool,
+}
+
+impl Spares {
+    fn of(spares: &[Spares; 2], domain: Domain) -> &Spares {
+        &spares[usize::from(domain == Domain::IPV6)]
+    }
+
+    /// A spare if there is one, and how many are left.
+    fn take(&self) -> (Option<OwnedFd>, usize) {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let spare = sockets.pop();
+        (spare, sockets.len())
+    }
+
+    /// Run on the namespace's thread: makes sockets until [`SPARE_SOCKETS`] are ready.
+    fn refill(&self, domain: Domain) {
+        let mut made = Vec::new();
+        let missing = SPARE_SOCKETS.saturating_sub(self.len());
+        for _ in 0..missing {
+            match tcp_socket(domain) {
+                Ok(socket) => made.push(OwnedFd::from(socket)),
+                // Out of descriptors, say: connections make their own, and report it.
+                Err(_) => break,
+            }
+        }
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(made);
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    fn len(&self) -> usize {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A TCP socket of `domain` in the calling thread's namespace.
+fn tcp_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
 }
 
 impl PodNetns {
@@ -74,6 +139,7 @@ impl PodNetns {
             Ok(Ok(())) => Ok(Self {
                 path: path.to_owned(),
                 jobs,
+                spares: Arc::default(),
             }),
             Ok(Err(source)) => Err(NetnsError::Enter {
                 path: path.to_owned(),
@@ -118,5 +184,50 @@ impl PodNetns {
         };
         self.jobs.send(job).map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())
+    }
+
+    /// A TCP socket of `domain` in the namespace: one made ahead when there is one (and
+    /// more are then made in the background), else made now on the thread.
+    pub async fn tcp_socket(&self, domain: Domain) -> Result<io::Result<Socket>, NetnsError> {
+        let spares = Spares::of(&self.spares, domain);
+        let (spare, left) = spares.take();
+        if left <= SPARES_LOW && !spares.refilling.swap(true, Ordering::AcqRel) {
+            let all = Arc::clone(&self.spares);
+            let job: Job = Box::new(move || Spares::of(&all, domain).refill(domain));
+            if self.jobs.send(job).is_err() {
+                spares.refilling.store(false, Ordering::Release);
+            }
+        }
+        match spare {
+            Some(fd) => Ok(Ok(Socket::from(fd))),
+            None => self.run(move || tcp_socket(domain)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spares_are_topped_up_to_the_count_and_taken_one_by_one() {
+        let spares: [Spares; 2] = Default::default();
+        let v6 = Spares::of(&spares, Domain::IPV6);
+        v6.refilling.store(true, Ordering::Release);
+        v6.refill(Domain::IPV6);
+        assert!(
+            !v6.refilling.load(Ordering::Acquire),
+            "ready for the next refill"
+        );
+        assert_eq!(v6.len(), SPARE_SOCKETS);
+        assert_eq!(Spares::of(&spares, Domain::IPV4).len(), 0, "per family");
+
+        let (taken, left) = v6.take();
+        assert_eq!(left, SPARE_SOCKETS - 1);
+        let socket = Socket::from(taken.unwrap());
+        assert_eq!(socket.domain().unwrap(), Domain::IPV6);
+        assert_eq!(socket.r#type().unwrap(), Type::STREAM);
+        v6.refill(Domain::IPV6);
+        assert_eq!(v6.len(), SPARE_SOCKETS, "topped up, never beyond");
     }
 }

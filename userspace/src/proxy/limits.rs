@@ -307,9 +307,9 @@ pub struct Descriptors {
     limit: usize,
 }
 
-/// Descriptors an enrolled pod holds whatever the load: its three listeners and the
-/// namespace its thread entered.
-pub const PER_POD_DESCRIPTORS: usize = 4;
+/// Descriptors an enrolled pod holds whatever the load: its three listeners, the
+/// namespace its thread entered, and the sockets that thread makes ahead (of each family).
+pub const PER_POD_DESCRIPTORS: usize = 4 + 2 * crate::netns::SPARE_SOCKETS;
 
 impl Descriptors {
     /// `open_files` is the process's open-file limit, of which `in_use` are open already

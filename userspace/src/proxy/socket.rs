@@ -128,8 +128,9 @@ pub async fn connect(
         source,
     };
     let socket = netns
-        .run(move || upstream_socket(addr, source))
+        .tcp_socket(Domain::for_address(addr))
         .await?
+        .and_then(|socket| upstream_socket(socket, addr, source))
         .map_err(error)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(connected) => connected.map(ProxyStream::new).map_err(error),
@@ -141,9 +142,9 @@ pub async fn connect(
     }
 }
 
-/// A socket for a connection to `addr`, bound as `source` says; run in the pod's namespace.
-fn upstream_socket(addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+/// `socket` (a new TCP socket of the pod's namespace) made ready for a connection to
+/// `addr`, bound as `source` says.
+fn upstream_socket(socket: Socket, addr: SocketAddr, source: Source) -> io::Result<TcpSocket> {
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     match source {
