@@ -217,12 +217,20 @@ fn a_refusing_application_is_reported_as_503_by_the_destination_proxy() {
     assert!(error.contains("refused"), "{inbound:#?}");
 }
 
+/// 250 connections need 3 pooled HBONE connections of 100 streams: with the server
+/// allowing a peer exactly that many (`--max-hbone-connections-per-source 3`), all get
+/// through and none is refused, so the pool never opens more than its streams need.
 #[test]
 fn more_connections_than_one_hbone_connection_carries_all_get_through() {
     use std::io::BufRead as _;
     const CONNECTIONS: u32 = 250;
     const PORT: u16 = 9100;
-    let mut mesh = hbone_mesh();
+    let options = AgentOptions::args(&[
+        "--same-node-shortcut=false",
+        "--max-hbone-connections-per-source",
+        "3",
+    ]);
+    let mut mesh = Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh");
     let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     let server = mesh.httpbin[BAR].clone();
     mesh.node
@@ -258,4 +266,9 @@ fn more_connections_than_one_hbone_connection_carries_all_get_through() {
     let status = client.wait().unwrap();
     assert_eq!(line.trim(), format!("ready {CONNECTIONS}"), "{status}");
     assert_eq!(live, CONNECTIONS as usize);
+    let metrics = mesh.node.agent().unwrap().metrics_text().unwrap();
+    assert!(
+        !metrics.contains("ambit_hbone_connections_refused_total{"),
+        "{metrics}"
+    );
 }
