@@ -1,5 +1,5 @@
 """A peer with valid workload certificates against the HBONE server's connection limits,
-with the `h2` package over Python's TLS (mutual TLS 1.3, ALPN h2, as ztunnel_connect.py).
+with the `h2` package over Python's TLS (`mesh_tls`).
 
 Usage: connection_limit.py GATEWAY_IP:PORT TARGET_IP:PORT ROOT HELD CERT KEY OTHER_CERT
        OTHER_KEY
@@ -17,7 +17,6 @@ the HTTP response read through a tunnel (or the CONNECT's status when it is not 
 """
 
 import json
-import socket
 import ssl
 import sys
 
@@ -26,25 +25,14 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-TIMEOUT = 5
+import mesh_tls
 
 
 class Peer:
     """One HBONE connection: the TLS socket, its HTTP/2 state, and what each stream got."""
 
     def __init__(self, gateway, cert, key, root):
-        host, port = gateway.rsplit(":", 1)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(cert, key)
-        context.load_verify_locations(root)
-        # The server is named by its SPIFFE ID (a URI SAN), not a DNS name; the chain to
-        # the mesh root is still checked.
-        context.check_hostname = False
-        context.set_alpn_protocols(["h2"])
-        self.raw = socket.create_connection((host, int(port)), timeout=TIMEOUT)
-        self.tls = context.wrap_socket(self.raw)
-        assert self.tls.selected_alpn_protocol() == "h2"
+        self.raw, self.tls = mesh_tls.connect(gateway, cert, key, root)
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.h2.initiate_connection()
         self.flush()

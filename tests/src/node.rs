@@ -572,6 +572,20 @@ impl Node {
         Ok([cert, key])
     }
 
+    /// A Python HBONE peer from `tests/hbone/` run in the node namespace, given the
+    /// HBONE address of `server` and the target `server`:`port` as its first arguments.
+    pub fn hbone_peer(&self, script: &str, server: &Pod, port: u16) -> Command {
+        let mut cmd = self.node_command("python3");
+        cmd.arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("hbone")
+                .join(script),
+        )
+        .arg(format!("{}:15008", server.ip))
+        .arg(format!("{}:{port}", server.ip));
+        cmd
+    }
+
     /// The node's own address on the bridge.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip

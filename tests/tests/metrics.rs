@@ -564,16 +564,10 @@ fn a_connect_shaped_as_ztunnels_is_served_and_its_peer_metadata_read() {
         .node
         .workload_certificate(dir.path(), principal)
         .unwrap();
-    let server = &mesh.httpbin[FOO];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/hbone/ztunnel_connect.py");
-
     let before = Scrape::of(&mesh);
     let output = mesh
         .node
-        .node_command("python3")
-        .arg(script)
-        .arg(format!("{}:15008", server.ip))
-        .arg(format!("{}:{HTTP_PORT}", server.ip))
+        .hbone_peer("ztunnel_connect.py", &mesh.httpbin[FOO], HTTP_PORT)
         .args([&cert, &key])
         .arg(mesh.node.root_cert())
         .args([

@@ -862,14 +862,9 @@ fn hbone_connections_past_the_per_source_limit_are_refused_by_name() {
         mesh.node.workload_certificate(&dir, &id).unwrap()
     };
     let ([cert, key], [other_cert, other_key]) = (certificate("peer"), certificate("other"));
-    let server = &mesh.httpbin[FOO];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/hbone/connection_limit.py");
     let output = mesh
         .node
-        .node_command("python3")
-        .arg(script)
-        .arg(format!("{}:15008", server.ip))
-        .arg(format!("{}:{HTTP_PORT}", server.ip))
+        .hbone_peer("connection_limit.py", &mesh.httpbin[FOO], HTTP_PORT)
         .arg(mesh.node.root_cert())
         .arg(HELD.to_string())
         .args([&cert, &key, &other_cert, &other_key])

@@ -4,10 +4,11 @@
 //!
 //! Per connection: a handshake slot (per workload and per source IP) → TLS within the
 //! handshake timeout → a count of established connections (per workload and per peer:
-//! its verified identity at its address; past either limit, a [`refusal`]) → streams, until the connection has been idle (no stream open) for
-//! the idle timeout, or the first stream has not come within the handshake timeout, or the
-//! client's certificate expires, or the agent drains (the peer then opens its next
-//! connection to the agent that took over); then `GOAWAY`. Per stream: only `CONNECT` to this pod's
+//! its verified identity at its address; past either limit, a [`refusal`]) → streams,
+//! until the connection has been idle (no stream open) for the idle timeout, or the first
+//! stream has not come within the handshake timeout, or the client's certificate expires,
+//! or the agent drains (the peer then opens its next connection to the agent that took
+//! over); then `GOAWAY`. Per stream: only `CONNECT` to this pod's
 //! own application (400 otherwise) → admission with the peer's verified identity and the
 //! limits (401 if refused) → for a connection authorized as a whole, connect to the
 //! application from inside the pod with the client's IP (503 if it refuses) → 200, then
