@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use super::hbone::client::STREAMS_PER_CONNECTION;
 use crate::identity::SpiffeId;
 
 /// The limits and timeouts of the data path (`ambit run` flags of the same names).
@@ -56,23 +57,32 @@ pub struct Limits {
     pub buffer_per_workload: usize,
 }
 
+impl Limits {
+    /// The default of `hbone_connections_per_source` for a given `inbound_per_source`: a
+    /// peer's pool opens a connection per [`STREAMS_PER_CONNECTION`] streams, and as many
+    /// again while certificates roll over (connections whose certificate expired take no
+    /// new stream but live until theirs end), and a few more for connections a pool
+    /// replaced after an error and the peer has not closed yet.
+    pub fn hbone_connections_for(inbound_per_source: usize) -> usize {
+        2 * inbound_per_source.div_ceil(STREAMS_PER_CONNECTION) + 10
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
+        const INBOUND_PER_SOURCE: usize = 1_024;
         Self {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             hbone_idle_timeout: Duration::from_secs(60),
             inbound_per_workload: 16_384,
-            inbound_per_source: 1_024,
+            inbound_per_source: INBOUND_PER_SOURCE,
             outbound_per_workload: 16_384,
             handshakes_per_workload: 256,
             handshakes_per_source: 32,
             streams_per_connection: 100,
             hbone_connections_per_workload: 512,
-            // A peer's pool opens a connection per 100 streams (11 for the 1,024 streams a
-            // source may hold), and as many again while certificates roll over: connections
-            // whose certificate expired take no new stream but live until theirs end.
-            hbone_connections_per_source: 32,
+            hbone_connections_per_source: Self::hbone_connections_for(INBOUND_PER_SOURCE),
             fd_reserve: 512,
             buffer_per_workload: 32 * 1024 * 1024,
         }
@@ -518,12 +528,10 @@ mod tests {
     }
 
     #[test]
-    fn default_hbone_connections_per_source_fit_a_full_pool_twice() {
-        let limits = Limits::default();
-        let full_pool = limits
-            .inbound_per_source
-            .div_ceil(limits.streams_per_connection as usize);
-        assert!(limits.hbone_connections_per_source >= 2 * full_pool);
+    fn hbone_connections_per_source_follow_the_streams_a_source_may_hold() {
+        assert_eq!(Limits::default().hbone_connections_per_source, 32);
+        // 10,000 streams fill 100 connections of a pool; twice that and the slack.
+        assert_eq!(Limits::hbone_connections_for(10_000), 210);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::{
 
 /// Streams one pooled connection carries before the pool opens another: the server's
 /// default limit (`--max-streams-per-connection`), so a stream rarely waits for capacity.
-const STREAMS_PER_CONNECTION: usize = 100;
+pub const STREAMS_PER_CONNECTION: usize = 100;
 
 type Sender = SendRequest<Empty<Bytes>>;
 
