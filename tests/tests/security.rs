@@ -888,12 +888,23 @@ fn hbone_connections_past_the_per_source_limit_are_refused_by_name() {
             "{served}: {answer}"
         );
     }
-    let metrics = mesh.node.agent().unwrap().metrics_text().unwrap();
+    // Counted and logged as the refusal ends, which the peer does not wait for.
+    let agent = mesh.node.agent().unwrap();
     let counted =
         r#"ambit_hbone_connections_refused_total{limit="hbone-connections-per-source"} 1"#;
+    let logged = |line: &str| {
+        line.contains("HBONE connection refused")
+            && line.contains(r#"limit="hbone-connections-per-source""#)
+    };
+    let seen = within(Duration::from_secs(3), || {
+        let metrics = agent.metrics_text().unwrap_or_default();
+        metrics.lines().any(|line| line == counted) && agent.log_text().lines().any(logged)
+    });
     assert!(
-        metrics.lines().any(|line| line == counted),
-        "{counted} in:\n{metrics}"
+        seen.is_some(),
+        "{counted}, and a log line naming the limit:\n{}\n{}",
+        agent.metrics_text().unwrap_or_default(),
+        agent.log_text()
     );
 }
 
