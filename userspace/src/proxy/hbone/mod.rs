@@ -53,6 +53,9 @@ pub enum HboneError {
     Setup(Arc<HboneError>),
     #[error(transparent)]
     Limit(#[from] Exceeded),
+    /// The destination proxy refused the connection past one of its limits.
+    #[error("the destination proxy refused the connection: {0}")]
+    Refused(Exceeded),
 }
 
 impl HboneError {
@@ -73,7 +76,7 @@ impl HboneError {
             | Self::Request(_)
             | Self::HandshakeTimeout(_) => CloseReason::TunnelFailed,
             Self::Setup(error) => error.reason(),
-            Self::Limit(_) => CloseReason::Limit,
+            Self::Limit(_) | Self::Refused(_) => CloseReason::Limit,
         }
     }
 }

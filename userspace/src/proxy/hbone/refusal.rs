@@ -2,6 +2,7 @@
 //! server answers with its half of the HTTP/2 preface (a SETTINGS frame allowing no
 //! stream) and a `GOAWAY` (`ENHANCE_YOUR_CALM`, the limit's name as debug data), then
 //! closes. No HTTP/2 connection is built, so nothing the peer sends is buffered.
+//! [`named_in`] reads the limit back on the client side.
 
 use std::{io, time::Duration};
 
@@ -42,6 +43,24 @@ where
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
+
+/// The limit a server's refusal named, from the error a client's HTTP/2 connection ended
+/// with. h2 shows a `GOAWAY`'s debug data only in its error's text, as `(b"…")`.
+pub fn named_in(error: &(dyn std::error::Error + 'static)) -> Option<Exceeded> {
+    let text = std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
+    REFUSALS
+        .into_iter()
+        .find(|exceeded| text.contains(&format!("(b\"{}\")", exceeded.code())))
+}
+
+/// The limits a server refuses a whole connection for.
+const REFUSALS: [Exceeded; 2] = [
+    Exceeded::HboneConnectionsPerSource,
+    Exceeded::HboneConnectionsPerWorkload,
+];
 
 /// The server's SETTINGS (no stream may open) and a `GOAWAY` refusing every stream.
 fn frames(exceeded: Exceeded) -> Vec<u8> {
@@ -98,6 +117,7 @@ mod tests {
             .unwrap();
         assert!(sender.send_request(request).await.is_err());
         let error = connection.await.unwrap().unwrap_err();
+        assert_eq!(named_in(&error), Some(Exceeded::HboneConnectionsPerSource));
         // h2 words ENHANCE_YOUR_CALM as "detected excessive load generating behavior".
         let source = error.source().map(ToString::to_string).unwrap_or_default();
         assert!(
