@@ -10,7 +10,6 @@ Prints one JSON line: the CONNECT's status and, on 200, the tunnelled HTTP respo
 """
 
 import json
-import socket
 import ssl
 import sys
 
@@ -18,25 +17,12 @@ import h2.config
 import h2.connection
 import h2.events
 
-TIMEOUT = 5
+import mesh_tls
 
 
 def main():
     gateway, target, cert, key, root, baggage, forwarded, traceparent = sys.argv[1:9]
-    host, port = gateway.rsplit(":", 1)
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(cert, key)
-    context.load_verify_locations(root)
-    # The server is named by its SPIFFE ID (a URI SAN), not a DNS name; the chain to the
-    # mesh root is still checked.
-    context.check_hostname = False
-    context.set_alpn_protocols(["h2"])
-
-    raw = socket.create_connection((host, int(port)), timeout=TIMEOUT)
-    tls = context.wrap_socket(raw)
-    assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
+    raw, tls = mesh_tls.connect(gateway, cert, key, root)
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()

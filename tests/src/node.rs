@@ -514,6 +514,78 @@ impl Node {
         self.config_dir.with_extension("state")
     }
 
+    /// The root certificate of the agent's CA.
+    pub fn root_cert(&self) -> PathBuf {
+        self.state_dir().join("ca/root-cert.pem")
+    }
+
+    /// A certificate for `id` signed by the agent's CA root, and its key, written to `dir`
+    /// (paths: certificate, key): what a peer proxy sharing the root presents, without an
+    /// agent of its own.
+    pub fn workload_certificate(&self, dir: &Path, id: &str) -> anyhow::Result<[String; 2]> {
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let (key, csr, cert, ext) = (
+            path("key.pem"),
+            path("csr.pem"),
+            path("cert.pem"),
+            path("ext.cnf"),
+        );
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{id}\n"
+            ),
+        )?;
+        check(Command::new("openssl").args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-subj",
+            "/O=elsewhere",
+            "-out",
+            &csr,
+        ]))?;
+        let root_key = self.state_dir().join("ca/root-key.pem");
+        check(Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &self.root_cert().to_string_lossy(),
+            "-CAkey",
+            &root_key.to_string_lossy(),
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]))?;
+        Ok([cert, key])
+    }
+
+    /// A Python HBONE peer from `tests/hbone/` run in the node namespace, given the
+    /// HBONE address of `server` and the target `server`:`port` as its first arguments.
+    pub fn hbone_peer(&self, script: &str, server: &Pod, port: u16) -> Command {
+        let mut cmd = self.node_command("python3");
+        cmd.arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("hbone")
+                .join(script),
+        )
+        .arg(format!("{}:15008", server.ip))
+        .arg(format!("{}:{port}", server.ip));
+        cmd
+    }
+
     /// The node's own address on the bridge.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip

@@ -547,63 +547,6 @@ fn the_access_log_has_a_line_per_connection_and_request_with_both_ends_and_the_d
     assert_eq!(allowed["rule"], 0);
 }
 
-/// A certificate for `id` signed by the root in `ca` (the agent's CA directory), with its
-/// key, written to `dir`: what another mesh's proxy sharing the root would present.
-fn workload_certificate(dir: &std::path::Path, ca: &std::path::Path, id: &str) -> [String; 2] {
-    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let (key, csr, cert, ext) = (
-        path("key.pem"),
-        path("csr.pem"),
-        path("cert.pem"),
-        path("ext.cnf"),
-    );
-    std::fs::write(
-        &ext,
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{id}\n"
-        ),
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        &key,
-        "-subj",
-        "/O=elsewhere",
-        "-out",
-        &csr,
-    ]);
-    let (root, root_key) = (ca.join("root-cert.pem"), ca.join("root-key.pem"));
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &root.to_string_lossy(),
-        "-CAkey",
-        &root_key.to_string_lossy(),
-        "-days",
-        "1",
-        "-extfile",
-        &ext,
-        "-out",
-        &cert,
-    ]);
-    [cert, key]
-}
-
 /// A peer that is not ambit: one `CONNECT` shaped as ztunnel's outbound path sends it
 /// (`baggage`, `forwarded`, `traceparent`), by Python's `h2` over Python's TLS, with the
 /// certificate of a workload this node does not know, from an address no pod has. It is
@@ -616,21 +559,17 @@ fn a_connect_shaped_as_ztunnels_is_served_and_its_peer_metadata_read() {
                            k8s.deployment.name=web,service.name=web,service.version=v1";
     let mesh = mesh();
     let dir = tempfile::tempdir().unwrap();
-    let ca = mesh.node.state_dir().join("ca");
     let principal = "spiffe://cluster.local/ns/remote/sa/web";
-    let [cert, key] = workload_certificate(dir.path(), &ca, principal);
-    let server = &mesh.httpbin[FOO];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/hbone/ztunnel_connect.py");
-
+    let [cert, key] = mesh
+        .node
+        .workload_certificate(dir.path(), principal)
+        .unwrap();
     let before = Scrape::of(&mesh);
     let output = mesh
         .node
-        .node_command("python3")
-        .arg(script)
-        .arg(format!("{}:15008", server.ip))
-        .arg(format!("{}:{HTTP_PORT}", server.ip))
+        .hbone_peer("ztunnel_connect.py", &mesh.httpbin[FOO], HTTP_PORT)
         .args([&cert, &key])
-        .arg(ca.join("root-cert.pem"))
+        .arg(mesh.node.root_cert())
         .args([
             BAGGAGE,
             "for=10.99.0.7",

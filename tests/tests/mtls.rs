@@ -217,12 +217,45 @@ fn a_refusing_application_is_reported_as_503_by_the_destination_proxy() {
     assert!(error.contains("refused"), "{inbound:#?}");
 }
 
+/// A destination proxy that refuses the pool's connection past its limit: the source's
+/// record closes with `limit` and names the destination's flag, so that the operator of
+/// the source sees which limit of which side refused.
+#[test]
+fn a_connection_the_destination_refuses_is_recorded_by_the_source_with_its_limit() {
+    let options = AgentOptions::args(&[
+        "--same-node-shortcut=false",
+        "--max-hbone-connections-per-workload",
+        "0",
+    ]);
+    let mesh = Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh");
+    let url = format!("http://{}:{HTTP_PORT}/ip", mesh.httpbin[BAR].ip);
+    let result = mesh.node.curl(Some(&mesh.sleep[FOO]), &url).unwrap();
+    assert_ne!(result.code, 200, "{result:?}");
+    let outbound = mesh.recorded("foo/sleep", "outbound").unwrap();
+    let last = outbound.last().cloned().unwrap_or_default();
+    assert_eq!(last["close_reason"], "limit", "{outbound:#?}");
+    let error = last["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("destination proxy refused")
+            && error.contains("--max-hbone-connections-per-workload"),
+        "{outbound:#?}"
+    );
+}
+
+/// 250 connections need 3 pooled HBONE connections of 100 streams: with the server
+/// allowing a peer exactly that many (`--max-hbone-connections-per-source 3`), all get
+/// through and none is refused, so the pool never opens more than its streams need.
 #[test]
 fn more_connections_than_one_hbone_connection_carries_all_get_through() {
     use std::io::BufRead as _;
     const CONNECTIONS: u32 = 250;
     const PORT: u16 = 9100;
-    let mut mesh = hbone_mesh();
+    let options = AgentOptions::args(&[
+        "--same-node-shortcut=false",
+        "--max-hbone-connections-per-source",
+        "3",
+    ]);
+    let mut mesh = Mesh::with_agent(ambit_tests::test_binaries!(), &options).expect("mesh");
     let hold = mesh.node.binaries.hold.to_string_lossy().into_owned();
     let server = mesh.httpbin[BAR].clone();
     mesh.node
@@ -258,4 +291,9 @@ fn more_connections_than_one_hbone_connection_carries_all_get_through() {
     let status = client.wait().unwrap();
     assert_eq!(line.trim(), format!("ready {CONNECTIONS}"), "{status}");
     assert_eq!(live, CONNECTIONS as usize);
+    let metrics = mesh.node.agent().unwrap().metrics_text().unwrap();
+    assert!(
+        !metrics.contains("ambit_hbone_connections_refused_total{"),
+        "{metrics}"
+    );
 }

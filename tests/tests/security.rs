@@ -844,6 +844,70 @@ fn inbound_connections_per_source_are_capped() {
     );
 }
 
+/// An authenticated peer could open an HBONE connection per stream, each able to make the
+/// proxy buffer a receive window of data the application does not read. With
+/// `--max-hbone-connections-per-source 3`, a peer (Python's `h2`, a valid certificate)
+/// holding 3 gets its 4th refused with a `GOAWAY` naming the limit, counted by name, while
+/// another identity from the same address is served and the 3 held ones keep working.
+#[test]
+fn hbone_connections_past_the_per_source_limit_are_refused_by_name() {
+    const HELD: usize = 3;
+    const ENHANCE_YOUR_CALM: u64 = 0xb;
+    let mesh = mesh_with(&["--max-hbone-connections-per-source", &HELD.to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = |name: &str| {
+        let dir = dir.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let id = format!("spiffe://cluster.local/ns/remote/sa/{name}");
+        mesh.node.workload_certificate(&dir, &id).unwrap()
+    };
+    let ([cert, key], [other_cert, other_key]) = (certificate("peer"), certificate("other"));
+    let output = mesh
+        .node
+        .hbone_peer("connection_limit.py", &mesh.httpbin[FOO], HTTP_PORT)
+        .arg(mesh.node.root_cert())
+        .arg(HELD.to_string())
+        .args([&cert, &key, &other_cert, &other_key])
+        .output()
+        .expect("python3 runs (cargo xtask setup installs h2)");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let answer: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let refused = &answer["refused"];
+    assert_eq!(refused["goaway"], ENHANCE_YOUR_CALM, "{answer}");
+    assert_eq!(refused["debug"], "hbone-connections-per-source", "{answer}");
+    assert_eq!(
+        refused["status"],
+        Value::Null,
+        "no stream answered: {answer}"
+    );
+    for served in ["other", "held_tunnel", "held_new_stream"] {
+        let response = answer[served].as_str().unwrap_or_default();
+        assert!(
+            response.starts_with("HTTP/1.1 200") && response.contains("\"origin\""),
+            "{served}: {answer}"
+        );
+    }
+    // Counted and logged as the refusal ends, which the peer does not wait for.
+    let agent = mesh.node.agent().unwrap();
+    let counted =
+        r#"ambit_hbone_connections_refused_total{limit="hbone-connections-per-source"} 1"#;
+    let logged = |line: &str| {
+        line.contains("HBONE connection refused")
+            && line.contains(r#"limit="hbone-connections-per-source""#)
+    };
+    let seen = within(Duration::from_secs(3), || {
+        let metrics = agent.metrics_text().unwrap_or_default();
+        metrics.lines().any(|line| line == counted) && agent.log_text().lines().any(logged)
+    });
+    assert!(
+        seen.is_some(),
+        "{counted}, and a log line naming the limit:\n{}\n{}",
+        agent.metrics_text().unwrap_or_default(),
+        agent.log_text()
+    );
+}
+
 /// What the agent changed in a pod's namespace: the two sysctls and the policy rule of the
 /// return path (`ip rule` lists it with the proxy's transparent mark), and the same for
 /// IPv6 (`net.ipv6.fwmark_reflect`, `ip -6 rule`).

@@ -192,6 +192,13 @@ pub struct LimitArgs {
     /// Concurrent CONNECT streams on one HBONE connection.
     #[arg(long, default_value_t = Limits::default().streams_per_connection)]
     pub max_streams_per_connection: u32,
+    /// Established HBONE connections of one destination pod.
+    #[arg(long, default_value_t = Limits::default().hbone_connections_per_workload)]
+    pub max_hbone_connections_per_workload: usize,
+    /// The same, per peer: one client identity at one address. Default: twice the
+    /// connections a peer's pool needs for --max-inbound-per-source streams, plus 10.
+    #[arg(long)]
+    pub max_hbone_connections_per_source: Option<usize>,
     /// File descriptors the data path leaves for the agent's own work.
     #[arg(long, default_value_t = Limits::default().fd_reserve)]
     pub fd_reserve: usize,
@@ -213,6 +220,10 @@ impl From<&LimitArgs> for Limits {
             handshakes_per_workload: args.max_handshakes_per_workload,
             handshakes_per_source: args.max_handshakes_per_source,
             streams_per_connection: args.max_streams_per_connection,
+            hbone_connections_per_workload: args.max_hbone_connections_per_workload,
+            hbone_connections_per_source: args
+                .max_hbone_connections_per_source
+                .unwrap_or_else(|| Limits::hbone_connections_for(args.max_inbound_per_source)),
             fd_reserve: args.fd_reserve,
             buffer_per_workload: args.max_buffer_per_workload,
         }

@@ -157,6 +157,13 @@ pub struct RequestLabels {
     pub response_code: u16,
 }
 
+/// `ambit_hbone_connections_refused_total`: the limit that refused an HBONE connection
+/// before any stream (the `ambit run` flag's name without `--max-`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 /// `ambit_authorization_decisions_total`: the deciding policy (`namespace/name`, or
 /// `none` when no single policy decided), its action, and the outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

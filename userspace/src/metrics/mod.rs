@@ -24,7 +24,9 @@ use prometheus_client::{
 };
 
 pub use collect::{Certificates, HbonePool, Pods, Process};
-use labels::{DecisionLabels, RequestLabels, RequestProtocol, ResponseFlags, TrafficLabels};
+use labels::{
+    DecisionLabels, LimitLabels, RequestLabels, RequestProtocol, ResponseFlags, TrafficLabels,
+};
 
 use crate::{
     peers::Ends,
@@ -32,6 +34,7 @@ use crate::{
     proxy::{
         connections::{CloseReason, Direction},
         copy::Traffic,
+        limits::Exceeded,
     },
 };
 
@@ -54,6 +57,7 @@ pub struct Metrics {
     requests: Counters<RequestLabels>,
     request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     decisions: Counters<DecisionLabels>,
+    hbone_refused: Counters<LimitLabels>,
     /// A new configuration was put in force.
     pub config_reloads: Counter,
     /// A file or object of the configuration was rejected.
@@ -80,6 +84,7 @@ impl Metrics {
             Histogram::new(DURATION_BUCKETS_MS)
         });
         let decisions = Family::default();
+        let hbone_refused = Family::default();
         let (config_reloads, config_rejected, access_log_dropped) =
             (Counter::default(), Counter::default(), Counter::default());
         let istio = [
@@ -123,6 +128,11 @@ impl Metrics {
             decisions.clone(),
         );
         registry.register(
+            "ambit_hbone_connections_refused",
+            "HBONE connections refused before any stream, by the limit that refused them",
+            hbone_refused.clone(),
+        );
+        registry.register(
             "ambit_config_reloads",
             "Configurations put in force",
             config_reloads.clone(),
@@ -146,6 +156,7 @@ impl Metrics {
             requests,
             request_duration,
             decisions,
+            hbone_refused,
             config_reloads,
             config_rejected,
             access_log_dropped,
@@ -176,6 +187,15 @@ impl Metrics {
             labels,
             reported: Default::default(),
         }
+    }
+
+    /// Counts an HBONE connection refused by `exceeded` before any stream.
+    pub fn hbone_refused(&self, exceeded: Exceeded) {
+        self.hbone_refused
+            .get_or_create(&LimitLabels {
+                limit: exceeded.code(),
+            })
+            .inc();
     }
 
     /// Counts an authorization decision.

@@ -6,8 +6,9 @@
 //! with a reserve the data path never touches so the agent's own work (configuration, the
 //! CA, the admin API) always has descriptors; memory is bounded per connection by the
 //! relay's largest buffer and per workload by a budget for relay buffers
-//! ([`BufferBudget`]). A count is a permit that gives itself back when dropped, so no
-//! error path can leak one.
+//! ([`BufferBudget`]), and what HTTP/2 may buffer for HBONE peers by counting their
+//! connections (each holds at most one receive window). A count is a permit that gives
+//! itself back when dropped, so no error path can leak one.
 
 use std::{
     collections::HashMap,
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use super::hbone::client::STREAMS_PER_CONNECTION;
 use crate::identity::SpiffeId;
 
 /// The limits and timeouts of the data path (`ambit run` flags of the same names).
@@ -43,6 +45,11 @@ pub struct Limits {
     pub handshakes_per_source: usize,
     /// Concurrent `CONNECT` streams on one HBONE connection.
     pub streams_per_connection: u32,
+    /// Established HBONE connections of one workload: each may hold an HTTP/2 receive
+    /// window of data its application has not read.
+    pub hbone_connections_per_workload: usize,
+    /// The same, per peer: one verified identity at one address (one peer proxy's pool).
+    pub hbone_connections_per_source: usize,
     /// Descriptors the data path leaves for the agent's own work.
     pub fd_reserve: usize,
     /// Bytes of relay buffers one workload's connections may hold beyond each
@@ -50,18 +57,32 @@ pub struct Limits {
     pub buffer_per_workload: usize,
 }
 
+impl Limits {
+    /// The default of `hbone_connections_per_source` for a given `inbound_per_source`: a
+    /// peer's pool opens a connection per [`STREAMS_PER_CONNECTION`] streams, and as many
+    /// again while certificates roll over (connections whose certificate expired take no
+    /// new stream but live until theirs end), and a few more for connections a pool
+    /// replaced after an error and the peer has not closed yet.
+    pub fn hbone_connections_for(inbound_per_source: usize) -> usize {
+        2 * inbound_per_source.div_ceil(STREAMS_PER_CONNECTION) + 10
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
+        const INBOUND_PER_SOURCE: usize = 1_024;
         Self {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             hbone_idle_timeout: Duration::from_secs(60),
             inbound_per_workload: 16_384,
-            inbound_per_source: 1_024,
+            inbound_per_source: INBOUND_PER_SOURCE,
             outbound_per_workload: 16_384,
             handshakes_per_workload: 256,
             handshakes_per_source: 32,
             streams_per_connection: 100,
+            hbone_connections_per_workload: 512,
+            hbone_connections_per_source: Self::hbone_connections_for(INBOUND_PER_SOURCE),
             fd_reserve: 512,
             buffer_per_workload: 32 * 1024 * 1024,
         }
@@ -83,6 +104,30 @@ pub enum Exceeded {
     HandshakesPerSource,
     #[error("limit reached: file descriptors of the data path (open-file limit less --fd-reserve)")]
     Descriptors,
+    #[error(
+        "limit reached: HBONE connections of the workload (--max-hbone-connections-per-workload)"
+    )]
+    HboneConnectionsPerWorkload,
+    #[error(
+        "limit reached: HBONE connections from this source (--max-hbone-connections-per-source)"
+    )]
+    HboneConnectionsPerSource,
+}
+
+impl Exceeded {
+    /// The limit as a label value: the flag's name without `--max-`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InboundPerWorkload => "inbound-per-workload",
+            Self::InboundPerSource => "inbound-per-source",
+            Self::OutboundPerWorkload => "outbound-per-workload",
+            Self::HandshakesPerWorkload => "handshakes-per-workload",
+            Self::HandshakesPerSource => "handshakes-per-source",
+            Self::Descriptors => "descriptors",
+            Self::HboneConnectionsPerWorkload => "hbone-connections-per-workload",
+            Self::HboneConnectionsPerSource => "hbone-connections-per-source",
+        }
+    }
 }
 
 /// Who a count is charged to, within one workload.
@@ -207,45 +252,86 @@ impl<K: Clone + Eq + Hash> Drop for CountPermit<K> {
     }
 }
 
-/// The counters of one workload, held by its listeners.
-#[derive(Debug, Default)]
-pub struct WorkloadCounters {
-    inbound: Arc<Gauge>,
-    inbound_by_source: Arc<Counts<Source>>,
-    outbound: Arc<Gauge>,
-    handshakes: Arc<Gauge>,
-    handshakes_by_source: Arc<Counts<IpAddr>>,
-    buffers: Arc<Gauge>,
+/// One count of a workload and one of a source within it, each against its own limit.
+#[derive(Debug)]
+struct Scoped<K: Eq + Hash> {
+    workload: Arc<Gauge>,
+    by_source: Arc<Counts<K>>,
+}
+
+impl<K: Eq + Hash> Default for Scoped<K> {
+    fn default() -> Self {
+        Self {
+            workload: Arc::default(),
+            by_source: Arc::default(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> Scoped<K> {
+    /// One more for the workload and one for `source`, each with its limit and the reason
+    /// to refuse past it; a refused source gives the workload's count back.
+    fn try_acquire(
+        &self,
+        source: &K,
+        workload_limit: (usize, Exceeded),
+        source_limit: (usize, Exceeded),
+    ) -> Result<ScopedPermit<K>, Exceeded> {
+        let workload = self
+            .workload
+            .try_acquire(workload_limit.0)
+            .ok_or(workload_limit.1)?;
+        let source = self
+            .by_source
+            .try_acquire(source, source_limit.0)
+            .ok_or(source_limit.1)?;
+        Ok(ScopedPermit {
+            _workload: workload,
+            _source: source,
+        })
+    }
+}
+
+/// The counts of a [`Scoped`], given back on drop.
+#[derive(Debug)]
+pub struct ScopedPermit<K: Clone + Eq + Hash> {
+    _workload: GaugePermit,
+    _source: CountPermit<K>,
 }
 
 /// Permits held for one inbound connection or stream.
-#[derive(Debug)]
-pub struct InboundPermit {
-    _workload: GaugePermit,
-    _source: CountPermit<Source>,
+pub type InboundPermit = ScopedPermit<Source>;
+/// Permits held for one TLS handshake in flight.
+pub type HandshakePermit = ScopedPermit<IpAddr>;
+/// Permits held for one established HBONE connection.
+pub type HboneConnectionPermit = ScopedPermit<HbonePeer>;
+
+/// Who an HBONE connection is charged to: the identity its certificate proves, at the
+/// address it comes from. An identity's replicas each have a pool of their own, so the
+/// identity alone would count several peers as one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HbonePeer {
+    pub identity: SpiffeId,
+    pub ip: IpAddr,
 }
 
-/// Permits held for one TLS handshake in flight.
-#[derive(Debug)]
-pub struct HandshakePermit {
-    _workload: GaugePermit,
-    _source: CountPermit<IpAddr>,
+/// The counters of one workload, held by its listeners.
+#[derive(Debug, Default)]
+pub struct WorkloadCounters {
+    inbound: Scoped<Source>,
+    outbound: Arc<Gauge>,
+    handshakes: Scoped<IpAddr>,
+    hbone_connections: Scoped<HbonePeer>,
+    buffers: Arc<Gauge>,
 }
 
 impl WorkloadCounters {
     pub fn inbound(&self, limits: &Limits, source: &Source) -> Result<InboundPermit, Exceeded> {
-        let workload = self
-            .inbound
-            .try_acquire(limits.inbound_per_workload)
-            .ok_or(Exceeded::InboundPerWorkload)?;
-        let source = self
-            .inbound_by_source
-            .try_acquire(source, limits.inbound_per_source)
-            .ok_or(Exceeded::InboundPerSource)?;
-        Ok(InboundPermit {
-            _workload: workload,
-            _source: source,
-        })
+        self.inbound.try_acquire(
+            source,
+            (limits.inbound_per_workload, Exceeded::InboundPerWorkload),
+            (limits.inbound_per_source, Exceeded::InboundPerSource),
+        )
     }
 
     pub fn outbound(&self, limits: &Limits) -> Result<GaugePermit, Exceeded> {
@@ -260,18 +346,33 @@ impl WorkloadCounters {
     }
 
     pub fn handshake(&self, limits: &Limits, source: IpAddr) -> Result<HandshakePermit, Exceeded> {
-        let workload = self
-            .handshakes
-            .try_acquire(limits.handshakes_per_workload)
-            .ok_or(Exceeded::HandshakesPerWorkload)?;
-        let source = self
-            .handshakes_by_source
-            .try_acquire(&source, limits.handshakes_per_source)
-            .ok_or(Exceeded::HandshakesPerSource)?;
-        Ok(HandshakePermit {
-            _workload: workload,
-            _source: source,
-        })
+        self.handshakes.try_acquire(
+            &source,
+            (
+                limits.handshakes_per_workload,
+                Exceeded::HandshakesPerWorkload,
+            ),
+            (limits.handshakes_per_source, Exceeded::HandshakesPerSource),
+        )
+    }
+
+    /// An HBONE connection whose peer proved its identity, held until the connection ends.
+    pub fn hbone_connection(
+        &self,
+        limits: &Limits,
+        peer: &HbonePeer,
+    ) -> Result<HboneConnectionPermit, Exceeded> {
+        self.hbone_connections.try_acquire(
+            peer,
+            (
+                limits.hbone_connections_per_workload,
+                Exceeded::HboneConnectionsPerWorkload,
+            ),
+            (
+                limits.hbone_connections_per_source,
+                Exceeded::HboneConnectionsPerSource,
+            ),
+        )
     }
 }
 
@@ -366,9 +467,9 @@ mod tests {
             Exceeded::InboundPerWorkload
         );
         drop(a1);
-        assert_eq!(counters.inbound_by_source.held(&a), 1);
+        assert_eq!(counters.inbound.by_source.held(&a), 1);
         let _b2 = counters.inbound(&limits, &b).unwrap();
-        assert_eq!(counters.inbound.held(), 3);
+        assert_eq!(counters.inbound.workload.held(), 3);
     }
 
     #[test]
@@ -384,7 +485,53 @@ mod tests {
             counters.handshake(&limits, ip).unwrap_err(),
             Exceeded::HandshakesPerSource
         );
-        assert_eq!(counters.handshakes.held(), 1);
+        assert_eq!(counters.handshakes.workload.held(), 1);
+    }
+
+    fn peer(identity: &str, ip: &str) -> HbonePeer {
+        HbonePeer {
+            identity: identity.parse().unwrap(),
+            ip: ip.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn hbone_connections_are_counted_per_identity_at_one_address_and_per_workload() {
+        let limits = Limits {
+            hbone_connections_per_source: 2,
+            hbone_connections_per_workload: 4,
+            ..Limits::default()
+        };
+        let counters = WorkloadCounters::default();
+        let web = peer("spiffe://cluster.local/ns/a/sa/web", "10.0.0.1");
+        let held: Vec<_> = (0..2)
+            .map(|_| counters.hbone_connection(&limits, &web).unwrap())
+            .collect();
+        assert_eq!(
+            counters.hbone_connection(&limits, &web).unwrap_err(),
+            Exceeded::HboneConnectionsPerSource
+        );
+        // Another replica of the same identity is another peer, and so is another identity
+        // at the same address.
+        let replica = peer("spiffe://cluster.local/ns/a/sa/web", "10.0.0.2");
+        let other = peer("spiffe://cluster.local/ns/a/sa/other", "10.0.0.1");
+        let _replica = counters.hbone_connection(&limits, &replica).unwrap();
+        let _other = counters.hbone_connection(&limits, &other).unwrap();
+        assert_eq!(
+            counters.hbone_connection(&limits, &replica).unwrap_err(),
+            Exceeded::HboneConnectionsPerWorkload
+        );
+        assert_eq!(counters.hbone_connections.workload.held(), 4);
+        drop(held);
+        assert_eq!(counters.hbone_connections.by_source.held(&web), 0);
+        assert!(counters.hbone_connection(&limits, &web).is_ok());
+    }
+
+    #[test]
+    fn hbone_connections_per_source_follow_the_streams_a_source_may_hold() {
+        assert_eq!(Limits::default().hbone_connections_per_source, 32);
+        // 10,000 streams fill 100 connections of a pool; twice that and the slack.
+        assert_eq!(Limits::hbone_connections_for(10_000), 210);
     }
 
     #[test]

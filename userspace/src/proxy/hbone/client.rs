@@ -15,7 +15,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -23,22 +23,28 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::SetOnce,
+};
 use tracing::debug;
 
 use super::{
-    HboneError, baggage,
+    HboneError, baggage, refusal,
     trace_context::{TRACEPARENT, TraceParent},
 };
 use crate::{
     identity::SpiffeId,
-    proxy::{PodProxy, Shared, socket},
+    proxy::{PodProxy, Shared, limits::Exceeded, socket},
     tls::MeshConnector,
 };
 
 /// Streams one pooled connection carries before the pool opens another: the server's
 /// default limit (`--max-streams-per-connection`), so a stream rarely waits for capacity.
-const STREAMS_PER_CONNECTION: usize = 100;
+pub const STREAMS_PER_CONNECTION: usize = 100;
+/// How long a failed stream waits for its connection to end, to tell a server's refusal
+/// (which fails the first stream as it ends the connection) from other failures.
+const REFUSAL_WAIT: Duration = Duration::from_millis(100);
 
 type Sender = SendRequest<Empty<Bytes>>;
 
@@ -50,6 +56,8 @@ struct Pooled {
     streams: Arc<AtomicUsize>,
     /// When the server's certificate expires: no new stream after that.
     not_after: SystemTime,
+    /// Set when the connection ends: the limit its server refused it for, if it did.
+    ended: Arc<SetOnce<Option<Exceeded>>>,
 }
 
 impl Pooled {
@@ -285,18 +293,37 @@ async fn connect(pod: &PodProxy, shared: &Shared, key: &PoolKey) -> Result<Poole
         .max_header_list_size(super::MAX_HEADERS)
         .handshake(TokioIo::new(tls))
         .await?;
-    let gateway = key.gateway;
-    tokio::spawn(async move {
-        let _descriptor = descriptor;
-        if let Err(error) = connection.await {
-            debug!(%gateway, %error, "HBONE connection ended");
-        }
-    });
     Ok(Pooled {
         sender,
         streams: Arc::default(),
         not_after: server.not_after(),
+        ended: drive(connection, key.gateway, descriptor),
     })
+}
+
+/// Runs `connection` on its own task, holding `held` until it ends, and tells how it
+/// ended.
+fn drive(
+    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    gateway: SocketAddr,
+    held: impl Send + 'static,
+) -> Arc<SetOnce<Option<Exceeded>>> {
+    let ended = Arc::new(SetOnce::new());
+    tokio::spawn({
+        let ended = Arc::clone(&ended);
+        async move {
+            let _held = held;
+            let refused = match connection.await {
+                Ok(()) => None,
+                Err(error) => {
+                    debug!(%gateway, %error, "HBONE connection ended");
+                    refusal::named_in(&error)
+                }
+            };
+            let _ = ended.set(refused);
+        }
+    });
+    ended
 }
 
 /// What one `CONNECT` asks for, and says about its client: its workload (`baggage`) and
@@ -308,8 +335,26 @@ pub struct Connect {
 }
 
 /// Opens the stream `stream` counts on `pooled`; the count is released on every error
-/// path by its drop.
+/// path by its drop. A stream failed by the server's refusal of the connection fails
+/// with the limit the server named.
 async fn request(
+    pooled: Pooled,
+    stream: StreamCount,
+    connect: &Connect,
+    forwarded: &HeaderValue,
+) -> Result<Tunnel, HboneError> {
+    let ended = Arc::clone(&pooled.ended);
+    match open_stream(pooled, stream, connect, forwarded).await {
+        Err(HboneError::Http(error)) => {
+            let refused = tokio::time::timeout(REFUSAL_WAIT, ended.wait()).await;
+            let refused = refused.ok().copied().flatten();
+            Err(refused.map_or(HboneError::Http(error), HboneError::Refused))
+        }
+        other => other,
+    }
+}
+
+async fn open_stream(
     pooled: Pooled,
     stream: StreamCount,
     connect: &Connect,
@@ -337,34 +382,77 @@ async fn request(
 
 #[cfg(test)]
 mod tests {
-    use std::{convert::Infallible, time::Duration};
+    use std::convert::Infallible;
 
     use http::Response;
     use hyper::service::service_fn;
 
     use super::*;
+    use crate::proxy::connections::CloseReason;
 
-    /// A pooled connection over an in-memory HTTP/2 connection, and the server task.
-    async fn pooled(not_after: SystemTime) -> (Pooled, tokio::task::JoinHandle<()>) {
+    /// A pooled connection over an in-memory HTTP/2 connection to `serve`, and its task.
+    async fn pooled_to<F>(
+        not_after: SystemTime,
+        serve: impl FnOnce(tokio::io::DuplexStream) -> F,
+    ) -> (Pooled, tokio::task::JoinHandle<()>)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
+        let server = tokio::spawn(serve(server));
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        let pooled = Pooled {
+            sender,
+            streams: Arc::default(),
+            not_after,
+            ended: drive(connection, "10.0.0.2:15008".parse().unwrap(), ()),
+        };
+        (pooled, server)
+    }
+
+    /// A pooled connection to a server answering every stream 200.
+    async fn pooled(not_after: SystemTime) -> (Pooled, tokio::task::JoinHandle<()>) {
+        pooled_to(not_after, |server| async move {
             let service =
                 service_fn(|_| async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(server), service)
                 .await;
-        });
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(client))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let pooled = Pooled {
-            sender,
-            streams: Arc::default(),
-            not_after,
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_a_connection_the_server_refused_fails_with_the_limit_it_named() {
+        let far = SystemTime::now() + Duration::from_secs(60);
+        let (pooled, server) = pooled_to(far, |server| async move {
+            let within = Duration::from_secs(5);
+            let _ = refusal::refuse(server, Exceeded::HboneConnectionsPerWorkload, within).await;
+        })
+        .await;
+        let connect = Connect {
+            target: "10.0.0.2:80".parse().unwrap(),
+            baggage: None,
+            trace: TraceParent::random(),
         };
-        (pooled, server)
+        let stream = StreamCount::new(&pooled.streams);
+        let forwarded = baggage::forwarded("10.0.0.1".parse().unwrap());
+        let error = request(pooled, stream, &connect, &forwarded)
+            .await
+            .err()
+            .expect("a refused connection opens no stream");
+        assert!(
+            matches!(
+                error,
+                HboneError::Refused(Exceeded::HboneConnectionsPerWorkload)
+            ),
+            "{error}"
+        );
+        assert_eq!(error.reason(), CloseReason::Limit);
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 
 pub mod baggage;
 pub mod client;
+pub mod refusal;
 pub mod request;
 pub mod server;
 pub mod trace_context;
@@ -20,7 +21,11 @@ use crate::{
 /// caps one stream at a window per round trip; a tunnel carries bulk transfers, so each
 /// stream gets room for a few milliseconds of a fast link.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// One stream's window for the whole connection: a lone stream runs as it would alone,
+/// the streams of one connection share it, and a connection can make its receiver hold at
+/// most this much that the application has not read (the server counts connections
+/// against `--max-hbone-connections-per-*`, so that is bounded per peer and per pod).
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW;
 /// Larger DATA frames than the default 16 KiB mean fewer frames, headers and wake-ups.
 const MAX_FRAME: u32 = 1024 * 1024;
 /// A `CONNECT` and its answer carry a few short headers; a peer may not make the proxy
@@ -48,6 +53,9 @@ pub enum HboneError {
     Setup(Arc<HboneError>),
     #[error(transparent)]
     Limit(#[from] Exceeded),
+    /// The destination proxy refused the connection past one of its limits.
+    #[error("the destination proxy refused the connection: {0}")]
+    Refused(Exceeded),
 }
 
 impl HboneError {
@@ -68,7 +76,7 @@ impl HboneError {
             | Self::Request(_)
             | Self::HandshakeTimeout(_) => CloseReason::TunnelFailed,
             Self::Setup(error) => error.reason(),
-            Self::Limit(_) => CloseReason::Limit,
+            Self::Limit(_) | Self::Refused(_) => CloseReason::Limit,
         }
     }
 }

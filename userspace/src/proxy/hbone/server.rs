@@ -3,10 +3,12 @@
 //! connection.
 //!
 //! Per connection: a handshake slot (per workload and per source IP) → TLS within the
-//! handshake timeout → streams, until the connection has been idle (no stream open) for
-//! the idle timeout, or the first stream has not come within the handshake timeout, or the
-//! client's certificate expires, or the agent drains (the peer then opens its next
-//! connection to the agent that took over); then `GOAWAY`. Per stream: only `CONNECT` to this pod's
+//! handshake timeout → a count of established connections (per workload and per peer:
+//! its verified identity at its address; past either limit, a [`refusal`]) → streams,
+//! until the connection has been idle (no stream open) for the idle timeout, or the first
+//! stream has not come within the handshake timeout, or the client's certificate expires,
+//! or the agent drains (the peer then opens its next connection to the agent that took
+//! over); then `GOAWAY`. Per stream: only `CONNECT` to this pod's
 //! own application (400 otherwise) → admission with the peer's verified identity and the
 //! limits (401 if refused) → for a connection authorized as a whole, connect to the
 //! application from inside the pod with the client's IP (503 if it refuses) → 200, then
@@ -30,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{HboneError, baggage, request, trace_context::TraceParent};
+use super::{HboneError, baggage, refusal, request, trace_context::TraceParent};
 use crate::{
     admission::Peer,
     peers::Client,
@@ -39,7 +41,7 @@ use crate::{
         connections::{Close, CloseReason, Path, TunnelMetadata},
         entry::{self, EntryError},
         inbound, l7,
-        limits::{Gauge, GaugePermit, Source},
+        limits::{Gauge, GaugePermit, HbonePeer, Source},
     },
     tls::MeshAcceptor,
 };
@@ -47,6 +49,8 @@ use crate::{
 /// How often a dead peer is probed with HTTP/2 PINGs, and how long it has to answer.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused connection is kept for the peer to read why and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Serves the pod's HBONE listener until the pod is released.
 pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared: Shared) {
@@ -56,9 +60,15 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         pod,
         shared,
         |accepted, pod, shared| async move {
-            let peer = accepted.peer;
-            if let Err(error) = serve_connection(accepted, pod, shared).await {
-                debug!(%peer, %error, "HBONE connection failed");
+            let (peer, workload) = (accepted.peer, pod.key.clone());
+            let metrics = Arc::clone(shared.connections.metrics());
+            match serve_connection(accepted, pod, shared).await {
+                Ok(()) => {}
+                Err(HboneError::Limit(exceeded)) => {
+                    metrics.hbone_refused(exceeded);
+                    debug!(%workload, %peer, limit = exceeded.code(), %exceeded, "HBONE connection refused");
+                }
+                Err(error) => debug!(%workload, %peer, %error, "HBONE connection failed"),
             }
         },
     )
@@ -103,6 +113,22 @@ async fn serve_connection(
         .await
         .map_err(|_| HboneError::HandshakeTimeout(limits.handshake_timeout))??;
     drop(handshake);
+    let counted = HbonePeer {
+        identity: verified.id().clone(),
+        ip: client.ip(),
+    };
+    // Each connection may hold a receive window of what the application has not read:
+    // counting connections bounds that memory per peer and per workload.
+    let _established = match pod.counters.hbone_connection(&limits, &counted) {
+        Ok(permit) => permit,
+        Err(exceeded) => {
+            let linger = limits.handshake_timeout.min(REFUSAL_LINGER);
+            if let Err(error) = refusal::refuse(tls, exceeded, linger).await {
+                debug!(peer = %verified.id(), %error, "HBONE refusal not read");
+            }
+            return Err(exceeded.into());
+        }
+    };
     let peer = Arc::new(Peer {
         identity: Some(verified.id().clone()),
         ip: client.ip(),
