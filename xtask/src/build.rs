@@ -6,7 +6,8 @@ use anyhow::{Context as _, bail};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Build with the release profile.
+    /// Build what ships: the `dist` profile (release, with whole-program LTO), into
+    /// `target/dist`.
     #[arg(long)]
     pub release: bool,
 }
@@ -29,13 +30,13 @@ pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
         "ambit-tests",
         "--bins",
     ]);
-    if release {
-        cmd.arg("--release");
-    }
+    let profile = if release { "dist" } else { "dev" };
+    cmd.args(["--profile", profile]);
     run(&mut cmd)?;
+    // Cargo puts the dev profile's output in `debug`.
     Ok(workspace_root()
         .join("target")
-        .join(if release { "release" } else { "debug" }))
+        .join(if release { "dist" } else { "debug" }))
 }
 
 /// The workspace root (xtask lives one level below it).
