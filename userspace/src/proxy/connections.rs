@@ -163,11 +163,11 @@ fn allow_or_deny<S: Serializer>(allowed: &bool, serializer: S) -> Result<S::Ok, 
 }
 
 /// A connection as its listener opens it.
-pub struct Opening<'a> {
+pub struct Opening {
     pub direction: Direction,
     pub path: Path,
     /// `namespace/name` of the pod whose listener accepted it.
-    pub workload: &'a str,
+    pub workload: String,
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub ends: Ends,
@@ -312,7 +312,7 @@ impl ConnectionLog {
             id,
             direction: opening.direction,
             path: opening.path,
-            workload: opening.workload.to_owned(),
+            workload: opening.workload,
             source: opening.source,
             destination: opening.destination,
             tunnel: opening.tunnel,

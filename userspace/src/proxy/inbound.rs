@@ -112,7 +112,7 @@ pub fn open(
     let opening = Opening {
         direction: Direction::Inbound,
         path,
-        workload: &pod.key,
+        workload: pod.key.clone(),
         source: client.addr,
         destination,
         ends,

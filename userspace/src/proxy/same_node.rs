@@ -142,7 +142,7 @@ pub async fn forward(
     source: &PodProxy,
     server: Arc<PodProxy>,
     shared: &Shared,
-    outbound: Opening<'_>,
+    outbound: Opening,
     target: SocketAddr,
 ) -> Result<(), SameNodeError> {
     let trace_id = outbound.tunnel.trace_id;
