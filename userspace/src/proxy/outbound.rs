@@ -122,9 +122,8 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         pod,
         shared,
         |accepted, pod, shared| async move {
-            let workload = pod.key.clone();
-            if let Err(error) = handle(accepted, pod, shared).await {
-                failed(&workload, &error);
+            if let Err(error) = handle(accepted, &pod, &shared).await {
+                failed(&pod.key, &error);
             }
         },
     )
@@ -137,10 +136,9 @@ fn failed(workload: &str, error: &OutboundError) {
 
 async fn handle(
     accepted: Accepted,
-    pod: Arc<PodProxy>,
-    shared: Shared,
+    pod: &Arc<PodProxy>,
+    shared: &Shared,
 ) -> Result<(), OutboundError> {
-    let (pod, shared) = (&pod, &shared);
     let Accepted {
         stream,
         peer,

@@ -60,15 +60,15 @@ pub async fn serve(listener: tokio::net::TcpListener, pod: Arc<PodProxy>, shared
         pod,
         shared,
         |accepted, pod, shared| async move {
-            let (peer, workload) = (accepted.peer, pod.key.clone());
+            let peer = accepted.peer;
             let metrics = Arc::clone(shared.connections.metrics());
-            match serve_connection(accepted, pod, shared).await {
+            match serve_connection(accepted, Arc::clone(&pod), shared).await {
                 Ok(()) => {}
                 Err(HboneError::Limit(exceeded)) => {
                     metrics.hbone_refused(exceeded);
-                    debug!(%workload, %peer, limit = exceeded.code(), %exceeded, "HBONE connection refused");
+                    debug!(workload = %pod.key, %peer, limit = exceeded.code(), %exceeded, "HBONE connection refused");
                 }
-                Err(error) => debug!(%workload, %peer, %error, "HBONE connection failed"),
+                Err(error) => debug!(workload = %pod.key, %peer, %error, "HBONE connection failed"),
             }
         },
     )
